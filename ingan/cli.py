@@ -1,0 +1,162 @@
+"""Single-image command line: train, retarget, score.
+
+    python -m ingan train IMAGE --preset tiny --out model.pt
+    python -m ingan retarget model.pt IMAGE --size 256x128 --size 64x64 --out-dir out/
+    python -m ingan score SOURCE OUTPUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+
+import torch
+
+from . import checkpoint, images, metrics
+from .config import PRESETS, get_preset
+from .retarget import retarget_image
+from .train import Progress, pick_device, train, working_resolution
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+class CLIError(Exception):
+    """An expected failure: printed as one line, exit code 2."""
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WxH' (width first, as image tools write it) -> (H, W)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"size must look like WIDTHxHEIGHT (e.g. 256x128), got {text!r}")
+    w, h = int(m.group(1)), int(m.group(2))
+    if w < 8 or h < 8:
+        raise argparse.ArgumentTypeError(f"size {text!r} is too small: each side must be at least 8 px")
+    if w > 16384 or h > 16384:
+        raise argparse.ArgumentTypeError(f"size {text!r} is too large: each side must be at most 16384 px")
+    return h, w
+
+
+def _fmt_seconds(s: float) -> str:
+    if s == float("inf"):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _print_progress(p: Progress) -> None:
+    loss = " ".join(f"{k}={v:.4f}" for k, v in p.losses.items())
+    print(f"[{p.iteration}/{p.total}] {loss} | {p.rate:.2f} it/s | elapsed {_fmt_seconds(p.seconds)} "
+          f"| eta {_fmt_seconds(p.eta)}", file=sys.stderr, flush=True)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    preset = get_preset(args.preset)
+    train_cfg = preset.train.with_overrides(iterations=args.iterations, seed=args.seed, crop_size=args.crop_size, bf16=args.bf16)
+    if args.max_side is not None:
+        train_cfg = dataclasses.replace(train_cfg, max_side=args.max_side or None)
+    if train_cfg.iterations < 1:
+        raise CLIError("--iterations must be at least 1")
+    image = images.load(args.image)
+    device = pick_device(args.device)
+    work_hw = working_resolution(tuple(image.shape[-2:]), train_cfg.max_side)
+    print(f"training preset={preset.name} iterations={train_cfg.iterations} seed={train_cfg.seed} "
+          f"device={device} image={image.shape[-1]}x{image.shape[-2]} working={work_hw[1]}x{work_hw[0]}", file=sys.stderr)
+    start = time.perf_counter()
+    trainer = train(image, preset.model, train_cfg, device, None if args.quiet else _print_progress)
+    seconds = time.perf_counter() - start
+    meta = {"preset": preset.name, "source_hw": list(image.shape[-2:]), "working_hw": list(work_hw),
+            "train_seconds": seconds, "device": str(device), "torch": str(torch.__version__)}
+    data = checkpoint.save(checkpoint.from_generator(trainer.g, preset.model, train_cfg, meta))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, args.out)
+    print(f"saved {args.out} ({len(data) / 1e6:.1f} MB) after {seconds:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _load_checkpoint(path: str, device: torch.device) -> checkpoint.Checkpoint:
+    try:
+        with open(path, "rb") as f:
+            return checkpoint.load(f.read(), map_location=device)
+    except OSError as exc:
+        raise CLIError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    except checkpoint.CheckpointError as exc:
+        raise CLIError(f"{path}: {exc}") from None
+
+
+def cmd_retarget(args: argparse.Namespace) -> int:
+    device = pick_device(args.device)
+    ckpt = _load_checkpoint(args.model, device)
+    image = images.load(args.image)
+    g = ckpt.build_generator(device)
+    os.makedirs(args.out_dir, exist_ok=True)
+    start = time.perf_counter()
+    outs = retarget_image(g, image, args.size, ckpt.train.max_side)
+    for (h, w), out in zip(args.size, outs, strict=True):
+        path = os.path.join(args.out_dir, f"{w}x{h}.png")
+        with open(path, "wb") as f:
+            f.write(images.encode(out, "png"))
+        print(path)
+    print(f"{len(outs)} outputs in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    src = images.load(args.source).float() / 255.0
+    out = images.load(args.output).float() / 255.0
+    print(json.dumps(metrics.score(src, out, max_patches=args.max_patches), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ingan", description="Train and apply a single-image InGAN.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one InGAN on one image")
+    t.add_argument("image")
+    t.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    t.add_argument("--iterations", type=int, help="override the preset's iteration count")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--crop-size", type=int)
+    t.add_argument("--max-side", type=int, help="working-image longer side; 0 keeps the full image")
+    t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast for convolutions (faster on recent CPUs and GPUs)")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    t.add_argument("--quiet", action="store_true", help="no progress lines")
+    t.add_argument("--out", required=True, help="checkpoint path to write")
+    t.set_defaults(fn=cmd_train)
+
+    r = sub.add_parser("retarget", help="retarget an image with a trained model")
+    r.add_argument("model")
+    r.add_argument("image")
+    r.add_argument("--size", type=parse_size, action="append", required=True, metavar="WxH")
+    r.add_argument("--out-dir", required=True)
+    r.add_argument("--device", default="auto")
+    r.set_defaults(fn=cmd_retarget)
+
+    s = sub.add_parser("score", help="patch-distribution metrics of OUTPUT against SOURCE, as JSON")
+    s.add_argument("source")
+    s.add_argument("output")
+    s.add_argument("--max-patches", type=int, default=4096)
+    s.set_defaults(fn=cmd_score)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (CLIError, images.ImageDecodeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

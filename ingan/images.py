@@ -1,0 +1,93 @@
+"""Decoding image bytes into the RGB tensors the model trains on, and encoding outputs.
+
+Every odd input is normalised here, once, for the CLI and the pipeline alike: EXIF orientation is
+applied, multi-frame files (GIF, TIFF) give their first frame, alpha is composited over white,
+16-bit and float images are scaled to 8 bits, palette/CMYK/grayscale become RGB.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+DEFAULT_MAX_PIXELS = 64_000_000  # a 8000x8000 photo; beyond that a declared size is a bomb
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a usable image; the message says why."""
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tensor:
+    """Bytes of any Pillow-readable image -> uint8 tensor (3, H, W)."""
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns, then raises, past its own pixel limit; we apply ours from the header.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageDecodeError(
+                    f"declared size {w}x{h} ({w * h:,} pixels) exceeds the {max_pixels:,}-pixel limit (decompression bomb?)")
+            if getattr(im, "n_frames", 1) > 1:
+                im.seek(0)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        head = data[:16].lstrip().lower()
+        hint = " (looks like text/HTML)" if head.startswith((b"<", b"{")) or data[:64].isascii() else ""
+        raise ImageDecodeError(f"not a recognised image format{hint}") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageDecodeError(f"corrupt or truncated image: {exc}") from None
+    return _to_rgb_tensor(im)
+
+
+def _to_rgb_tensor(im: Image.Image) -> Tensor:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, rgba)
+    rgb = im.convert("RGB")
+    arr = np.asarray(rgb, dtype=np.uint8).copy()  # (H, W, 3)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+def load(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tensor:
+    """Decode a local image file (used by the CLI)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return decode(data, max_pixels)
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Model output (3, H, W) in [-1, 1] -> uint8 (3, H, W)."""
+    return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def encode(image: Tensor, fmt: str = "png", quality: int = 92) -> bytes:
+    """uint8 (3, H, W) -> encoded bytes in ``fmt`` (png, jpeg, webp)."""
+    arr = image.permute(1, 2, 0).contiguous().numpy()  # (H, W, 3)
+    buf = io.BytesIO()
+    fmt = {"jpg": "jpeg"}.get(fmt.lower(), fmt.lower())
+    opts = {"quality": quality} if fmt in ("jpeg", "webp") else {"optimize": False}
+    Image.fromarray(arr, "RGB").save(buf, format=fmt.upper(), **opts)
+    return buf.getvalue()

@@ -1,0 +1,153 @@
+"""InGAN's generator and multi-scale discriminator, from small parts to the whole.
+
+Generator: 7x7 entry conv -> geometric transform to the output shape -> encoder (3 stages, max-pool)
+-> residual bottleneck -> decoder (nearest upsample, additive skips) -> 7x7 exit conv -> tanh.
+Any output (H, W) is exact: the transformed features are reflection-padded up to a multiple of the
+encoder's total stride and the result is cropped back.
+
+Discriminator: independent small fully-convolutional nets, one per scale of a 1.4x pyramid, whose
+maps are upsampled to the finest map's size and summed with scheduled weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from .config import ModelConfig
+from .geometry import warp
+
+
+def _conv(cin: int, cout: int, k: int, sn: bool, stride: int = 1, pad: bool = True) -> nn.Module:
+    """Conv with the reference's init (xavier-normal, gain 0.01, zero bias) and optional spectral
+    norm; reflection padding keeps borders free of the zero-padding frame artefact."""
+    conv = nn.Conv2d(cin, cout, k, stride=stride)
+    nn.init.xavier_normal_(conv.weight, gain=0.01)
+    nn.init.zeros_(conv.bias)
+    if sn:
+        conv = spectral_norm(conv)
+    if pad and k > 1:
+        return nn.Sequential(nn.ReflectionPad2d(k // 2), conv)
+    return conv
+
+
+def _conv_bn_act(cin: int, cout: int, k: int, sn: bool) -> nn.Sequential:
+    # BatchNorm at batch size 1 normalises over one image, i.e. acts as instance norm in training.
+    return nn.Sequential(_conv(cin, cout, k, sn), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int, squeeze: int, sn: bool) -> None:
+        super().__init__()
+        mid = ch // squeeze
+        self.body = nn.Sequential(
+            _conv(ch, mid, 1, sn), nn.BatchNorm2d(mid), nn.LeakyReLU(0.2),
+            _conv(mid, mid, 3, sn), nn.BatchNorm2d(mid), nn.LeakyReLU(0.2),
+            _conv(mid, ch, 1, sn), nn.BatchNorm2d(ch),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+class Generator(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        sn, c = cfg.spectral_norm, cfg.g_channels
+        widths = [c * 2**i for i in range(cfg.g_downsamples + 1)]  # 64, 128, 256, 512
+        self.stride = 2**cfg.g_downsamples
+        self.entry = _conv_bn_act(3, c, 7, sn)
+        self.down = nn.ModuleList(_conv_bn_act(widths[i], widths[i + 1], 3, sn) for i in range(cfg.g_downsamples))
+        self.bottleneck = nn.Sequential(*(ResBlock(widths[-1], cfg.g_res_squeeze, sn) for _ in range(cfg.g_res_blocks)))
+        self.up = nn.ModuleList(_conv_bn_act(widths[i + 1], widths[i], 3, sn) for i in reversed(range(cfg.g_downsamples)))
+        self.exit = _conv(c, 3, 7, sn=False)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Entry features of an image (B, 3, H, W) in [-1, 1]: computed once per image at test time
+        and shared by every output size."""
+        return self.entry(x)  # (B, C, H, W)
+
+    def decode(self, feats: Tensor, out_hw: tuple[int, int], matrix: Tensor | None = None) -> Tensor:
+        """Transform entry features to ``out_hw`` and synthesise the image there."""
+        h, w = out_hw
+        x = warp(feats, out_hw, matrix)  # (B, C, h, w)
+        # Pad to a multiple of the total stride, and to at least two bottleneck pixels per side
+        # (reflection padding inside the bottleneck needs more than one).
+        ph = max(-h % self.stride, 2 * self.stride - h)
+        pw = max(-w % self.stride, 2 * self.stride - w)
+        if ph or pw:
+            mode = "reflect" if ph < h and pw < w else "replicate"
+            x = F.pad(x, (0, pw, 0, ph), mode=mode)  # (B, C, h + ph, w + pw)
+        skips = []
+        for stage in self.down:
+            skips.append(x)
+            x = F.max_pool2d(stage(x), 2)
+        x = self.bottleneck(x)
+        for stage, skip in zip(self.up, reversed(skips), strict=True):
+            x = stage(F.interpolate(x, scale_factor=2, mode="nearest")) + skip
+        return torch.tanh(self.exit(x))[..., :h, :w]  # (B, 3, h, w)
+
+    def forward(self, x: Tensor, out_hw: tuple[int, int] | None = None, matrix: Tensor | None = None) -> Tensor:
+        out_hw = out_hw or (x.shape[-2], x.shape[-1])
+        return self.decode(self.features(x), out_hw, matrix)
+
+
+class DiscriminatorNet(nn.Module):
+    """One scale: unpadded convs with a 9x9 receptive field at that scale."""
+
+    def __init__(self, c: int, sn: bool) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            _conv(3, c, 3, sn, pad=False), nn.LeakyReLU(0.2),
+            _conv(c, 2 * c, 3, sn, stride=2, pad=False), nn.BatchNorm2d(2 * c), nn.LeakyReLU(0.2),
+            _conv(2 * c, 2 * c, 3, sn, pad=False), nn.BatchNorm2d(2 * c), nn.LeakyReLU(0.2),
+            _conv(2 * c, 1, 1, sn, pad=False),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.body(x))
+
+
+class MultiScaleDiscriminator(nn.Module):
+    def __init__(self, cfg: ModelConfig, crop_size: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.nets = nn.ModuleList(DiscriminatorNet(cfg.d_channels, cfg.spectral_norm) for _ in range(cfg.n_d_nets(crop_size)))
+
+    def n_scales_for(self, hw: tuple[int, int]) -> int:
+        """How many scales an image of this size can feed: its smaller side must stay >= 13 px."""
+        side = min(hw)
+        n = math.ceil(math.log(side / self.cfg.d_min_map_side) / math.log(self.cfg.d_scale_factor))
+        return max(1, min(n, len(self.nets)))
+
+    def scale_weights(self, progress: float, pivot: float, n_scales: int) -> list[float]:
+        """w_k proportional to f**k, f = 1.4**((pivot - progress) / pivot): coarse scales dominate
+        early, uniform at the pivot, fine scales after."""
+        f = self.cfg.d_scale_factor ** ((pivot - progress) / pivot)
+        w = [f**k for k in range(n_scales)]
+        total = sum(w)
+        return [wk / total for wk in w]
+
+    def forward(self, x: Tensor, weights: list[float]) -> Tensor:
+        """Combined map (B, 1, h0, w0) of an image, weighting the first ``len(weights)`` scales."""
+        h, w = x.shape[-2:]
+        out = None
+        for k, wk in enumerate(weights):
+            xk = x
+            if k:
+                s = self.cfg.d_scale_factor**-k
+                size = (max(9, round(h * s)), max(9, round(w * s)))
+                # Antialiased so coarse scales see the image, not its aliasing (float32: the
+                # antialiased kernel has no bfloat16 CPU implementation).
+                xk = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+            m = self.nets[k](xk)
+            if out is None:
+                out = wk * m
+            else:
+                out = out + wk * F.interpolate(m, size=out.shape[-2:], mode="bilinear", align_corners=False)
+        assert out is not None
+        return out

@@ -1,0 +1,237 @@
+"""Training one InGAN on one image.
+
+Each iteration: a random crop is G's input and D's real example; G maps it to a random output
+shape (the range grows with a curriculum) and back; one G step on adversarial + cycle loss, one D
+step, and past a point of the schedule a second G step on the inverse mapping alone.
+
+All randomness comes from generators seeded by ``TrainConfig.seed``; the global RNG is touched only
+inside a forked scope, so the same seed on the same device gives bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn.utils import parametrize
+
+from . import losses
+from .config import ModelConfig, TrainConfig
+from .geometry import homography
+from .networks import Generator, MultiScaleDiscriminator
+
+
+@dataclass(frozen=True)
+class Progress:
+    iteration: int  # iterations completed
+    total: int
+    losses: dict[str, float]
+    seconds: float  # wall time since training started
+    rate: float  # iterations per second so far
+
+    @property
+    def eta(self) -> float:
+        return (self.total - self.iteration) / self.rate if self.rate > 0 else math.inf
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def working_image(image: Tensor, max_side: int | None) -> Tensor:
+    """Downscale (3, H, W) so its longer side is at most ``max_side`` (never upscale)."""
+    size = working_resolution((image.shape[-2], image.shape[-1]), max_side)
+    if size == tuple(image.shape[-2:]):
+        return image
+    # Antialiased area-like downscale for the training data; the generator's own resize path
+    # (geometry.warp) is for feature maps, not for preparing input images.
+    return torch.nn.functional.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed the global RNG (which module init uses) without disturbing the caller's stream."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_models(model_cfg: ModelConfig, crop_size: int, seed: int, device: torch.device) -> tuple[Generator, MultiScaleDiscriminator]:
+    with _seeded(seed, device):
+        g = Generator(model_cfg)
+        d = MultiScaleDiscriminator(model_cfg, crop_size)
+    return g.to(device), d.to(device)
+
+
+class Trainer:
+    """Holds the models, optimisers and RNG streams; ``step()`` runs one iteration."""
+
+    def __init__(self, image: Tensor, model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device | str = "auto") -> None:
+        self.device = pick_device(device) if isinstance(device, str) else device
+        self.model_cfg, self.cfg = model_cfg, train_cfg
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected an RGB image tensor (3, H, W), got {tuple(image.shape)}")
+        self.image = working_image(image, train_cfg.max_side).to(self.device)  # (3, H, W) in [-1, 1]
+        h, w = self.image.shape[-2:]
+        self.crop_hw = (min(train_cfg.crop_size, h - 1), min(train_cfg.crop_size, w - 1))
+        if min(self.crop_hw) < train_cfg.min_out_side:
+            raise ValueError(f"image {w}x{h} is too small to train on: need at least {train_cfg.min_out_side + 1} px per side")
+        if self.device.type == "cuda" and train_cfg.deterministic:
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+        self.g, self.d = build_models(model_cfg, max(self.crop_hw), train_cfg.seed, self.device)
+        if train_cfg.channels_last:
+            # oneDNN (CPU) and cuDNN (tensor cores) both run NHWC convolutions without reorders.
+            self.g.to(memory_format=torch.channels_last)
+            self.d.to(memory_format=torch.channels_last)
+        betas = (train_cfg.beta1, train_cfg.beta2)
+        # Fused Adam: one kernel per parameter group instead of a dozen small ops per tensor.
+        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=train_cfg.lr, betas=betas, fused=True)
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=train_cfg.lr, betas=betas, fused=True)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=train_cfg.bf16)
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, self._lr_factor)
+        self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, self._lr_factor)
+        self.rng = torch.Generator().manual_seed(train_cfg.seed)  # crops, shapes, shifts (CPU)
+        self.noise_rng = torch.Generator(device=self.device).manual_seed(train_cfg.seed + 1)
+        self.iteration = 0
+
+    # -- schedule -------------------------------------------------------------------------------
+    def _lr_factor(self, i: int) -> float:
+        start = self.cfg.lr_decay_start * self.cfg.iterations
+        if i < start:
+            return 1.0
+        return max(0.0, (self.cfg.iterations - i) / max(1.0, self.cfg.iterations - start))
+
+    def _uniform(self, lo: float, hi: float) -> float:
+        return lo + (hi - lo) * torch.rand((), generator=self.rng).item()
+
+    def sample_target(self) -> tuple[tuple[int, int], Tensor | None]:
+        """An output shape around the crop's, and a homography when shifts are enabled."""
+        cfg = self.cfg
+        t = min(1.0, self.iteration / max(1.0, cfg.curriculum_end * cfg.iterations))
+        lo, hi = 1 - (1 - cfg.min_scale) * t, 1 + (cfg.max_scale - 1) * t
+        ch, cw = self.crop_hw
+        out_hw = (max(cfg.min_out_side, round(ch * self._uniform(lo, hi))),
+                  max(cfg.min_out_side, round(cw * self._uniform(lo, hi))))
+        matrix = None
+        if cfg.max_shift > 0:
+            m = cfg.max_shift * t
+            matrix = homography((self._uniform(-m, m), self._uniform(-m, m)))
+        return out_hw, matrix
+
+    def random_crop(self) -> Tensor:
+        h, w = self.image.shape[-2:]
+        ch, cw = self.crop_hw
+        top = int(torch.randint(0, h - ch + 1, (), generator=self.rng))
+        left = int(torch.randint(0, w - cw + 1, (), generator=self.rng))
+        return self.image[None, :, top:top + ch, left:left + cw]  # (1, 3, ch, cw)
+
+    def _noisy(self, x: Tensor) -> Tensor:
+        n = torch.rand(x.shape, generator=self.noise_rng, device=x.device, dtype=x.dtype)
+        return x + (2 * n - 1) * self.cfg.noise
+
+    # -- one iteration --------------------------------------------------------------------------
+    def step(self) -> dict[str, Tensor]:
+        cfg, g, d = self.cfg, self.g, self.d
+        real = self.random_crop()
+        out_hw, matrix = self.sample_target()
+        inverse = None if matrix is None else torch.linalg.inv(matrix)
+        progress = self.iteration / cfg.iterations
+        weights = d.scale_weights(progress, cfg.d_scale_pivot, d.n_scales_for(out_hw))
+
+        # G step: fool D at the new shape, and come back to the crop through the inverse map.
+        # parametrize.cached(): spectral-normalised weights are computed once per step, not once
+        # per call (G runs twice, D once here).
+        d.requires_grad_(False)
+        with parametrize.cached(), self.autocast:
+            fake = g(self._noisy(real), out_hw, matrix)  # (1, 3, *out_hw)
+            rec = g(fake, real.shape[-2:], inverse)
+            loss_g_adv = losses.g_adv_loss(d(self._noisy(fake), weights).float())
+            loss_rec = losses.reconstruction_loss(rec.float(), real)
+        self.opt_g.zero_grad(set_to_none=True)
+        (loss_g_adv + cfg.rec_weight * loss_rec).backward()
+        self.opt_g.step()
+
+        # D step on the same real crop and the (detached) fake.
+        d.requires_grad_(True)
+        with parametrize.cached(), self.autocast:
+            d_real = d(self._noisy(real), weights).float()
+            d_fake = d(self._noisy(fake.detach()), weights).float()
+            loss_d = losses.d_loss(d_real, d_fake)
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        self.opt_d.step()
+
+        out = {"g_adv": loss_g_adv.detach(), "rec": loss_rec.detach(), "d": loss_d.detach()}
+        if cfg.second_g_step and self.iteration >= cfg.second_g_step_start * cfg.iterations:
+            # Inverse mapping alone, from the fake as a fixed input.
+            with self.autocast:
+                rec2 = g(fake.detach(), real.shape[-2:], inverse).float()
+            loss_rec2 = losses.reconstruction_loss(rec2, real)
+            self.opt_g.zero_grad(set_to_none=True)
+            (cfg.second_rec_weight * loss_rec2).backward()
+            self.opt_g.step()
+            out["rec2"] = loss_rec2.detach()
+
+        self.sched_g.step()
+        self.sched_d.step()
+        self.iteration += 1
+        return out
+
+    def run(self, progress: ProgressFn | None = None) -> None:
+        """Train until ``cfg.iterations``; report every ``log_every`` iterations and at the end.
+        Losses are read back (a device sync) only at report points."""
+        self.g.train()
+        self.d.train()
+        start, first = time.perf_counter(), self.iteration
+        while self.iteration < self.cfg.iterations:
+            out = self.step()
+            done = self.iteration
+            if progress and (done % self.cfg.log_every == 0 or done == self.cfg.iterations):
+                elapsed = time.perf_counter() - start
+                progress(Progress(done, self.cfg.iterations, {k: float(v) for k, v in out.items()},
+                                  elapsed, (done - first) / elapsed if elapsed > 0 else 0.0))
+        self.g.eval()
+        self.d.eval()
+
+
+def to_model_input(image: Tensor) -> Tensor:
+    """uint8 or [0, 1] float (3, H, W) -> float in [-1, 1]."""
+    if image.dtype == torch.uint8:
+        image = image.float() / 255.0
+    return image * 2 - 1
+
+
+def train(
+    image: Tensor,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    device: torch.device | str = "auto",
+    progress: ProgressFn | None = None,
+) -> Trainer:
+    """Train on ``image`` ((3, H, W), uint8 or float in [0, 1]) and return the finished trainer;
+    its generator is in eval mode, ready for ``retarget``."""
+    trainer = Trainer(to_model_input(image), model_cfg, train_cfg, device)
+    trainer.run(progress)
+    return trainer
+
+
+def working_resolution(hw: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """The (H, W) the model trains on for a source of size ``hw``."""
+    h, w = hw
+    if max_side is None or max(h, w) <= max_side:
+        return h, w
+    s = max_side / max(h, w)
+    return max(1, round(h * s)), max(1, round(w * s))
+

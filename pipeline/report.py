@@ -1,0 +1,417 @@
+"""What a run leaves behind besides the images: ``results.parquet``, ``summary.json``, ``report.html``.
+
+Every manifest row ends as one result record (a plain dict, see ``results_table``). This module
+turns the list of records into
+
+* a Parquet table with a fixed schema plus the manifest's extra columns in their original types,
+  so results can be joined back to the manifest without casts;
+* a JSON summary (counts, latency percentiles, throughput, config with secrets masked);
+* a self-contained HTML contact sheet: thumbnails are embedded as base64 JPEGs so the file opens
+  straight from a bucket or a download, with no other files and no network.
+
+All IO goes through ``Folder`` so the writes are atomic and retried like every other output.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline.storage import Folder
+
+RESULTS_NAME = "results.parquet"
+SUMMARY_NAME = "summary.json"
+REPORT_NAME = "report.html"
+STATUSES = ("ok", "skipped", "failed")
+REDACTED = "***"
+
+OUTPUT_TYPE = pa.struct(
+    [
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("ratio", pa.float64()),
+        ("uri", pa.string()),
+        ("completeness", pa.float64()),
+        ("coherence", pa.float64()),
+        ("swd", pa.float64()),
+    ]
+)
+
+RESULT_SCHEMA_BASE = pa.schema(
+    [
+        ("id", pa.string()),
+        ("uri", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("error_kind", pa.string()),
+        ("outputs", pa.list_(OUTPUT_TYPE)),
+        ("train_seconds", pa.float64()),
+        ("total_seconds", pa.float64()),
+        ("attempts", pa.int32()),
+        ("model_uri", pa.string()),
+        ("source_width", pa.int32()),
+        ("source_height", pa.int32()),
+    ]
+)
+
+# Substrings of config keys whose values must never reach summary.json. Deliberately broad
+# ("key" also hits e.g. "sort_key"): masking a harmless value costs little, leaking one a lot.
+_SECRET_KEY_RE = re.compile(r"secret|key|token|passw|credential", re.IGNORECASE)
+
+# Thumbnails are read concurrently: on object storage each read is a round trip, and a report
+# of a few hundred rows with several outputs each would otherwise take minutes.
+_THUMB_READERS = 8
+_THUMB_QUALITY = 80
+
+_METRICS = ("completeness", "coherence", "swd")
+
+
+# --------------------------------------------------------------------------- results.parquet
+
+
+def results_table(
+    records: Sequence[Mapping[str, Any]], carried_schema: pa.Schema | None
+) -> pa.Table:
+    """One row per record, in order: the fixed columns, then the carried manifest columns.
+
+    ``rel`` and ``source_rel`` are layout details of the output folder and are not stored.
+    """
+    carried_fields = list(carried_schema) if carried_schema is not None else []
+    clash = {f.name for f in carried_fields} & set(RESULT_SCHEMA_BASE.names)
+    if clash:
+        # Two columns with one name would make the table ambiguous to every reader.
+        raise ValueError(f"carried columns clash with result columns: {sorted(clash)}")
+    schema = pa.schema([*RESULT_SCHEMA_BASE, *carried_fields])
+    arrays = [_base_column(records, field) for field in RESULT_SCHEMA_BASE]
+    arrays += [_carried_column(records, field) for field in carried_fields]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _base_column(records: Sequence[Mapping[str, Any]], field: pa.Field) -> pa.Array:
+    if field.name == "outputs":
+        values = [[_output_row(o) for o in r.get("outputs") or []] for r in records]
+    else:
+        values = [r.get(field.name) for r in records]
+    return pa.array(values, type=field.type)
+
+
+def _output_row(output: Mapping[str, Any]) -> dict[str, Any]:
+    # Only the struct's fields: "rel" and anything else in the dict stay out of the table.
+    return {name: output.get(name) for name in OUTPUT_TYPE.names}
+
+
+def _carried_column(records: Sequence[Mapping[str, Any]], field: pa.Field) -> pa.Array:
+    values = [(r.get("carried") or {}).get(field.name) for r in records]
+    return pa.array(values, type=field.type)
+
+
+def write_results(
+    folder: Folder, records: Sequence[Mapping[str, Any]], carried_schema: pa.Schema | None
+) -> str:
+    """Write ``results.parquet`` in one put (never a partial file) and return its URI."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(results_table(records, carried_schema), sink)
+    return folder.write_bytes(RESULTS_NAME, sink.getvalue().to_pybytes())
+
+
+# --------------------------------------------------------------------------- summary.json
+
+
+def summarize(
+    records: Sequence[Mapping[str, Any]],
+    *,
+    config: Mapping[str, Any],
+    started: float,
+    finished: float,
+    versions: Mapping[str, str],
+) -> dict[str, Any]:
+    """Counts, latency percentiles and throughput of a run, with its (redacted) config."""
+    counts = status_counts(records)
+    wall = finished - started
+    return {
+        "total": len(records),
+        "status_counts": counts,
+        "error_kinds": _error_kind_counts(records),
+        "outputs_written": sum(len(r.get("outputs") or []) for r in records),
+        "durations": {
+            "total_seconds": _percentiles(r.get("total_seconds") for r in records),
+            "train_seconds": _percentiles(r.get("train_seconds") for r in records),
+        },
+        "wall_seconds": wall,
+        # Throughput of finished work: skipped rows were done by an earlier run and failed rows
+        # produced nothing, so counting them would flatter the number.
+        "images_per_hour": counts["ok"] * 3600.0 / wall if wall > 0 else None,
+        "config": redact(config),
+        "versions": dict(versions),
+    }
+
+
+def status_counts(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Records per status; the three known statuses are always present, even at zero."""
+    counts = Counter(r.get("status") for r in records)
+    known = {s: counts.pop(s, 0) for s in STATUSES}
+    return {**known, **{str(s): n for s, n in counts.items()}}
+
+
+def _error_kind_counts(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    counts = Counter(r["error_kind"] for r in records if r.get("error_kind"))
+    return dict(sorted(counts.items()))
+
+
+def _percentiles(values: Iterable[float | None]) -> dict[str, float | None]:
+    present = sorted(v for v in values if v is not None)
+    return {"p50": _quantile(present, 0.5), "p95": _quantile(present, 0.95)}
+
+
+def _quantile(ordered: Sequence[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default), None when empty."""
+    if not ordered:
+        return None
+    pos = q * (len(ordered) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def redact(value: Any) -> Any:
+    """A copy of ``value`` with every secret-looking key, at any depth, masked."""
+    if isinstance(value, Mapping):
+        return {
+            k: REDACTED if isinstance(k, str) and _SECRET_KEY_RE.search(k) else redact(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    return value
+
+
+def write_summary(folder: Folder, summary: Mapping[str, Any]) -> str:
+    """Write ``summary.json`` and return its URI."""
+    return folder.write_json(SUMMARY_NAME, summary)
+
+
+# --------------------------------------------------------------------------- report.html
+
+
+_CSS = """
+:root { --ok: #1a7f37; --skipped: #6e7781; --failed: #cf222e; --line: #d0d7de; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif;
+       color: #1f2328; background: #f6f8fa; }
+header { position: sticky; top: 0; z-index: 1; background: #fff; padding: 12px 24px;
+         border-bottom: 1px solid var(--line); }
+h1 { margin: 0 0 8px; font-size: 20px; }
+.bar { display: flex; flex-wrap: wrap; gap: 8px; }
+.pill { padding: 2px 10px; border-radius: 999px; background: #eaeef2; font-weight: 600; }
+.pill.ok { color: var(--ok); } .pill.skipped { color: var(--skipped); }
+.pill.failed { color: var(--failed); }
+main { padding: 16px 24px; display: flex; flex-direction: column; gap: 12px; }
+.row { display: grid; grid-template-columns: minmax(200px, 280px) 1fr; gap: 16px;
+       background: #fff; border: 1px solid var(--line); border-left: 4px solid var(--skipped);
+       border-radius: 6px; padding: 12px; }
+.row.ok { border-left-color: var(--ok); } .row.failed { border-left-color: var(--failed); }
+.meta { min-width: 0; overflow-wrap: anywhere; }
+.id { font-weight: 600; }
+.uri, .timing, .carried { color: #59636e; font-size: 12px; }
+.status { font-weight: 600; text-transform: uppercase; font-size: 12px; }
+.status.ok { color: var(--ok); } .status.skipped { color: var(--skipped); }
+.status.failed { color: var(--failed); }
+.error { margin: 6px 0 0; padding: 6px 8px; background: #ffebe9; border-radius: 4px;
+         white-space: pre-wrap; font: 12px/1.4 ui-monospace, monospace; }
+.carried { margin: 6px 0 0; display: grid; grid-template-columns: auto 1fr; gap: 0 8px; }
+.carried dt { font-weight: 600; } .carried dd { margin: 0; }
+.images { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-end; }
+figure { margin: 0; display: flex; flex-direction: column; align-items: center; }
+figure.source { padding-right: 12px; border-right: 2px dashed var(--line); }
+figure img { display: block; border: 1px solid var(--line); }
+figcaption { font-size: 11px; color: #59636e; text-align: center; max-width: 200px; }
+.placeholder { display: flex; align-items: center; justify-content: center; text-align: center;
+               background: #eaeef2; color: #59636e; font-size: 11px; padding: 4px; }
+.more { color: #59636e; font-style: italic; }
+"""
+
+
+def render_report(
+    folder: Folder,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    title: str,
+    max_items: int = 200,
+    thumb_px: int = 160,
+) -> str:
+    """A self-contained HTML contact sheet of the first ``max_items`` records, in manifest order."""
+    shown = records[:max_items]
+    thumbs = _thumbnails(folder, _image_rels(shown), thumb_px)
+    rows = [_record_html(r, thumbs, thumb_px) for r in shown]
+    hidden = len(records) - len(shown)
+    if hidden > 0:
+        rows.append(
+            f'<p class="more">{hidden} more record{"s" if hidden != 1 else ""} not shown; '
+            f"all {len(records)} are in {RESULTS_NAME}.</p>"
+        )
+    return (
+        '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"<header><h1>{_esc(title)}</h1>{_summary_bar(records, len(shown))}</header>\n"
+        "<main>\n" + "\n".join(rows) + "\n</main>\n</body>\n</html>\n"
+    )
+
+
+def write_report(
+    folder: Folder, records: Sequence[Mapping[str, Any]], *, title: str, max_items: int = 200
+) -> str:
+    """Write ``report.html`` and return its URI."""
+    return folder.write_text(
+        REPORT_NAME, render_report(folder, records, title=title, max_items=max_items)
+    )
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _summary_bar(records: Sequence[Mapping[str, Any]], shown: int) -> str:
+    pills = [f'<span class="pill">total {len(records)}</span>']
+    pills += [
+        f'<span class="pill {_esc(s)}">{_esc(s)} {n}</span>'
+        for s, n in status_counts(records).items()
+    ]
+    if shown < len(records):
+        pills.append(f'<span class="pill">showing first {shown}</span>')
+    return f'<div class="bar">{"".join(pills)}</div>'
+
+
+def _image_rels(records: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Every image path the shown rows need, each once, in display order."""
+    rels: dict[str, None] = {}
+    for r in records:
+        if r.get("source_rel"):
+            rels[r["source_rel"]] = None
+        for o in r.get("outputs") or []:
+            if o.get("rel"):
+                rels[o["rel"]] = None
+    return list(rels)
+
+
+def _thumbnails(folder: Folder, rels: list[str], thumb_px: int) -> dict[str, str | None]:
+    """rel -> ``data:`` URI of its thumbnail, or None where it could not be read or decoded."""
+    with ThreadPoolExecutor(max_workers=_THUMB_READERS) as pool:
+        return dict(
+            zip(rels, pool.map(lambda rel: _thumbnail(folder, rel, thumb_px), rels), strict=True)
+        )
+
+
+def _thumbnail(folder: Folder, rel: str, thumb_px: int) -> str | None:
+    try:
+        data = folder.read_bytes(rel)
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("RGB", (thumb_px, thumb_px))  # JPEG: decode at reduced scale, much faster
+            img.thumbnail((thumb_px, thumb_px))
+            out = io.BytesIO()
+            img.convert("RGB").save(out, format="JPEG", quality=_THUMB_QUALITY)
+    except Exception:  # noqa: BLE001 - the report is best effort: one bad image must not sink it
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
+
+
+def _record_html(record: Mapping[str, Any], thumbs: Mapping[str, str | None], thumb_px: int) -> str:
+    status = str(record.get("status"))
+    figures = [_source_figure(record, thumbs, thumb_px)]
+    figures += [_output_figure(o, thumbs, thumb_px) for o in record.get("outputs") or []]
+    return (
+        f'<section class="row {_esc(status)}">'
+        f'<div class="meta">{_meta_html(record, status)}</div>'
+        f'<div class="images">{"".join(figures)}</div>'
+        "</section>"
+    )
+
+
+def _meta_html(record: Mapping[str, Any], status: str) -> str:
+    parts = [
+        f'<div class="id">{_esc(record.get("id"))}</div>',
+        f'<div class="uri">{_esc(record.get("uri") or "")}</div>',
+        f'<div class="status {_esc(status)}">{_esc(status)}'
+        + (f" · {_esc(record['error_kind'])}" if record.get("error_kind") else "")
+        + "</div>",
+    ]
+    timing = _timing_text(record)
+    if timing:
+        parts.append(f'<div class="timing">{_esc(timing)}</div>')
+    if status == "failed" and record.get("error"):
+        parts.append(f'<pre class="error">{_esc(record["error"])}</pre>')
+    carried = record.get("carried") or {}
+    if carried:
+        items = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in carried.items())
+        parts.append(f'<dl class="carried">{items}</dl>')
+    return "".join(parts)
+
+
+def _timing_text(record: Mapping[str, Any]) -> str:
+    bits = []
+    if record.get("train_seconds") is not None:
+        bits.append(f"train {_fmt(record['train_seconds'])} s")
+    elif record.get("status") == "ok" and record.get("model_uri"):
+        bits.append("model reused")
+    if record.get("total_seconds") is not None:
+        bits.append(f"total {_fmt(record['total_seconds'])} s")
+    if (record.get("attempts") or 0) > 1:
+        bits.append(f"{record['attempts']} attempts")
+    return " · ".join(bits)
+
+
+def _source_figure(
+    record: Mapping[str, Any], thumbs: Mapping[str, str | None], thumb_px: int
+) -> str:
+    caption = ["source"]
+    if record.get("source_width") and record.get("source_height"):
+        caption.append(f"{record['source_width']}x{record['source_height']}")
+    return _figure(record.get("source_rel"), thumbs, thumb_px, " ".join(caption), "source")
+
+
+def _output_figure(
+    output: Mapping[str, Any], thumbs: Mapping[str, str | None], thumb_px: int
+) -> str:
+    caption = [f"{output.get('width')}x{output.get('height')}"]
+    if output.get("ratio") is not None:
+        caption.append(f"ratio {_fmt(output['ratio'])}")
+    caption += [f"{m} {_fmt(output[m])}" for m in _METRICS if output.get(m) is not None]
+    return _figure(
+        output.get("rel"), thumbs, thumb_px, " · ".join(caption), "output", output.get("uri")
+    )
+
+
+def _figure(
+    rel: str | None,
+    thumbs: Mapping[str, str | None],
+    thumb_px: int,
+    caption: str,
+    css_class: str,
+    tooltip: str | None = None,
+) -> str:
+    src = thumbs.get(rel) if rel else None
+    if src:
+        picture = f'<img src="{src}" alt="{_esc(caption)}">'
+    else:
+        reason = "image unavailable" if rel else "no image"
+        picture = (
+            f'<div class="placeholder" style="width:{thumb_px}px;height:{thumb_px // 2}px">'
+            f"{reason}</div>"
+        )
+    title = f' title="{_esc(tooltip)}"' if tooltip else ""
+    return f'<figure class="{css_class}"{title}>{picture}<figcaption>{_esc(caption)}</figcaption></figure>'

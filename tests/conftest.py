@@ -1,0 +1,168 @@
+"""Shared fixtures: a real S3-protocol server on loopback (moto's server mode) and small images.
+
+The S3 server is a separate process speaking HTTP, so s3fs, boto3 and any subprocess the tests
+start (the CLIs) go through the same code paths as against real object storage.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+IMAGES_DIR = Path("/work/shared/data/images")
+# RGB sources of different formats and aspect ratios.
+EXAMPLE_IMAGES = ("astronaut.png", "chelsea.png", "rocket.jpg")
+EXAMPLE_SIZE = 48
+
+_FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SECURITY_TOKEN": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    # Never pick up a developer's real profile or config.
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "AWS_CONFIG_FILE": os.devnull,
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fake_aws_credentials() -> Iterator[None]:
+    """Dummy AWS credentials for the whole session, so no test can ever reach real AWS as someone.
+
+    Autouse and in ``os.environ``: subprocesses (moto, the CLIs) and Ray workers inherit them.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in _FAKE_AWS_ENV.items():
+            mp.setenv(name, value)
+        mp.delenv("AWS_PROFILE", raising=False)
+        # Loopback must bypass any proxy configured for the package registries.
+        for name in ("NO_PROXY", "no_proxy"):
+            mp.setenv(
+                name, ",".join(filter(None, [os.environ.get(name), "127.0.0.1", "localhost"]))
+            )
+        yield
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_answering(
+    url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"moto server exited with {proc.returncode}:\n{log.read_text()[-2000:]}"
+            )
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return  # any HTTP answer means it is serving
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(
+        f"moto server did not answer on {url} within {timeout}s:\n{log.read_text()[-2000:]}"
+    )
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(
+    fake_aws_credentials: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """URL of a moto S3 server on loopback, started once per session and stopped at its end."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_until_answering(url, proc, log, timeout=30)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def s3_storage_options(s3_endpoint: str) -> dict[str, Any]:
+    """fsspec/s3fs options that point at the moto server with its dummy credentials.
+
+    A fresh dict per test, so a test that edits it cannot leak into the next.
+    """
+    return {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"},
+    }
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_endpoint: str) -> Any:
+    """A boto3 S3 client for the moto server: a second, independent client next to s3fs."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+@pytest.fixture
+def s3_bucket(s3_client: Any) -> str:
+    """A fresh, empty bucket on the moto server, named uniquely so tests never see each other's objects."""
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    s3_client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def example_images(tmp_path: Path) -> list[Path]:
+    """A few real RGB photos shrunk to ``EXAMPLE_SIZE`` px on the short side, in their own formats.
+
+    The short side, not the long one: multi-scale models need every side at least this big.
+    """
+    from PIL import Image
+
+    missing = [n for n in EXAMPLE_IMAGES if not (IMAGES_DIR / n).is_file()]
+    if missing:
+        pytest.skip(f"example images not found in {IMAGES_DIR}: {', '.join(missing)}")
+    out_dir = tmp_path / "example_images"
+    out_dir.mkdir()
+    paths = []
+    for name in EXAMPLE_IMAGES:
+        with Image.open(IMAGES_DIR / name) as img:
+            scale = EXAMPLE_SIZE / min(img.size)
+            size = (round(img.width * scale), round(img.height * scale))
+            small = img.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+            path = out_dir / name
+            small.save(path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,227 @@
+"""Tests for ingan.metrics: completeness / coherence and the sliced Wasserstein distance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ingan.metrics import (
+    bidirectional_similarity,
+    extract_patches,
+    nearest_sq_distances,
+    score,
+    sliced_wasserstein,
+)
+
+IMAGES = Path("/work/shared/data/images")
+KEYS = ("completeness", "coherence", "swd")
+
+
+def _load(name: str, size: tuple[int, int], mode: str = "RGB") -> torch.Tensor:
+    """A small (C, H, W) float image in [0, 1]; ``size`` is (width, height) as PIL wants it."""
+    img = Image.open(IMAGES / name).convert(mode).resize(size, Image.Resampling.BOX)
+    arr = np.array(img, dtype=np.float32) / 255.0
+    # (1, H, W) for grayscale, (3, H, W) for RGB
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+@pytest.fixture(scope="module")
+def cat() -> torch.Tensor:
+    return _load("chelsea.png", (96, 64))  # (3, 64, 96)
+
+
+@pytest.fixture(scope="module")
+def brick() -> torch.Tensor:
+    return _load("brick.png", (64, 64), mode="RGB")  # (3, 64, 64), a regular natural texture
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity, noise, determinism
+# ---------------------------------------------------------------------------------------------
+
+
+def test_identical_images_score_zero(cat: torch.Tensor) -> None:
+    result = score(cat, cat.clone())
+    assert set(result) == set(KEYS)
+    for key in KEYS:
+        assert isinstance(result[key], float)
+        assert abs(result[key]) < 1e-6, (key, result[key])
+
+
+def test_identical_grayscale_scores_zero_and_matches_rgb() -> None:
+    gray = _load("brick.png", (48, 48), mode="L")  # (1, 48, 48)
+    result = score(gray, gray)
+    for key in KEYS:
+        assert abs(result[key]) < 1e-6, (key, result[key])
+    # Grayscale is repeated to 3 channels, so it must score exactly like its RGB replica.
+    gen = torch.Generator().manual_seed(3)
+    noisy = (gray + 0.1 * torch.rand(gray.shape, generator=gen)).clamp(0, 1)
+    assert score(gray, noisy) == score(gray.expand(3, -1, -1), noisy.expand(3, -1, -1))
+
+
+def test_subsampled_queries_still_find_exact_matches(cat: torch.Tensor) -> None:
+    # Only the queries are subsampled; the searched set stays complete, so identity is still 0.
+    result = bidirectional_similarity(cat, cat, max_patches=64)
+    assert result["completeness"] < 1e-6
+    assert result["coherence"] < 1e-6
+
+
+def test_noise_scores_worse_than_identity_and_grows_with_amplitude(cat: torch.Tensor) -> None:
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.rand(cat.shape, generator=gen) - 0.5  # uniform in [-0.5, 0.5)
+    mild = score(cat, (cat + 0.1 * noise).clamp(0, 1))
+    strong = score(cat, (cat + 0.5 * noise).clamp(0, 1))
+    for key in KEYS:
+        assert mild[key] > 1e-4, (key, mild[key])
+        assert strong[key] > mild[key], (key, mild[key], strong[key])
+
+
+def test_deterministic(cat: torch.Tensor, brick: torch.Tensor) -> None:
+    out = F.interpolate(brick[None], size=(64, 80), mode="bilinear", align_corners=False)[0]
+    # max_patches small enough that every scale and level subsamples.
+    first = score(brick, out, seed=5, max_patches=300)
+    second = score(brick.clone(), out.clone(), seed=5, max_patches=300)
+    assert first == second
+    # The seed really drives the sampling and the SWD directions.
+    assert score(brick, out, seed=6, max_patches=300)["swd"] != first["swd"]
+
+
+def test_exhaustive_matches_large_budget(brick: torch.Tensor) -> None:
+    out = brick.flip(-1)
+    # max_patches above the patch count samples nothing away, so it equals the exact search.
+    assert bidirectional_similarity(brick, out, max_patches=None) == pytest.approx(
+        bidirectional_similarity(brick, out, max_patches=10**6), rel=1e-6
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The metrics measure what they claim to
+# ---------------------------------------------------------------------------------------------
+
+
+def test_horizontal_stretch_hurts_coherence(brick: torch.Tensor) -> None:
+    src = brick[None]  # (1, 3, 64, 64)
+    stretched = F.interpolate(src, size=(64, 128), mode="bilinear", align_corners=False)
+    # A same-size copy with the content moved around: its patches exist in the source except
+    # along the wrap-around seams.
+    shifted = torch.roll(src, shifts=(17, 23), dims=(-2, -1))
+    coh_self = bidirectional_similarity(src, src)["coherence"]
+    coh_stretch = bidirectional_similarity(src, stretched)["coherence"]
+    coh_shifted = bidirectional_similarity(src, shifted)["coherence"]
+    assert coh_self < 1e-6
+    assert coh_stretch > coh_self + 1e-4
+    assert coh_stretch > coh_shifted
+
+
+def test_half_crop_is_incomplete_but_coherent(cat: torch.Tensor) -> None:
+    crop = cat[:, :, :48]  # left half: every patch exists in the source, half the content is gone
+    full = bidirectional_similarity(cat, cat)
+    half = bidirectional_similarity(cat, crop)
+    assert half["completeness"] > full["completeness"] + 1e-4
+    assert half["completeness"] > 10 * half["coherence"]
+    # Crop aligned with the downscale grid: its patches are exact source patches at every scale.
+    assert half["coherence"] < 1e-6
+
+
+def test_swd_prefers_tiling_to_stretching(brick: torch.Tensor) -> None:
+    src = brick[None]
+    tiled = torch.cat([src, src], dim=-1)  # (1, 3, 64, 128): same patch distribution
+    stretched = F.interpolate(src, size=(64, 128), mode="bilinear", align_corners=False)
+    swd_tiled = sliced_wasserstein(src, tiled)
+    swd_stretched = sliced_wasserstein(src, stretched)
+    assert swd_stretched > 2 * swd_tiled
+    assert swd_stretched > 0.05
+
+
+def test_different_sizes_and_batch_dim(cat: torch.Tensor, brick: torch.Tensor) -> None:
+    out = F.interpolate(
+        cat[None], size=(40, 120), mode="bilinear", align_corners=False
+    )  # (1, 3, 40, 120)
+    result = score(cat, out)
+    for key in KEYS:
+        assert np.isfinite(result[key]) and result[key] > 0, (key, result[key])
+    # (1, 3, H, W) and (3, H, W) are the same input.
+    assert score(cat[None], out) == score(cat, out[0])
+    # Small images (below the multi-scale and pyramid thresholds) still work: one scale, one level.
+    small = brick[:, :10, :12]
+    assert all(np.isfinite(v) for v in score(small, brick[:, 20:31, 5:14]).values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def test_extract_patches_layout() -> None:
+    img = torch.arange(2 * 9 * 10, dtype=torch.float32).reshape(1, 2, 9, 10)
+    patches = extract_patches(img, 3)
+    assert patches.shape == (7 * 8, 2 * 9)
+    # Row r*8 + c is the patch whose top-left corner is (r, c), flattened channel-major.
+    assert torch.equal(patches[2 * 8 + 5], img[0, :, 2:5, 5:8].reshape(-1))
+
+
+@pytest.mark.parametrize("chunk_floats", [50, 7, 1000, 1 << 21])
+def test_tiled_nearest_matches_brute_force(chunk_floats: int) -> None:
+    gen = torch.Generator().manual_seed(1)
+    queries = torch.rand(300, 27, generator=gen, dtype=torch.float64)  # (N, D)
+    keys = torch.rand(500, 27, generator=gen, dtype=torch.float64)  # (M, D)
+    queries[:5] = keys[100:105]  # some exact matches, which must come out as (almost) 0
+    got = nearest_sq_distances(queries, keys, chunk_floats=chunk_floats)
+    want = torch.cdist(queries, keys).pow(2).amin(dim=1)  # the full (N, M) matrix
+    assert got.shape == (300,)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert torch.all(got[:5] < 1e-12)
+
+
+def test_tiled_nearest_float32_many_tiles() -> None:
+    gen = torch.Generator().manual_seed(2)
+    queries = torch.rand(300, 147, generator=gen)
+    keys = torch.rand(500, 147, generator=gen)
+    got = nearest_sq_distances(queries, keys, chunk_floats=64 * 50)  # 64 x 50 tiles
+    want = torch.cdist(queries.double(), keys.double()).pow(2).amin(dim=1).float()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        torch.rand(32, 32),  # no channel axis
+        torch.rand(2, 3, 32, 32),  # a batch of two
+        torch.rand(1, 1, 1, 3, 32, 32),  # rank 6
+        torch.rand(2, 32, 32),  # two channels
+        torch.rand(4, 32, 32),  # RGBA
+        torch.rand(3, 5, 32),  # shorter than a patch
+        torch.rand(3, 32, 6),  # narrower than a patch
+        torch.zeros(3, 32, 32, dtype=torch.uint8),  # not float
+        np.zeros((3, 32, 32), dtype=np.float32),  # not a tensor
+    ],
+)
+def test_bad_inputs_raise(bad: object) -> None:
+    good = torch.rand(3, 32, 32)
+    with pytest.raises(ValueError):
+        score(good, bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        score(bad, good)  # type: ignore[arg-type]
+
+
+def test_bad_parameters_raise() -> None:
+    img = torch.rand(3, 32, 32)
+    with pytest.raises(ValueError):
+        score(img, img, max_patches=0)
+    with pytest.raises(ValueError):
+        sliced_wasserstein(img, img, n_directions=0)
+    with pytest.raises(ValueError):
+        nearest_sq_distances(torch.rand(4, 3), torch.rand(5, 2))
+    with pytest.raises(ValueError):
+        nearest_sq_distances(torch.rand(4, 3), torch.rand(5, 3), chunk_floats=0)
