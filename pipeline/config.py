@@ -1,0 +1,158 @@
+"""The run's configuration: one pydantic model, from a YAML file and command-line flags over it.
+
+This is the boundary where user input is checked; everything past it (the driver, the tasks, the
+``ingan`` dataclasses built from it) can trust what it is handed. Storage options may hold
+credentials: they are excluded from every dump that is logged or written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ingan.config import PRESETS, ModelConfig, TrainConfig, get_preset
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+MAX_OUTPUT_SIDE = 16384
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the field."""
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WxH' -> (W, H)."""
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"size must look like WIDTHxHEIGHT (e.g. 256x256), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    output: str = Field("output", description="URI of the output folder (local path, s3://...)")
+    preset: str = Field("auto", description="paper, fast, tiny, or auto: fast with GPUs, tiny without")
+    iterations: int | None = Field(None, ge=1, le=10_000_000, description="override the preset's iterations")
+    seed: int = Field(0, ge=0, description="run seed; each image's seed derives from it and the image id")
+    ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0], description="output width/height ratios")
+    ratio_policy: Literal["keep_height", "keep_width", "keep_area"] = "keep_height"
+    sizes: list[str] = Field(default_factory=list, description="explicit output sizes, WxH")
+    image_format: Literal["png", "jpeg", "webp"] = "png"
+    metrics: bool = Field(True, description="score every output against its source")
+    metrics_max_side: int = Field(192, ge=16, description="images are scored at most this large")
+    num_gpus: float | None = Field(None, ge=0, le=8, description="GPUs per task; fractions pack trainings; None: auto")
+    num_cpus: float = Field(1, gt=0, le=256, description="CPUs per task (also its torch threads)")
+    max_in_flight: int | None = Field(None, ge=1, le=100_000, description="tasks submitted at once; None: auto")
+    timeout_s: float | None = Field(6 * 3600, gt=0, description="per-image limit, seconds")
+    retries: int = Field(2, ge=0, le=20, description="resubmissions after a lost worker or node")
+    resume: Literal["incremental", "overwrite"] = "incremental"
+    retarget_only: bool = Field(False, description="never train: images without a saved model fail")
+    allowed_schemes: list[str] = Field(default_factory=lambda: ["file", "s3"], description="URI schemes inputs may use")
+    max_image_pixels: int = Field(64_000_000, ge=1, description="larger declared images are refused")
+    max_image_bytes: int = Field(200_000_000, ge=1, description="larger input objects are refused")
+    min_image_side: int = Field(24, ge=17, description="smaller images are refused as too small to train on")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto, ...)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options; never logged")
+    report_max_items: int = Field(200, ge=0)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        if v != "auto" and v not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; choose one of: auto, {', '.join(PRESETS)}")
+        return v
+
+    @field_validator("ratios")
+    @classmethod
+    def _sane_ratios(cls, v: list[float]) -> list[float]:
+        for r in v:
+            if not math.isfinite(r) or r <= 0:
+                raise ValueError(f"ratio {r} must be a positive number")
+            if not 1 / 32 <= r <= 32:
+                raise ValueError(f"ratio {r} is absurd: keep width/height between 1/32 and 32")
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate ratios in {v}")
+        return v
+
+    @field_validator("sizes")
+    @classmethod
+    def _sane_sizes(cls, v: list[str]) -> list[str]:
+        out = []
+        for s in v:
+            w, h = parse_size(s)
+            if min(w, h) < 8 or max(w, h) > MAX_OUTPUT_SIDE:
+                raise ValueError(f"size {s!r}: each side must be between 8 and {MAX_OUTPUT_SIDE} px")
+            out.append(f"{w}x{h}")
+        if len(set(out)) != len(out):
+            raise ValueError(f"duplicate sizes in {v}")
+        return out
+
+    @field_validator("allowed_schemes")
+    @classmethod
+    def _schemes(cls, v: list[str]) -> list[str]:
+        return [s.lower() for s in v]
+
+    @model_validator(mode="after")
+    def _some_target(self) -> RunConfig:
+        if not self.ratios and not self.sizes:
+            raise ValueError("nothing to produce: give at least one ratio or size")
+        return self
+
+    # -- derived ---------------------------------------------------------------------------------
+    def fs_options(self) -> dict[str, Any]:
+        """fsspec options for every read and write (credentials included: never log these)."""
+        opts = dict(self.storage_options)
+        if self.endpoint_url:
+            opts.setdefault("endpoint_url", self.endpoint_url)
+        return opts
+
+    def public_dict(self) -> dict[str, Any]:
+        """The resolved config as saved beside the results: no storage options."""
+        d = self.model_dump(exclude={"storage_options"})
+        d["storage_options"] = sorted(self.storage_options)  # which keys were set, never values
+        return d
+
+    def model_settings(self, preset: str) -> tuple[ModelConfig, TrainConfig]:
+        p = get_preset(preset)
+        return p.model, p.train.with_overrides(iterations=self.iterations)
+
+    def model_tag(self, preset: str) -> str:
+        """Names the settings that change what a model learns, so outputs of different settings
+        never overwrite each other and a rerun with the same ones finds its models."""
+        model, train = self.model_settings(preset)
+        learn = {k: v for k, v in dataclasses.asdict(train).items() if k not in ("log_every", "seed")}
+        blob = json.dumps([dataclasses.asdict(model), learn, self.seed], sort_keys=True)
+        return f"{preset}-{train.iterations}it-seed{self.seed}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+
+def load_config(path: str | None, overrides: dict[str, Any]) -> RunConfig:
+    """YAML file (optional) with flags over it; ``None`` values in ``overrides`` mean 'not given'."""
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping of field: value")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return RunConfig(**data)
+    except Exception as exc:  # pydantic.ValidationError: reword as one readable message
+        errors = getattr(exc, "errors", None)
+        if callable(errors):
+            lines = [f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in errors()]
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+        raise ConfigError(str(exc)) from None

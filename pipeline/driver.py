@@ -1,0 +1,224 @@
+"""The run, start to finish: config and manifest in, Ray tasks out, results table, summary and
+report written at the end. ``run.py`` is a thin wrapper over ``main``.
+
+Resuming is rerunning: each image's completion marker is checked first by its task, so the same
+command after a crash or a kill skips what finished and redoes only the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+
+from . import executor, report
+from .config import ConfigError, RunConfig, load_config
+from .manifest import ManifestError, load_manifest
+from .storage import Folder, StorageError
+from .task import Item, Job
+
+_BASE_COLUMNS = set(report.RESULT_SCHEMA_BASE.names)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run.py",
+        description="Train one InGAN per manifest image and retarget each to the configured ratios and sizes.",
+    )
+    p.add_argument("manifest", help="Parquet manifest URI (local path, s3://...) with a 'uri' column")
+    p.add_argument("--output", help="output folder URI (default: ./output)")
+    p.add_argument("--config", help="YAML file of run settings; flags override it")
+    p.add_argument("--preset", help="paper, fast, tiny or auto (default: fast with GPUs, tiny without)")
+    p.add_argument("--ratios", help="comma-separated output width/height ratios, e.g. 0.5,1,2")
+    p.add_argument("--sizes", help="comma-separated explicit sizes WxH, e.g. 256x256,128x64")
+    p.add_argument("--ratio-policy", choices=["keep_height", "keep_width", "keep_area"])
+    p.add_argument("--iterations", type=int, help="override the preset's training iterations")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--format", dest="image_format", choices=["png", "jpeg", "webp"])
+    p.add_argument("--num-gpus", type=float, help="GPUs per task (fractions pack several trainings per GPU)")
+    p.add_argument("--num-cpus", type=float, help="CPUs per task")
+    p.add_argument("--max-in-flight", type=int, help="tasks submitted at once")
+    p.add_argument("--timeout", dest="timeout_s", type=float, help="per-image limit in seconds")
+    p.add_argument("--retries", type=int, help="resubmissions after a lost worker or node")
+    p.add_argument("--resume", choices=["incremental", "overwrite"])
+    p.add_argument("--retarget-only", action="store_true", default=None, help="reuse saved models, never train")
+    p.add_argument("--no-metrics", dest="metrics", action="store_false", default=None, help="skip quality metrics")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint URL (MinIO, moto, ...)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan; run nothing")
+    return p
+
+
+def _split(text: str | None, cast: Any) -> list[Any] | None:
+    if text is None:
+        return None
+    try:
+        return [cast(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"cannot parse {text!r} as a comma-separated list") from None
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    overrides = {k: getattr(args, k) for k in (
+        "output", "preset", "ratio_policy", "iterations", "seed", "image_format", "num_gpus", "num_cpus",
+        "max_in_flight", "timeout_s", "retries", "resume", "retarget_only", "metrics", "endpoint_url")}
+    overrides["ratios"] = _split(args.ratios, float)
+    overrides["sizes"] = _split(args.sizes, str)
+    return load_config(args.config, overrides)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class ProgressLine:
+    """done / failed / skipped counts with rate and ETA, at most every few seconds."""
+
+    def __init__(self, total: int, every_s: float = 5.0) -> None:
+        self.total, self.every = total, every_s
+        self.counts = {"ok": 0, "failed": 0, "skipped": 0}
+        self.start = self.last = time.monotonic()
+
+    def update(self, status: str) -> None:
+        self.counts[status] = self.counts.get(status, 0) + 1
+        now = time.monotonic()
+        done = sum(self.counts.values())
+        if now - self.last >= self.every or done == self.total:
+            self.last = now
+            rate = done / max(now - self.start, 1e-9)
+            eta = (self.total - done) / rate if rate > 0 else float("inf")
+            _log(f"[{done}/{self.total}] ok={self.counts['ok']} failed={self.counts['failed']} "
+                 f"skipped={self.counts['skipped']} | {rate * 60:.1f} img/min | eta {_hms(eta)}")
+
+
+def _hms(s: float) -> str:
+    if s == float("inf"):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _carried_fields(table: pa.Table) -> list[tuple[str, str, pa.Field]]:
+    """(manifest column, results column, field) for the columns carried through; a manifest
+    column that clashes with a results column is renamed ``manifest_<name>``."""
+    out = []
+    for f in table.schema:
+        if f.name in ("uri", "id"):
+            continue
+        name = f.name if f.name not in _BASE_COLUMNS else f"manifest_{f.name}"
+        out.append((f.name, name, f.with_name(name)))
+    return out
+
+
+def resolve_relative(uri: str | None, manifest_uri: str) -> str | None:
+    """A plain relative path in a manifest is relative to the manifest itself (like a link), so a
+    folder of images and its manifest can move together."""
+    if not isinstance(uri, str) or not uri or "://" in uri or os.path.isabs(uri):
+        return uri
+    if "://" in manifest_uri:
+        return f"{manifest_uri.rsplit('/', 1)[0]}/{uri}"
+    return os.path.join(os.path.dirname(os.path.abspath(manifest_uri)), uri)
+
+
+def _items(table: pa.Table, carried: list[tuple[str, str, pa.Field]], manifest_uri: str) -> Iterator[Item]:
+    index = 0
+    for batch in table.to_batches(max_chunksize=1024):
+        for row in batch.to_pylist():
+            uri = resolve_relative(row["uri"], manifest_uri)
+            yield Item(index, row["id"], uri, {dst: row[src] for src, dst, _ in carried})
+            index += 1
+
+
+def resolve_preset(cfg: RunConfig, gpus: float) -> str:
+    if cfg.preset != "auto":
+        return cfg.preset
+    return "fast" if gpus > 0 else "tiny"
+
+
+def _versions() -> dict[str, str]:
+    import pyarrow
+    import ray
+    import torch
+
+    from ingan import __version__ as ingan_version
+
+    return {"ingan": ingan_version, "python": platform.python_version(), "torch": str(torch.__version__),
+            "ray": ray.__version__, "pyarrow": pyarrow.__version__}
+
+
+def run(cfg: RunConfig, manifest_uri: str, dry_run: bool = False) -> int:
+    table = load_manifest(manifest_uri, cfg.fs_options())
+    carried = _carried_fields(table)
+    out = Folder(cfg.output, cfg.fs_options())
+    n = table.num_rows
+
+    if dry_run:
+        preset = cfg.preset if cfg.preset != "auto" else "auto (fast with GPUs, tiny without)"
+        _log(f"dry run: {n} images from {manifest_uri} -> {out.uri('')}")
+        _log(f"preset {preset}; ratios {cfg.ratios} ({cfg.ratio_policy}); sizes {cfg.sizes}; format {cfg.image_format}")
+        _log(f"resume {cfg.resume}; retries {cfg.retries}; timeout {cfg.timeout_s} s; carried columns {[c[1] for c in carried]}")
+        _log(json.dumps(cfg.public_dict(), indent=2, default=str))
+        return 0
+
+    started = time.time()
+    _log(f"connecting to Ray: {executor.connect()}")
+    gpus_now = executor.cluster_gpus()
+    gpus_expected = gpus_now > 0 or executor.autoscaler_has_gpus()
+    preset = resolve_preset(cfg, 1.0 if gpus_expected else 0.0)
+    num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1.0 if gpus_expected else 0.0)
+    slots = executor.cluster_gpus() / num_gpus if num_gpus else executor.cluster_cpus() / cfg.num_cpus
+    in_flight = cfg.max_in_flight or max(4, int(2 * slots))
+    res = executor.Resources(cfg.num_cpus, num_gpus, in_flight, cfg.retries, cfg.timeout_s)
+    job = Job(cfg, preset, cfg.model_tag(preset))
+    resolved = {**cfg.public_dict(), "preset_resolved": preset, "model_tag": job.tag, "num_gpus_resolved": num_gpus,
+                "max_in_flight_resolved": in_flight, "manifest": manifest_uri}
+    out.write_json("config.json", resolved)
+    _log(f"{n} images -> {out.uri('')} | preset {preset} | {num_gpus:g} GPU + {cfg.num_cpus:g} CPU per task "
+         f"| {in_flight} in flight | cluster GPUs now: {gpus_now:g}")
+
+    records: list[dict[str, Any] | None] = [None] * n
+    progress = ProgressLine(n)
+
+    def on_record(item: Item, rec: dict[str, Any]) -> None:
+        records[item.index] = rec
+        progress.update(rec["status"])
+
+    executor.run_items(_items(table, carried, manifest_uri), job, res, on_record)
+    final = [r for r in records if r is not None]
+    finished = time.time()
+
+    results_uri = report.write_results(out, final, pa.schema([f for _, _, f in carried]))
+    summary = report.summarize(final, config=resolved, started=started, finished=finished, versions=_versions())
+    report.write_summary(out, summary)
+    report_uri = report.write_report(out, final, title=f"InGAN retargeting: {manifest_uri}", max_items=cfg.report_max_items)
+    counts = report.status_counts(final)
+    _log(f"done in {_hms(finished - started)}: ok={counts['ok']} skipped={counts['skipped']} failed={counts['failed']}")
+    _log(f"results: {results_uri}\nsummary: {out.uri(report.SUMMARY_NAME)}\nreport:  {report_uri}")
+    failed = [r for r in final if r["status"] == "failed"]
+    for rec in failed[:20]:
+        _log(f"  failed {rec['id']}: [{rec['error_kind']}] {rec['error']}")
+    if len(failed) > 20:
+        _log(f"  ... and {len(failed) - 20} more failures in results.parquet")
+    return 0 if counts["failed"] == 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        return run(cfg, args.manifest, args.dry_run)
+    except (ConfigError, ManifestError) as exc:
+        _log(f"error: {exc}")
+        return 2
+    except (StorageError, FileNotFoundError, PermissionError) as exc:
+        _log(f"error: cannot read the manifest or write the output: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        _log("interrupted: rerun the same command to resume; finished images are kept")
+        return 130

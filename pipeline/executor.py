@@ -1,0 +1,169 @@
+"""Where the work runs: Ray Core tasks, a bounded number in flight.
+
+The manifest is consumed lazily and at most ``max_in_flight`` tasks exist at once, so a
+100k-row manifest never sits in the scheduler and the driver's memory stays flat. A task whose
+worker or node dies is resubmitted (``retries`` times) with the same seed, so it writes the same
+bytes; a task past its time limit is cancelled and recorded as a timeout. Everything else that can
+go wrong with an image is already a failure record returned by the task itself.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayError, TaskCancelledError
+
+from .task import Item, Job, failure, process
+
+Record = dict[str, Any]
+
+# How long past its own per-image limit a task may run before the driver cancels it: the task
+# checks its deadline between training iterations, so a cancel is only a backstop.
+_GRACE_S = 120.0
+
+
+@ray.remote
+def _run(item: Item, job: Job) -> Record:
+    # Torch sizes its thread pool from OMP_NUM_THREADS, which Ray sets to the task's CPUs.
+    return process(item, job)
+
+
+@dataclass
+class _Pending:
+    item: Item
+    attempt: int
+    submitted: float
+
+
+@dataclass(frozen=True)
+class Resources:
+    num_cpus: float
+    num_gpus: float
+    max_in_flight: int
+    retries: int
+    timeout_s: float | None
+
+
+def run_items(
+    items: Iterable[Item],
+    job: Job,
+    res: Resources,
+    on_record: Callable[[Item, Record], None],
+) -> None:
+    """Process every item, calling ``on_record`` once per item, in completion order."""
+    source: Iterator[Item] = iter(items)
+    pending: dict[ray.ObjectRef, _Pending] = {}
+    job_ref = ray.put(job)  # shipped once, not once per task
+    remote = _run.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=0)
+
+    def submit(item: Item, attempt: int) -> None:
+        pending[remote.remote(item, job_ref)] = _Pending(item, attempt, time.monotonic())
+
+    exhausted = False
+    while True:
+        while not exhausted and len(pending) < res.max_in_flight:
+            nxt = next(source, None)
+            if nxt is None:
+                exhausted = True
+            else:
+                submit(nxt, 1)
+        if not pending:
+            return
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+        for ref in ready:
+            p = pending.pop(ref)
+            try:
+                rec = ray.get(ref)
+            except (TaskCancelledError, GetTimeoutError) as exc:
+                rec = failure(p.item, "timeout", f"cancelled past the time limit: {exc}")
+            except RayError as exc:
+                # Lost worker or node (spot reclaim, OOM kill, crash): the task is retried.
+                if p.attempt <= res.retries:
+                    submit(p.item, p.attempt + 1)
+                    continue
+                rec = failure(p.item, _ray_error_kind(exc), f"{type(exc).__name__} after {p.attempt} attempts: {_first_line(exc)}")
+            rec["attempts"] = p.attempt
+            on_record(p.item, rec)
+        _cancel_overdue(pending, res, on_record)
+
+
+def _cancel_overdue(pending: dict[ray.ObjectRef, _Pending], res: Resources, on_record: Callable[[Item, Record], None]) -> None:
+    if res.timeout_s is None:
+        return
+    now = time.monotonic()
+    for ref, p in list(pending.items()):
+        if now - p.submitted > res.timeout_s + _GRACE_S:
+            ray.cancel(ref, force=True)
+            del pending[ref]
+            rec = failure(p.item, "timeout", f"no result within {res.timeout_s:.0f} s (+{_GRACE_S:.0f} s grace); cancelled")
+            rec["attempts"] = p.attempt
+            on_record(p.item, rec)
+
+
+def _ray_error_kind(exc: BaseException) -> str:
+    name = type(exc).__name__
+    if "OutOfMemory" in name:
+        return "oom"
+    if "NodeDied" in name or "WorkerCrashed" in name or "ObjectLost" in name:
+        return "worker_lost"
+    return "ray"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def connect(num_cpus_local: int | None = None) -> str:
+    """Join the running cluster (``RAY_ADDRESS``, or the one ``ray start`` / ``ray submit`` left on
+    this machine), else start a local one. Returns a description for the log."""
+    if ray.is_initialized():
+        return "already connected"
+    ray.init(
+        address=os.environ.get("RAY_ADDRESS") or None,
+        num_cpus=None if _cluster_running() else num_cpus_local,
+        log_to_driver=True,
+        include_dashboard=False if not _cluster_running() else None,
+        configure_logging=True,
+        logging_level="WARNING",
+    )
+    ctx = ray.get_runtime_context()
+    return f"ray {ray.__version__} at {ctx.gcs_address}"
+
+
+def _cluster_running() -> bool:
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    try:
+        from ray._private.services import find_gcs_addresses
+
+        return bool(find_gcs_addresses())
+    except Exception:  # noqa: BLE001 - private API: absence only means "start a local one"
+        return False
+
+
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def cluster_cpus() -> float:
+    return float(ray.cluster_resources().get("CPU", 0.0))
+
+
+def autoscaler_has_gpus(path: str = "~/ray_bootstrap_config.yaml") -> bool:
+    """On a head started by ``ray up``, whether any configured worker type has GPUs: the cluster
+    may have none *yet* (workers scale from zero) yet be meant for GPU training."""
+    try:
+        import yaml
+
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            cfg = yaml.safe_load(f) or {}
+    except (OSError, ValueError):
+        return False
+    types = cfg.get("available_node_types") or {}
+    return any(float((t.get("resources") or {}).get("GPU", 0)) > 0 for t in types.values() if isinstance(t, dict))

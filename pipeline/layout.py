@@ -1,0 +1,60 @@
+"""Where everything lives under the output URI. The one place that names paths.
+
+    {output}/config.json                     resolved config of the latest run (no secrets)
+    {output}/results.parquet                 one row per manifest row
+    {output}/summary.json                    counts, durations, error kinds, versions
+    {output}/report.html                     contact sheet, self-contained
+    {output}/items/{key}/{tag}/model.pt      generator checkpoint (weights + config only)
+    {output}/items/{key}/{tag}/source.jpg    preview of the decoded source
+    {output}/items/{key}/{tag}/outputs/{W}x{H}.{ext}
+    {output}/items/{key}/{tag}/metrics.json  per-output metrics
+    {output}/items/{key}/{tag}/done.json     completion marker, written last
+
+``key`` comes from the image id but is safe whatever the id holds (``../``, ``/``, control
+characters, any length): a readable slug plus a hash of the exact id, so distinct ids never share
+a folder. ``tag`` names the settings that change the model (preset, iterations, seed, config hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_SLUG_MAX = 48
+
+
+def item_key(item_id: str) -> str:
+    slug = _UNSAFE.sub("_", item_id).strip("._-")[:_SLUG_MAX] or "item"
+    digest = hashlib.sha256(item_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{slug}-{digest}"
+
+
+def item_dir(item_id: str, tag: str) -> str:
+    return f"items/{item_key(item_id)}/{tag}"
+
+
+def model_path(item_id: str, tag: str) -> str:
+    return f"{item_dir(item_id, tag)}/model.pt"
+
+
+def source_preview_path(item_id: str, tag: str) -> str:
+    return f"{item_dir(item_id, tag)}/source.jpg"
+
+
+def output_path(item_id: str, tag: str, width: int, height: int, ext: str) -> str:
+    return f"{item_dir(item_id, tag)}/outputs/{width}x{height}.{ext}"
+
+
+def metrics_path(item_id: str, tag: str) -> str:
+    return f"{item_dir(item_id, tag)}/metrics.json"
+
+
+def marker_path(item_id: str, tag: str) -> str:
+    return f"{item_dir(item_id, tag)}/done.json"
+
+
+def item_seed(run_seed: int, item_id: str) -> int:
+    """Each image's training seed: fixed by the run seed and the id, so a retried or resumed task
+    trains the same weights."""
+    return int.from_bytes(hashlib.sha256(f"{run_seed}\0{item_id}".encode("utf-8", "surrogatepass")).digest()[:4], "big")

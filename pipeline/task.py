@@ -1,0 +1,251 @@
+"""The work for one image: fetch, decode, train (or reuse the saved model), retarget to every
+target, score, write, and return a small record. Knows nothing of Ray: the executor runs it.
+
+Every failure becomes a record with a status of ``failed``, an ``error_kind`` and a readable
+message; nothing raised here crashes the run. Outputs are written before the completion marker,
+so a marker always describes files that exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ingan import checkpoint, images
+from ingan import metrics as quality
+from ingan.retarget import retarget_image
+from ingan.train import Progress, pick_device, train, working_resolution
+
+from . import layout
+from .config import RunConfig
+from .storage import Folder, StorageError, UnsupportedURIError, check_uri, read_uri
+from .targets import Target, TargetError, targets_of
+
+MARKER_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Item:
+    index: int  # manifest row
+    id: str
+    uri: str | None
+    carried: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a task needs besides its item; built once by the driver."""
+
+    cfg: RunConfig
+    preset: str
+    tag: str
+
+
+class ItemError(Exception):
+    """A per-image failure of a known kind."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Deadline:
+    """Raises inside the training loop once the per-image time limit has passed."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.end = None if seconds is None else time.monotonic() + seconds
+        self.seconds = seconds
+
+    def check(self, _: Progress | None = None) -> None:
+        if self.end is not None and time.monotonic() > self.end:
+            raise ItemError("timeout", f"exceeded the per-image limit of {self.seconds:.0f} s")
+
+
+def base_record(item: Item) -> dict[str, Any]:
+    return {
+        "id": item.id, "uri": item.uri, "status": "failed", "error": None, "error_kind": None,
+        "outputs": [], "source_rel": None, "source_width": None, "source_height": None,
+        "model_uri": None, "train_seconds": None, "total_seconds": None, "attempts": 1,
+        "carried": item.carried,
+    }
+
+
+def failure(item: Item, kind: str, message: str, started: float | None = None) -> dict[str, Any]:
+    rec = base_record(item)
+    rec.update(error_kind=kind, error=message)
+    if started is not None:
+        rec["total_seconds"] = time.perf_counter() - started
+    return rec
+
+
+def classify(exc: BaseException) -> tuple[str, str]:
+    """(error_kind, message) for an exception raised while processing an image."""
+    if isinstance(exc, ItemError):
+        return exc.kind, str(exc)
+    if isinstance(exc, UnsupportedURIError):
+        return "uri", str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return "not_found", f"object not found: {exc}"
+    if isinstance(exc, PermissionError):
+        return "access_denied", f"access denied: {exc}"
+    if isinstance(exc, images.ImageDecodeError):
+        return "decode", str(exc)
+    if isinstance(exc, checkpoint.CheckpointError):
+        return "checkpoint", str(exc)
+    if isinstance(exc, TargetError):
+        return "target", str(exc)
+    if isinstance(exc, StorageError):
+        return "storage", str(exc)
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return "oom", f"out of memory: {exc}"
+    return "internal", f"{type(exc).__name__}: {exc}"
+
+
+def process(item: Item, job: Job) -> dict[str, Any]:
+    """Run one image end to end and return its record (never raises for a per-image problem)."""
+    started = time.perf_counter()
+    try:
+        return _process(item, job, started)
+    except Exception as exc:  # noqa: BLE001 - every per-image failure becomes a failure row
+        kind, message = classify(exc)
+        return failure(item, kind, message, started)
+
+
+def _process(item: Item, job: Job, started: float) -> dict[str, Any]:
+    cfg = job.cfg
+    folder = Folder(cfg.output, cfg.fs_options())
+    targets = targets_of(cfg)
+    marker_rel = layout.marker_path(item.id, job.tag)
+
+    if cfg.resume == "incremental":
+        done = _read_marker(folder, marker_rel)
+        if done is not None and {t.name for t in targets} <= set(done["targets"]):
+            return _skipped(item, folder, done, targets, started)
+
+    uri = check_uri(item.uri, cfg.allowed_schemes)
+    data = read_uri(uri, cfg.fs_options(), max_bytes=cfg.max_image_bytes)
+    source = images.decode(data, cfg.max_image_pixels)  # (3, H, W) uint8
+    src_h, src_w = source.shape[-2:]
+    if min(src_h, src_w) < cfg.min_image_side:
+        raise ItemError("too_small", f"image is {src_w}x{src_h}: at least {cfg.min_image_side} px per side is needed to train")
+    sizes = {t.name: t.resolve(src_w, src_h, cfg.ratio_policy) for t in targets}
+
+    deadline = Deadline(cfg.timeout_s)
+    model_rel = layout.model_path(item.id, job.tag)
+    ckpt, train_seconds = _model(folder, model_rel, source, item, job, deadline)
+    device = pick_device("auto")
+    g = ckpt.build_generator(device)
+
+    # One output per distinct size; several targets may resolve to the same one.
+    unique = sorted(set(sizes.values()))
+    outs = retarget_image(g, source, [(h, w) for w, h in unique], ckpt.train.max_side)
+    deadline.check()
+    ext = {"jpeg": "jpg"}.get(cfg.image_format, cfg.image_format)
+    scored = _score(source, dict(zip(unique, outs, strict=True)), cfg) if cfg.metrics else {}
+    written: dict[tuple[int, int], dict[str, Any]] = {}
+    for (w, h), out in zip(unique, outs, strict=True):
+        rel = layout.output_path(item.id, job.tag, w, h, ext)
+        written[(w, h)] = {"width": w, "height": h, "rel": rel,
+                           "uri": folder.write_bytes(rel, images.encode(out, cfg.image_format)),
+                           **scored.get((w, h), {"completeness": None, "coherence": None, "swd": None})}
+
+    outputs = [{**written[sizes[t.name]], "ratio": t.ratio, "target": t.name} for t in targets]
+    preview_rel = layout.source_preview_path(item.id, job.tag)
+    folder.write_bytes(preview_rel, _preview(source))
+    folder.write_json(layout.metrics_path(item.id, job.tag), {"id": item.id, "outputs": outputs})
+    marker = {"version": MARKER_VERSION, "id": item.id, "uri": item.uri, "targets": sorted(sizes),
+              "outputs": outputs, "source_width": src_w, "source_height": src_h,
+              "model_rel": model_rel, "source_rel": preview_rel}
+    folder.write_json(marker_rel, marker)  # last: its presence means everything above exists
+
+    rec = base_record(item)
+    rec.update(status="ok", outputs=outputs, source_rel=preview_rel, source_width=src_w, source_height=src_h,
+               model_uri=folder.uri(model_rel), train_seconds=train_seconds,
+               total_seconds=time.perf_counter() - started)
+    return rec
+
+
+def _read_marker(folder: Folder, rel: str) -> dict[str, Any] | None:
+    try:
+        done = folder.read_json(rel)
+    except FileNotFoundError:
+        return None
+    except (ValueError, StorageError):
+        return None  # unreadable marker: redo the image rather than trust it
+    if not isinstance(done, dict) or done.get("version") != MARKER_VERSION or not isinstance(done.get("targets"), list):
+        return None
+    return done
+
+
+def _skipped(item: Item, folder: Folder, done: dict[str, Any], targets: list[Target], started: float) -> dict[str, Any]:
+    by_target = {o["target"]: o for o in done["outputs"]}
+    rec = base_record(item)
+    rec.update(status="skipped", outputs=[by_target[t.name] for t in targets if t.name in by_target],
+               source_rel=done.get("source_rel"), source_width=done.get("source_width"),
+               source_height=done.get("source_height"), total_seconds=time.perf_counter() - started)
+    if done.get("model_rel"):
+        rec["model_uri"] = folder.uri(done["model_rel"])
+    return rec
+
+
+def _model(folder: Folder, rel: str, source: torch.Tensor, item: Item, job: Job, deadline: Deadline) -> tuple[checkpoint.Checkpoint, float | None]:
+    """The image's generator: the saved one when it exists (fan-out to new targets costs no
+    training), else trained now and saved before any output is written."""
+    cfg = job.cfg
+    if cfg.resume == "incremental" or cfg.retarget_only:
+        try:
+            return checkpoint.load(folder.read_bytes(rel)), None
+        except FileNotFoundError:
+            if cfg.retarget_only:
+                raise ItemError("no_model", "retarget-only run, but this image has no saved model") from None
+        except checkpoint.CheckpointError:
+            pass  # a damaged model is retrained, not trusted
+    model_cfg, train_cfg = cfg.model_settings(job.preset)
+    train_cfg = dataclasses.replace(train_cfg, seed=layout.item_seed(cfg.seed, item.id))
+    t0 = time.perf_counter()
+    trainer = train(source, model_cfg, train_cfg, "auto", deadline.check)
+    seconds = time.perf_counter() - t0
+    work_hw = working_resolution(tuple(source.shape[-2:]), train_cfg.max_side)
+    meta = {"id": item.id, "preset": job.preset, "source_hw": list(source.shape[-2:]), "working_hw": list(work_hw),
+            "train_seconds": seconds, "device": str(trainer.device), "torch": str(torch.__version__)}
+    ckpt = checkpoint.from_generator(trainer.g, model_cfg, train_cfg, meta)
+    folder.write_bytes(rel, checkpoint.save(ckpt))
+    return ckpt, seconds
+
+
+def _downscaled(image: torch.Tensor, max_side: int) -> torch.Tensor:
+    """uint8 (3, H, W) -> float (3, h, w) in [0, 1] with the longer side at most ``max_side``."""
+    x = image.float() / 255.0
+    h, w = x.shape[-2:]
+    if max(h, w) <= max_side:
+        return x
+    s = max_side / max(h, w)
+    size = (max(8, round(h * s)), max(8, round(w * s)))
+    return torch.nn.functional.interpolate(x[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def _score(source: torch.Tensor, outs: dict[tuple[int, int], torch.Tensor], cfg: RunConfig) -> dict[tuple[int, int], dict[str, float]]:
+    """Metrics of each output against its source, both downscaled by the same factor so the
+    patches compare like with like and the cost stays bounded."""
+    h, w = source.shape[-2:]
+    scale = min(1.0, cfg.metrics_max_side / max(h, w))
+    src = _downscaled(source, round(max(h, w) * scale))
+    result = {}
+    for (ow, oh), out in outs.items():
+        small = _downscaled(out, max(8, round(max(ow, oh) * scale)))
+        result[(ow, oh)] = {k: float(v) for k, v in quality.score(src, small).items()}
+    return result
+
+
+def _preview(source: torch.Tensor, max_side: int = 256) -> bytes:
+    im = Image.fromarray(source.permute(1, 2, 0).numpy(), "RGB")
+    im.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
