@@ -85,7 +85,7 @@ PRESETS: dict[str, Preset] = {
         "A quarter-width network (16 base channels, 2 residual blocks) on a 96 px working "
         "image with 64 px crops: a CPU demo and test preset, a couple of minutes per image.",
         model=ModelConfig(g_channels=16, g_res_blocks=2, d_channels=16),
-        train=TrainConfig(iterations=600, crop_size=64, max_side=96, lr=2e-4, log_every=50),
+        train=TrainConfig(iterations=1000, crop_size=64, max_side=96, lr=2e-4, log_every=50),
     ),
 }
 

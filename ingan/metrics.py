@@ -15,7 +15,8 @@ Three numbers, all "lower is better" and exactly 0 for an output identical to it
 The two images may have different sizes; comparing an output of another size to its source is
 the point. Everything is pure torch, runs on the device the inputs live on, and keeps memory
 bounded: the exact nearest-neighbour search is tiled and the query patches are subsampled
-deterministically for large images.
+deterministically for large images. Public functions run under ``torch.no_grad()``: a metric
+never needs a graph, and building one for inputs that require grad would only cost memory.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ PATCH_SIZE = 7
 DEFAULT_CHUNK_FLOATS = 1 << 21
 # Query patches per scale (bidirectional similarity) and patches per level (SWD). The exact
 # search costs O(max_patches * all patches) per scale, so this keeps score() of two 256x256
-# images near a second on a 2-core CPU; a mean over 2048 samples has a standard error of ~2% of
+# images at about 2 s on one CPU core; a mean over 2048 samples has a standard error of ~2% of
 # the spread of the distances, well below the differences the metrics are used to rank.
 DEFAULT_MAX_PATCHES = 2048
 # Downscale factors of the multi-scale bidirectional similarity; a factor is used only while the
@@ -114,6 +115,7 @@ def _check_positive(name: str, value: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
 def extract_patches(img: torch.Tensor, patch_size: int = PATCH_SIZE) -> torch.Tensor:
     """All overlapping ``patch_size`` x ``patch_size`` patches (stride 1) of a (1, C, H, W) image.
 
@@ -133,6 +135,7 @@ def _subsample(patches: torch.Tensor, max_patches: int, generator: torch.Generat
     return patches[idx.to(patches.device)]  # (max_patches, D)
 
 
+@torch.no_grad()
 def nearest_sq_distances(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -199,6 +202,7 @@ def _downscale(img: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(img, size=size, mode="area")
 
 
+@torch.no_grad()
 def bidirectional_similarity(
     source: torch.Tensor,
     output: torch.Tensor,
@@ -237,23 +241,22 @@ def bidirectional_similarity(
     min_side = min(*src.shape[-2:], *out.shape[-2:])
 
     coh_sum, comp_sum, n_scales = 0.0, 0.0, 0
-    with torch.no_grad():
-        for i, factor in enumerate(_SCALES):
-            # The full-resolution scale is always used (the inputs are >= one patch).
-            if factor > 1 and min_side / factor < 2 * patch_size:
-                break
-            s_patches = extract_patches(_downscale(src, factor), patch_size)  # (Ns, D)
-            o_patches = extract_patches(_downscale(out, factor), patch_size)  # (No, D)
-            # A fresh generator per scale and direction: results do not depend on call order.
-            coh_q, comp_q = o_patches, s_patches
-            if max_patches is not None:
-                coh_q = _subsample(o_patches, max_patches, _generator(seed, 2 * i))
-                comp_q = _subsample(s_patches, max_patches, _generator(seed, 2 * i + 1))
-            coh = nearest_sq_distances(coh_q, s_patches, chunk_floats=chunk_floats)  # (Nq,)
-            comp = nearest_sq_distances(comp_q, o_patches, chunk_floats=chunk_floats)  # (Nq,)
-            coh_sum += coh.mean().item() / dim
-            comp_sum += comp.mean().item() / dim
-            n_scales += 1
+    for i, factor in enumerate(_SCALES):
+        # The full-resolution scale is always used (the inputs are >= one patch).
+        if factor > 1 and min_side / factor < 2 * patch_size:
+            break
+        s_patches = extract_patches(_downscale(src, factor), patch_size)  # (Ns, D)
+        o_patches = extract_patches(_downscale(out, factor), patch_size)  # (No, D)
+        # A fresh generator per scale and direction: results do not depend on call order.
+        coh_q, comp_q = o_patches, s_patches
+        if max_patches is not None:
+            coh_q = _subsample(o_patches, max_patches, _generator(seed, 2 * i))
+            comp_q = _subsample(s_patches, max_patches, _generator(seed, 2 * i + 1))
+        coh = nearest_sq_distances(coh_q, s_patches, chunk_floats=chunk_floats)  # (Nq,)
+        comp = nearest_sq_distances(comp_q, o_patches, chunk_floats=chunk_floats)  # (Nq,)
+        coh_sum += coh.mean().item() / dim
+        comp_sum += comp.mean().item() / dim
+        n_scales += 1
     return {"completeness": comp_sum / n_scales, "coherence": coh_sum / n_scales}
 
 
@@ -325,6 +328,7 @@ def _resample_sorted(v: torch.Tensor, k: int) -> torch.Tensor:
     return v[lo] * (1 - w) + v[hi] * w  # (k, P)
 
 
+@torch.no_grad()
 def sliced_wasserstein(
     source: torch.Tensor,
     output: torch.Tensor,
@@ -358,28 +362,27 @@ def sliced_wasserstein(
     dir_gen = _generator(seed, -1)
 
     total = 0.0
-    with torch.no_grad():
-        src_pyr = _laplacian_pyramid(src, levels)
-        out_pyr = _laplacian_pyramid(out, levels)
-        for level, (s_band, o_band) in enumerate(zip(src_pyr, out_pyr, strict=True)):
-            s = extract_patches(s_band, patch_size)  # (Ns, D)
-            o = extract_patches(o_band, patch_size)  # (No, D)
-            if max_patches is not None:
-                # The same stream for both images: identical images pick identical patches.
-                s = _subsample(s, max_patches, _generator(seed, level))
-                o = _subsample(o, max_patches, _generator(seed, level))
-            mean = s.mean(dim=0, keepdim=True)  # (1, D)
-            std = s.std(dim=0, unbiased=False, keepdim=True).clamp_min(_STD_FLOOR)  # (1, D)
-            s = (s - mean) / std
-            o = (o - mean) / std
-            # Fresh random directions per level, drawn on the CPU for device independence.
-            dirs = torch.randn(dim, n_directions, generator=dir_gen, dtype=torch.float64)
-            dirs = (dirs / dirs.norm(dim=0, keepdim=True)).to(s.dtype).to(s.device)  # (D, P)
-            s_proj = torch.sort(s @ dirs, dim=0).values  # (Ns, P)
-            o_proj = torch.sort(o @ dirs, dim=0).values  # (No, P)
-            k = max(s_proj.shape[0], o_proj.shape[0])
-            diff = _resample_sorted(s_proj, k) - _resample_sorted(o_proj, k)  # (k, P)
-            total += diff.abs().mean().item()
+    src_pyr = _laplacian_pyramid(src, levels)
+    out_pyr = _laplacian_pyramid(out, levels)
+    for level, (s_band, o_band) in enumerate(zip(src_pyr, out_pyr, strict=True)):
+        s = extract_patches(s_band, patch_size)  # (Ns, D)
+        o = extract_patches(o_band, patch_size)  # (No, D)
+        if max_patches is not None:
+            # The same stream for both images: identical images pick identical patches.
+            s = _subsample(s, max_patches, _generator(seed, level))
+            o = _subsample(o, max_patches, _generator(seed, level))
+        mean = s.mean(dim=0, keepdim=True)  # (1, D)
+        std = s.std(dim=0, unbiased=False, keepdim=True).clamp_min(_STD_FLOOR)  # (1, D)
+        s = (s - mean) / std
+        o = (o - mean) / std
+        # Fresh random directions per level, drawn on the CPU for device independence.
+        dirs = torch.randn(dim, n_directions, generator=dir_gen, dtype=torch.float64)
+        dirs = (dirs / dirs.norm(dim=0, keepdim=True)).to(s.dtype).to(s.device)  # (D, P)
+        s_proj = torch.sort(s @ dirs, dim=0).values  # (Ns, P)
+        o_proj = torch.sort(o @ dirs, dim=0).values  # (No, P)
+        k = max(s_proj.shape[0], o_proj.shape[0])
+        diff = _resample_sorted(s_proj, k) - _resample_sorted(o_proj, k)  # (k, P)
+        total += diff.abs().mean().item()
     return total / levels
 
 
@@ -388,6 +391,7 @@ def sliced_wasserstein(
 # --------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
 def score(
     source: torch.Tensor,
     output: torch.Tensor,

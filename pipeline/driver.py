@@ -21,7 +21,7 @@ import pyarrow as pa
 from . import executor, report
 from .config import ConfigError, RunConfig, load_config
 from .manifest import ManifestError, load_manifest
-from .storage import Folder, StorageError
+from .storage import Folder, StorageError, scheme_of
 from .task import Item, Job
 
 _BASE_COLUMNS = set(report.RESULT_SCHEMA_BASE.names)
@@ -152,7 +152,17 @@ def _versions() -> dict[str, str]:
             "ray": ray.__version__, "pyarrow": pyarrow.__version__}
 
 
+def absolute_output(cfg: RunConfig) -> RunConfig:
+    """A relative local output made absolute here, on the driver: Ray workers run in the
+    directory their raylet was started from (``ray start``), not in the driver's, so a relative
+    path would send the images to one folder and the results table to another."""
+    if scheme_of(cfg.output) != "file" or "://" in cfg.output or os.path.isabs(cfg.output):
+        return cfg
+    return cfg.model_copy(update={"output": os.path.abspath(cfg.output)})
+
+
 def run(cfg: RunConfig, manifest_uri: str, dry_run: bool = False) -> int:
+    cfg = absolute_output(cfg)
     table = load_manifest(manifest_uri, cfg.fs_options())
     carried = _carried_fields(table)
     out = Folder(cfg.output, cfg.fs_options())

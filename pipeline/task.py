@@ -19,6 +19,7 @@ from PIL import Image
 
 from ingan import checkpoint, images
 from ingan import metrics as quality
+from ingan.config import TrainConfig
 from ingan.retarget import retarget_image
 from ingan.train import Progress, pick_device, train, working_resolution
 
@@ -147,7 +148,7 @@ def _process(item: Item, job: Job, started: float) -> dict[str, Any]:
     outs = retarget_image(g, source, [(h, w) for w, h in unique], ckpt.train.max_side)
     deadline.check()
     ext = {"jpeg": "jpg"}.get(cfg.image_format, cfg.image_format)
-    scored = _score(source, dict(zip(unique, outs, strict=True)), cfg) if cfg.metrics else {}
+    scored = score_outputs(source, dict(zip(unique, outs, strict=True)), cfg.metrics_max_side) if cfg.metrics else {}
     written: dict[tuple[int, int], dict[str, Any]] = {}
     for (w, h), out in zip(unique, outs, strict=True):
         rel = layout.output_path(item.id, job.tag, w, h, ext)
@@ -209,14 +210,29 @@ def _model(folder: Folder, rel: str, source: torch.Tensor, item: Item, job: Job,
     model_cfg, train_cfg = cfg.model_settings(job.preset)
     train_cfg = dataclasses.replace(train_cfg, seed=layout.item_seed(cfg.seed, item.id))
     t0 = time.perf_counter()
-    trainer = train(source, model_cfg, train_cfg, "auto", deadline.check)
+    try:
+        trainer = train(source, model_cfg, train_cfg, "auto", deadline.check)
+    except torch.OutOfMemoryError:
+        # One retry at half the crop and working size: a large image on a shared (fractional)
+        # GPU is the usual cause, and a smaller model input fits where the full one did not.
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        train_cfg = _smaller(train_cfg, source)
+        trainer = train(source, model_cfg, train_cfg, "auto", deadline.check)
     seconds = time.perf_counter() - t0
     work_hw = working_resolution(tuple(source.shape[-2:]), train_cfg.max_side)
+    # No timings here: a retried or overwritten task must write the same bytes (the seconds are
+    # in the result record instead).
     meta = {"id": item.id, "preset": job.preset, "source_hw": list(source.shape[-2:]), "working_hw": list(work_hw),
-            "train_seconds": seconds, "device": str(trainer.device), "torch": str(torch.__version__)}
+            "device": str(trainer.device), "torch": str(torch.__version__)}
     ckpt = checkpoint.from_generator(trainer.g, model_cfg, train_cfg, meta)
     folder.write_bytes(rel, checkpoint.save(ckpt))
     return ckpt, seconds
+
+
+def _smaller(cfg: TrainConfig, source: torch.Tensor) -> TrainConfig:
+    side = max(source.shape[-2:]) if cfg.max_side is None else cfg.max_side
+    return dataclasses.replace(cfg, crop_size=max(32, cfg.crop_size // 2), max_side=max(64, side // 2))
 
 
 def _downscaled(image: torch.Tensor, max_side: int) -> torch.Tensor:
@@ -230,11 +246,11 @@ def _downscaled(image: torch.Tensor, max_side: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(x[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
 
 
-def _score(source: torch.Tensor, outs: dict[tuple[int, int], torch.Tensor], cfg: RunConfig) -> dict[tuple[int, int], dict[str, float]]:
+def score_outputs(source: torch.Tensor, outs: dict[tuple[int, int], torch.Tensor], max_side: int) -> dict[tuple[int, int], dict[str, float]]:
     """Metrics of each output against its source, both downscaled by the same factor so the
     patches compare like with like and the cost stays bounded."""
     h, w = source.shape[-2:]
-    scale = min(1.0, cfg.metrics_max_side / max(h, w))
+    scale = min(1.0, max_side / max(h, w))
     src = _downscaled(source, round(max(h, w) * scale))
     result = {}
     for (ow, oh), out in outs.items():

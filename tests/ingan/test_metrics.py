@@ -146,8 +146,9 @@ def test_different_sizes_and_batch_dim(cat: torch.Tensor, brick: torch.Tensor) -
     result = score(cat, out)
     for key in KEYS:
         assert np.isfinite(result[key]) and result[key] > 0, (key, result[key])
-    # (1, 3, H, W) and (3, H, W) are the same input.
+    # (1, 3, H, W) and (3, H, W) are the same input; inputs that require grad are fine too.
     assert score(cat[None], out) == score(cat, out[0])
+    assert score(cat.clone().requires_grad_(), out.clone().requires_grad_()) == result
     # Small images (below the multi-scale and pyramid thresholds) still work: one scale, one level.
     small = brick[:, :10, :12]
     assert all(np.isfinite(v) for v in score(small, brick[:, 20:31, 5:14]).values())
@@ -175,6 +176,7 @@ def test_tiled_nearest_matches_brute_force(chunk_floats: int) -> None:
     got = nearest_sq_distances(queries, keys, chunk_floats=chunk_floats)
     want = torch.cdist(queries, keys).pow(2).amin(dim=1)  # the full (N, M) matrix
     assert got.shape == (300,)
+    assert not nearest_sq_distances(queries.requires_grad_(), keys).requires_grad  # no_grad
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     assert torch.all(got[:5] < 1e-12)
 

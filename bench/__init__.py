@@ -1,0 +1,1 @@
+"""Benchmarks: speed, quality and orchestration figures behind BENCHMARKS.md."""
