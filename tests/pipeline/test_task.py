@@ -1,0 +1,119 @@
+"""``pipeline.task.process`` called directly (no Ray) on inputs that must fail before any
+training, and the mapping from exceptions to ``error_kind``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from ingan import checkpoint, images
+from pipeline.config import RunConfig
+from pipeline.storage import StorageError, UnsupportedURIError
+from pipeline.targets import TargetError
+from pipeline.task import Item, ItemError, Job, classify, process
+
+
+def _job(out: Path, **settings: Any) -> Job:
+    cfg = RunConfig(
+        output=str(out), preset="tiny", iterations=2, metrics=False, ratios=[1.0], **settings
+    )
+    return Job(cfg, "tiny", cfg.model_tag("tiny"))
+
+
+def _process(tmp_path: Path, uri: str | None, **settings: Any) -> dict[str, Any]:
+    return process(Item(0, "the-id", uri, {"note": "kept"}), _job(tmp_path / "out", **settings))
+
+
+def _assert_failed(rec: dict[str, Any], kind: str) -> None:
+    assert rec["status"] == "failed", rec
+    assert rec["error_kind"] == kind, rec
+    assert isinstance(rec["error"], str) and rec["error"].strip()
+    assert rec["outputs"] == [] and rec["model_uri"] is None and rec["train_seconds"] is None
+    assert rec["total_seconds"] is not None and rec["total_seconds"] >= 0
+    assert rec["id"] == "the-id" and rec["carried"] == {"note": "kept"}
+
+
+def test_zero_byte_file_is_a_decode_failure(tmp_path: Path) -> None:
+    path = tmp_path / "empty.png"
+    path.write_bytes(b"")
+    rec = _process(tmp_path, str(path))
+    _assert_failed(rec, "decode")
+    assert "0 bytes" in rec["error"]
+    assert not (tmp_path / "out").exists()  # nothing written for a failed image
+
+
+def test_text_named_png_is_a_decode_failure(tmp_path: Path) -> None:
+    path = tmp_path / "page.png"
+    path.write_text("<html><body>404 not found</body></html>\n")
+    rec = _process(tmp_path, str(path))
+    _assert_failed(rec, "decode")
+    assert "not a recognised image" in rec["error"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_tiny_image_is_too_small(tmp_path: Path) -> None:
+    path = tmp_path / "dot.png"
+    Image.new("RGB", (10, 10), (200, 30, 30)).save(path)
+    rec = _process(tmp_path, str(path))
+    _assert_failed(rec, "too_small")
+    assert "10x10" in rec["error"] and "24" in rec["error"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_file_is_not_found(tmp_path: Path) -> None:
+    rec = _process(tmp_path, str(tmp_path / "gone.png"))
+    _assert_failed(rec, "not_found")
+    assert "gone.png" in rec["error"]
+
+
+@pytest.mark.parametrize("uri", [None, "", "ftp://host/a.png", "s3:///no-bucket.png", "a\nb.png"])
+def test_unusable_uris(tmp_path: Path, uri: str | None) -> None:
+    _assert_failed(_process(tmp_path, uri), "uri")
+
+
+def test_retarget_only_without_a_model_fails_without_training(tmp_path: Path) -> None:
+    path = tmp_path / "ok.png"
+    Image.new("RGB", (32, 32), (10, 120, 200)).save(path)
+    rec = _process(tmp_path, str(path), retarget_only=True)
+    _assert_failed(rec, "no_model")
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (FileNotFoundError(2, "No such file or directory", "bucket/a.png"), "not_found"),
+        (PermissionError(13, "Access Denied", "bucket/a.png"), "access_denied"),
+        (UnsupportedURIError("URI is null"), "uri"),  # a StorageError, but more specific
+        (StorageError("read s3://b/a.png: ClientError: boom"), "storage"),
+        (images.ImageDecodeError("not a recognised image format"), "decode"),
+        (checkpoint.CheckpointError("not a readable checkpoint"), "checkpoint"),
+        (TargetError("too large"), "target"),
+        (ItemError("timeout", "exceeded the per-image limit"), "timeout"),
+        (MemoryError(), "oom"),
+        (torch.OutOfMemoryError("CUDA out of memory"), "oom"),
+        (RuntimeError("something odd"), "internal"),
+    ],
+)
+def test_classify(exc: BaseException, kind: str) -> None:
+    got_kind, message = classify(exc)
+    assert got_kind == kind
+    assert isinstance(message, str) and message
+
+
+def test_classify_messages_name_the_object() -> None:
+    kind, message = classify(FileNotFoundError(2, "No such file or directory", "bucket/a.png"))
+    assert (
+        kind == "not_found" and "bucket/a.png" in message and message.startswith("object not found")
+    )
+    kind, message = classify(PermissionError(13, "Access Denied", "bucket/a.png"))
+    assert (
+        kind == "access_denied"
+        and "bucket/a.png" in message
+        and message.startswith("access denied")
+    )
+    kind, message = classify(RuntimeError("something odd"))
+    assert message == "RuntimeError: something odd"
