@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -30,11 +31,9 @@ def machine() -> dict[str, Any]:
             "torch": str(torch.__version__), "python": platform.python_version()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
-    try:
+    with contextlib.suppress(OSError):
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                         text=True, check=False).stdout.strip()
-    except OSError:
-        pass
     info["date"] = dt.date.today().isoformat()
     return info
 

@@ -17,6 +17,10 @@ from torch import Tensor
 
 DEFAULT_MAX_PIXELS = 64_000_000  # a 8000x8000 photo; beyond that a declared size is a bomb
 
+# Pillow's own bomb guard is process-wide and fixed (~179 MP); ``decode`` checks the declared size
+# against the caller's ``max_pixels`` before any pixel is decoded, so that limit is the one in force.
+Image.MAX_IMAGE_PIXELS = None
+
 
 class ImageDecodeError(ValueError):
     """The bytes are not a usable image; the message says why."""
@@ -28,7 +32,6 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tensor:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
-            # Pillow warns, then raises, past its own pixel limit; we apply ours from the header.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             w, h = im.size

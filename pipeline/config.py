@@ -60,7 +60,8 @@ class RunConfig(BaseModel):
     max_image_bytes: int = Field(200_000_000, ge=1, description="larger input objects are refused")
     min_image_side: int = Field(24, ge=17, description="smaller images are refused as too small to train on")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto, ...)")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options; never logged")
+    # repr=False: a logged or printed config (or a Job holding it) must not show credentials.
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False, description="fsspec options; never logged")
     report_max_items: int = Field(200, ge=0)
 
     @field_validator("preset")

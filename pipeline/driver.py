@@ -203,7 +203,15 @@ def run(cfg: RunConfig, manifest_uri: str, dry_run: bool = False) -> int:
     final = [r for r in records if r is not None]
     finished = time.time()
 
-    results_uri = report.write_results(out, final, pa.schema([f for _, _, f in carried]))
+    carried_schema = pa.schema([f for _, _, f in carried])
+    try:
+        results_uri = report.write_results(out, final, carried_schema)
+    except StorageError as exc:
+        # The per-image outputs are safe under their markers; keep the table too, locally.
+        results_uri = report.write_results(Folder(os.path.abspath(".")), final, carried_schema,
+                                           name=f"ingan-results-{int(finished)}.parquet")
+        _log(f"error: cannot write results to {out.uri('')}: {exc}\nresults kept locally: {results_uri}")
+        return 1
     summary = report.summarize(final, config=resolved, started=started, finished=finished, versions=_versions())
     report.write_summary(out, summary)
     report_uri = report.write_report(out, final, title=f"InGAN retargeting: {manifest_uri}", max_items=cfg.report_max_items)

@@ -67,17 +67,8 @@ def _check_ids(ids: pa.ChunkedArray, uri: str, derived: bool) -> None:
     nulls = _rows(pc.is_null(ids))
     if nulls:
         raise ManifestError(f"manifest {uri}: column 'id' is null at rows {_shown(nulls)}")
-    # Ids become output path components: an empty one or one with a separator would land
-    # outputs outside the image's own folder, or collide with another image's.
-    bad = _rows(pc.invert(pc.match_substring_regex(ids, r"^[^/\\\x00-\x1f\x7f]+$")))
-    bad += _rows(pc.is_in(ids, value_set=pa.array([".", ".."])))
-    if bad:
-        rows = sorted(set(bad))
-        raise ManifestError(
-            f"manifest {uri}: column 'id' is not usable as a file name (empty, '.', '..', "
-            f"or contains '/', '\\' or control characters) at rows {_shown(rows)}: "
-            f"{ids[rows[0]].as_py()!r}"
-        )
+    # Any other string is a valid id: layout.item_key turns it into a safe, distinct folder name,
+    # so one odd id never stops a whole run.
     counts = pc.value_counts(ids)
     dup_values = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
     if len(dup_values):

@@ -116,13 +116,21 @@ def _carried_column(records: Sequence[Mapping[str, Any]], field: pa.Field) -> pa
     return pa.array(values, type=field.type)
 
 
-def write_results(
-    folder: Folder, records: Sequence[Mapping[str, Any]], carried_schema: pa.Schema | None
-) -> str:
-    """Write ``results.parquet`` in one put (never a partial file) and return its URI."""
+def results_bytes(records: Sequence[Mapping[str, Any]], carried_schema: pa.Schema | None) -> bytes:
+    """The results table as Parquet bytes."""
     sink = pa.BufferOutputStream()
     pq.write_table(results_table(records, carried_schema), sink)
-    return folder.write_bytes(RESULTS_NAME, sink.getvalue().to_pybytes())
+    return sink.getvalue().to_pybytes()
+
+
+def write_results(
+    folder: Folder,
+    records: Sequence[Mapping[str, Any]],
+    carried_schema: pa.Schema | None,
+    name: str = RESULTS_NAME,
+) -> str:
+    """Write ``results.parquet`` in one put (never a partial file) and return its URI."""
+    return folder.write_bytes(name, results_bytes(records, carried_schema))
 
 
 # --------------------------------------------------------------------------- summary.json

@@ -86,6 +86,11 @@ def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE):
         return True
     text = f"{type(exc).__name__}: {exc}"
+    # s3fs turns a botocore ClientError into a bare OSError holding only the server's message
+    # ("We encountered an internal error", errno EREMOTEIO or EBUSY): the error code and status
+    # that say "transient" are on the ClientError it keeps as the cause.
+    if exc.__cause__ is not None:
+        text += f" | {type(exc.__cause__).__name__}: {exc.__cause__}"
     markers = (
         "ServerDisconnected", "ClientConnector", "ClientOSError", "ConnectTimeout",
         "ReadTimeout", "EndpointConnectionError", "Connection reset", "Connection refused",
@@ -235,7 +240,16 @@ def read_uri(uri: str, storage_options: dict[str, Any] | None = None, max_bytes:
                 raise StorageError(f"object is {size} bytes, over the {max_bytes}-byte limit: {uri}")
         return fs.cat_file(path)
 
-    return with_retries(_read, f"read {uri}")
+    try:
+        return with_retries(_read, f"read {uri}")
+    except (FileNotFoundError, PermissionError) as exc:
+        # s3fs can say only "Forbidden" (a 403 on HEAD) or "The specified bucket does not
+        # exist": name the object, as every other storage error does.
+        if uri in str(exc) or path in str(exc):
+            raise
+        if isinstance(exc, FileNotFoundError):
+            raise FileNotFoundError(errno.ENOENT, exc.strerror or str(exc) or "Not found", uri) from exc
+        raise PermissionError(errno.EACCES, exc.strerror or str(exc) or "Permission denied", uri) from exc
 
 
 def expand(pattern: str, storage_options: dict[str, Any] | None = None) -> Iterator[str]:

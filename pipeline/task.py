@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -65,7 +66,7 @@ class Deadline:
 
     def check(self, _: Progress | None = None) -> None:
         if self.end is not None and time.monotonic() > self.end:
-            raise ItemError("timeout", f"exceeded the per-image limit of {self.seconds:.0f} s")
+            raise ItemError("timeout", f"exceeded the per-image limit of {self.seconds:g} s")
 
 
 def base_record(item: Item) -> dict[str, Any]:
@@ -208,7 +209,7 @@ def _model(folder: Folder, rel: str, source: torch.Tensor, item: Item, job: Job,
         except checkpoint.CheckpointError:
             pass  # a damaged model is retrained, not trusted
     model_cfg, train_cfg = cfg.model_settings(job.preset)
-    train_cfg = dataclasses.replace(train_cfg, seed=layout.item_seed(cfg.seed, item.id))
+    train_cfg = _trainable(dataclasses.replace(train_cfg, seed=layout.item_seed(cfg.seed, item.id)), source)
     t0 = time.perf_counter()
     try:
         trainer = train(source, model_cfg, train_cfg, "auto", deadline.check)
@@ -217,7 +218,7 @@ def _model(folder: Folder, rel: str, source: torch.Tensor, item: Item, job: Job,
         # GPU is the usual cause, and a smaller model input fits where the full one did not.
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        train_cfg = _smaller(train_cfg, source)
+        train_cfg = _trainable(_smaller(train_cfg, source), source)
         trainer = train(source, model_cfg, train_cfg, "auto", deadline.check)
     seconds = time.perf_counter() - t0
     work_hw = working_resolution(tuple(source.shape[-2:]), train_cfg.max_side)
@@ -228,6 +229,19 @@ def _model(folder: Folder, rel: str, source: torch.Tensor, item: Item, job: Job,
     ckpt = checkpoint.from_generator(trainer.g, model_cfg, train_cfg, meta)
     folder.write_bytes(rel, checkpoint.save(ckpt))
     return ckpt, seconds
+
+
+def _trainable(cfg: TrainConfig, source: torch.Tensor) -> TrainConfig:
+    """``cfg`` with ``max_side`` raised where needed so the working image keeps a short side the
+    trainer accepts: downscaling a long, narrow image (2000x30 with tiny's 96 px cap) to the
+    preset's long-side cap would otherwise leave it a pixel or two high."""
+    if cfg.max_side is None:
+        return cfg
+    h, w = source.shape[-2:]
+    need = min(cfg.min_out_side + 1, h, w)
+    if min(working_resolution((h, w), cfg.max_side)) >= need:
+        return cfg
+    return dataclasses.replace(cfg, max_side=min(max(h, w), math.ceil(max(h, w) * need / min(h, w))))
 
 
 def _smaller(cfg: TrainConfig, source: torch.Tensor) -> TrainConfig:
