@@ -83,6 +83,6 @@ def load(data: bytes | BinaryIO, map_location: str | torch.device = "cpu") -> Ch
         state = payload["generator"]
         ckpt = Checkpoint(model, train, state, dict(payload.get("meta", {})))
         ckpt.build_generator()  # validates every tensor name and shape now, not at first use
-    except (KeyError, TypeError, RuntimeError) as exc:
+    except (KeyError, TypeError, ValueError, ArithmeticError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint is incomplete or inconsistent: {exc}") from exc
     return ckpt

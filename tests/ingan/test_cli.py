@@ -1,0 +1,135 @@
+"""Tests for ``python -m ingan``: train, retarget and score through real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGES = Path("/work/shared/data/images")
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ingan", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    assert proc.returncode != 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], proc.stderr
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def image(workdir: Path) -> Path:
+    """A small RGB texture (40 x 32)."""
+    path = workdir / "gravel.png"
+    with Image.open(IMAGES / "gravel.png") as im:
+        im.convert("RGB").resize((40, 32), Image.Resampling.BOX).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(workdir: Path, image: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    out = workdir / "m.pt"
+    proc = _run("train", str(image), "--preset", "tiny", "--iterations", "3", "--out", str(out))
+    return out, proc
+
+
+def test_train_writes_a_checkpoint_and_reports_progress(trained: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    out, proc = trained
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file() and out.stat().st_size > 10_000
+    assert not Path(str(out) + ".tmp").exists()
+    lines = proc.stderr.splitlines()
+    assert any(line.startswith("training preset=tiny iterations=3") for line in lines), proc.stderr
+    progress = [line for line in lines if line.startswith("[3/3]")]
+    assert len(progress) == 1 and "it/s" in progress[0] and "rec=" in progress[0], proc.stderr
+    assert any(line.startswith(f"saved {out}") for line in lines), proc.stderr
+
+    from ingan import checkpoint
+
+    ckpt = checkpoint.load(out.read_bytes())
+    assert ckpt.train.iterations == 3
+    assert ckpt.meta["source_hw"] == [32, 40]
+
+
+def test_retarget_writes_exact_sizes(trained: tuple[Path, subprocess.CompletedProcess[str]], image: Path, workdir: Path) -> None:
+    model, _ = trained
+    out_dir = workdir / "out"
+    proc = _run("retarget", str(model), str(image), "--size", "37x21", "--size", "64x64", "--out-dir", str(out_dir))
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(out_dir / "37x21.png") as im:
+        assert im.size == (37, 21)  # 37 wide, 21 high
+        assert im.mode == "RGB"
+    with Image.open(out_dir / "64x64.png") as im:
+        assert im.size == (64, 64)
+    assert proc.stdout.split() == [str(out_dir / "37x21.png"), str(out_dir / "64x64.png")]
+
+
+def test_score_prints_json(image: Path, workdir: Path) -> None:
+    other = workdir / "other.png"
+    with Image.open(IMAGES / "brick.png") as im:
+        im.convert("RGB").resize((48, 32), Image.Resampling.BOX).save(other)
+    proc = _run("score", str(image), str(other), "--max-patches", "512")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert set(result) >= {"completeness", "coherence", "swd"}
+    assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in result.values())
+
+
+def test_unreadable_image(workdir: Path) -> None:
+    text = workdir / "page.png"
+    text.write_text("<html><body>not an image</body></html>")
+    proc = _run("train", str(text), "--iterations", "1", "--out", str(workdir / "never.pt"))
+    _assert_one_line_error(proc, "error: not a recognised image format")
+    assert not (workdir / "never.pt").exists()
+    proc = _run("train", str(workdir / "missing.png"), "--iterations", "1", "--out", str(workdir / "never.pt"))
+    _assert_one_line_error(proc, "error: cannot read")
+
+
+@pytest.mark.parametrize("size", ["3x3", "abc"])
+def test_bad_size(trained: tuple[Path, subprocess.CompletedProcess[str]], image: Path, workdir: Path, size: str) -> None:
+    model, _ = trained
+    out_dir = workdir / f"bad-{size}"
+    proc = _run("retarget", str(model), str(image), "--size", size, "--out-dir", str(out_dir))
+    line = _assert_one_line_error(proc, "--size")
+    assert ("too small" in line) if size == "3x3" else ("WIDTHxHEIGHT" in line)
+    assert not out_dir.exists()
+
+
+def test_corrupt_checkpoint(image: Path, workdir: Path) -> None:
+    bad = workdir / "bad.pt"
+    bad.write_bytes(b"\x00garbage" * 100)
+    out_dir = workdir / "from-bad"
+    proc = _run("retarget", str(bad), str(image), "--size", "32x32", "--out-dir", str(out_dir))
+    _assert_one_line_error(proc, f"error: {bad}: not a readable checkpoint")
+    assert not out_dir.exists()
+
+
+def test_parse_size_in_process() -> None:
+    """The same parser, without a subprocess: width first, both bounds checked."""
+    import argparse
+
+    from ingan.cli import parse_size
+
+    assert parse_size("37x21") == (21, 37)
+    assert parse_size(" 8X8 ") == (8, 8)
+    for bad in ("3x3", "7x64", "64x7", "0x64", "64x", "x64", "abc", "-8x8", "16x16x16", "20000x64"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_size(bad)

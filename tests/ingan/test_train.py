@@ -1,0 +1,149 @@
+"""Tests for ingan.train: seeding, the caller's RNG, boolean options, and that training learns."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ingan import metrics
+from ingan.config import TrainConfig, get_preset
+from ingan.retarget import retarget_image
+from ingan.train import Progress, Trainer, to_model_input, train
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+IMAGES = Path("/work/shared/data/images")
+TINY = get_preset("tiny")
+
+
+def _texture(name: str, side: int) -> torch.Tensor:
+    """A shared texture downscaled to side x side, uint8 (3, H, W)."""
+    img = Image.open(IMAGES / name).convert("RGB").resize((side, side), Image.Resampling.BOX)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+
+
+@pytest.fixture(scope="module")
+def small() -> torch.Tensor:
+    return _texture("brick.png", 40)  # (3, 40, 40): crops of 39 px, 4 D nets
+
+
+def _cfg(iterations: int, seed: int = 0, **kw: object) -> TrainConfig:
+    # The tiny preset's working size (96 px) is above these images': they are used as they are.
+    return dataclasses.replace(TINY.train, iterations=iterations, seed=seed, **kw)
+
+
+def _assert_equal_states(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_same_seed_gives_bit_identical_weights(small: torch.Tensor) -> None:
+    a = train(small, TINY.model, _cfg(5, seed=7), "cpu")
+    b = train(small, TINY.model, _cfg(5, seed=7), "cpu")
+    _assert_equal_states(a.g, b.g)
+    _assert_equal_states(a.d, b.d)
+    # Training moved the weights away from the initialisation.
+    fresh = Trainer(to_model_input(small), TINY.model, _cfg(5, seed=7), "cpu")
+    sa, s0 = a.g.state_dict(), fresh.g.state_dict()
+    assert any(not torch.equal(sa[k], s0[k]) for k in sa if k.endswith("original"))
+
+
+def test_different_seed_gives_different_weights(small: torch.Tensor) -> None:
+    a = train(small, TINY.model, _cfg(3, seed=1), "cpu")
+    b = train(small, TINY.model, _cfg(3, seed=2), "cpu")
+    sa, sb = a.g.state_dict(), b.g.state_dict()
+    differing = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert len(differing) > len(sa) // 2
+
+
+def test_training_does_not_disturb_the_global_rng(small: torch.Tensor) -> None:
+    torch.manual_seed(1234)
+    expected = torch.rand(8)
+    torch.manual_seed(1234)
+    train(small, TINY.model, _cfg(2, seed=5), "cpu")
+    after = torch.rand(8)
+    assert torch.equal(after, expected)
+
+
+def test_second_g_step_can_be_turned_off(small: torch.Tensor) -> None:
+    on = Trainer(to_model_input(small), TINY.model, _cfg(4, second_g_step_start=0.0), "cpu")
+    off = Trainer(to_model_input(small), TINY.model, _cfg(4, second_g_step=False, second_g_step_start=0.0), "cpu")
+    for t in (on, off):
+        t.g.train()
+        t.d.train()
+    keys_on = [set(on.step()) for _ in range(2)]
+    keys_off = [set(off.step()) for _ in range(2)]
+    assert all("rec2" in k for k in keys_on)
+    assert all(k == {"g_adv", "rec", "d"} for k in keys_off)
+    # Through train() and its progress reports as well.
+    reports: list[Progress] = []
+    train(small, TINY.model, _cfg(2, second_g_step=False, log_every=1), "cpu", reports.append)
+    assert [p.iteration for p in reports] == [1, 2]
+    assert all("rec2" not in p.losses for p in reports)
+
+
+def test_spectral_norm_off_trains(small: torch.Tensor) -> None:
+    model = dataclasses.replace(TINY.model, spectral_norm=False)
+    t = train(small, model, _cfg(2), "cpu")
+    assert not any(k.endswith("original") for k in t.g.state_dict())
+    assert not t.g.training  # train() hands back an eval-mode generator
+
+
+def test_progress_reports_losses_and_rate(small: torch.Tensor) -> None:
+    reports: list[Progress] = []
+    train(small, TINY.model, _cfg(3, log_every=2), "cpu", reports.append)
+    assert [p.iteration for p in reports] == [2, 3]  # every log_every and at the end
+    last = reports[-1]
+    assert last.total == 3 and last.rate > 0 and last.eta == 0
+    assert {"g_adv", "rec", "d"} <= set(last.losses)
+    assert all(np.isfinite(v) for v in last.losses.values())
+
+
+def test_too_small_image_is_rejected() -> None:
+    with pytest.raises(ValueError, match="too small"):
+        Trainer(torch.zeros(3, 12, 64), TINY.model, _cfg(1), "cpu")
+    with pytest.raises(ValueError, match="RGB"):
+        Trainer(torch.zeros(1, 40, 40), TINY.model, _cfg(1), "cpu")
+
+
+@pytest.mark.slow
+def test_short_training_lowers_the_patch_swd_of_a_retarget() -> None:
+    """The learning test: a 2x-wide retarget of a texture after a short training is much closer
+    in patch distribution (sliced Wasserstein) to the source than the same seed's untrained
+    generator's near-grey output, and than a control run with the learning rate at zero (whose
+    BatchNorm statistics alone already lower the SWD by about a quarter: what must beat it is
+    what the weights learned).
+
+    Measured here on one thread, over 14 seeds: untrained ~1.06; zero-lr control (150
+    iterations) 0.80-1.17; trained 300 iterations 0.25-0.67, at most 0.63x the untrained and
+    0.58x the control value of the same seed. 150 or 200 trained iterations reached 0.75x the
+    control for some seeds: too close to the bound for a test that must not flake.
+    """
+    side, iterations = 48, 300
+    source = _texture("grass.png", side)
+    src01 = source.float() / 255
+
+    def swd_after(n: int, **kw: object) -> float:
+        t = Trainer(to_model_input(source), TINY.model, _cfg(n, seed=0, **kw), "cpu")
+        t.run()
+        out = retarget_image(t.g, source, [(side, 2 * side)], max_side=t.cfg.max_side)[0]
+        assert tuple(out.shape) == (3, side, 2 * side)
+        return metrics.sliced_wasserstein(src01, out.float() / 255)
+
+    untrained = swd_after(0)
+    frozen = swd_after(150, lr=0.0)
+    start = time.perf_counter()
+    trained = swd_after(iterations)
+    seconds = time.perf_counter() - start
+    print(f"swd untrained={untrained:.3f} zero-lr={frozen:.3f} trained={trained:.3f} "
+          f"({iterations} iterations in {seconds:.1f} s)")
+    assert trained < 0.8 * untrained, (untrained, trained)
+    assert trained < 0.8 * frozen, (frozen, trained)
