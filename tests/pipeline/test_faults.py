@@ -1,0 +1,890 @@
+"""Fault injection: the pipeline under a lost node, a killed driver, crashing workers and an object
+store that errs, resets, truncates, stalls or goes away.
+
+Every fault is real, not mocked: a ``ray.cluster_utils.Cluster`` loses a worker node's processes,
+``run.py`` is SIGKILLed with its whole process group, a Ray worker process ``os._exit``\\ s while
+it holds a task (a worker setup hook patches the task function in the workers only: nothing in
+the pipeline knows about tests), and storage faults come from a small HTTP proxy in front of the
+moto S3 server that s3fs, botocore and the Ray workers talk to as if it were the endpoint.
+
+What must hold after each fault: every image ends ``ok`` (or, for a fault that never clears, a
+``failed`` row with the right ``error_kind`` and exit code 1, never a crash), retries are counted,
+and no output is ever left that claims to be complete but is not: a folder with ``done.json``
+holds exactly the files it lists, each one whole (it decodes to its exact size, the model loads).
+The table of faults and how each is handled is in docs/reliability_faults.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from PIL import Image
+
+from ingan import checkpoint
+from pipeline import driver, executor, layout
+from pipeline.config import RunConfig
+from pipeline.storage import Folder, StorageError
+from pipeline.task import Item, Job
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGES_DIR = Path("/work/shared/data/images")
+# Distinct photos, so no two items train in lockstep and finish at the same instant.
+NAMES = ("astronaut.png", "brick.png", "chelsea.png", "coffee.png", "horse.png", "rocket.jpg")
+SHORT_SIDE = 48
+RATIOS = (1.0, 2.0)
+ITEM_FILES = {"model.pt", "source.jpg", "metrics.json", "done.json"}
+TINY = ["--preset", "tiny", "--ratios", ",".join(map(str, RATIOS)), "--no-metrics"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@dataclass(frozen=True)
+class Source:
+    id: str
+    path: Path
+    size: tuple[int, int]  # (W, H)
+
+
+def _sources(out_dir: Path, n: int) -> list[Source]:
+    """``n`` example photos shrunk to SHORT_SIDE px on the short side."""
+    missing = [name for name in NAMES[:n] if not (IMAGES_DIR / name).is_file()]
+    if missing:
+        pytest.skip(f"example images not found in {IMAGES_DIR}: {', '.join(missing)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name in NAMES[:n]:
+        with Image.open(IMAGES_DIR / name) as img:
+            scale = SHORT_SIDE / min(img.size)
+            small = img.convert("RGB").resize(
+                (round(img.width * scale), round(img.height * scale)), Image.Resampling.LANCZOS
+            )
+        small.save(out_dir / name)
+        out.append(Source(Path(name).stem, out_dir / name, small.size))
+    return out
+
+
+def _local_manifest(path: Path, sources: list[Source]) -> Path:
+    pq.write_table(
+        pa.table({"uri": [str(s.path) for s in sources], "id": [s.id for s in sources]}), path
+    )
+    return path
+
+
+def _expected_outputs(size: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """rel path under the item folder -> (W, H), for RATIOS with the default keep_height."""
+    h = size[1]
+    return {f"outputs/{round(r * h)}x{h}.png": (round(r * h), h) for r in RATIOS}
+
+
+def _decoded_size(data: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()  # the whole image, not just the header: a truncated file fails here
+        return img.size
+
+
+def _check_complete_item(
+    files: dict[str, bytes], done: dict[str, Any], size: tuple[int, int], prefix: str
+) -> None:
+    """An item folder (rel path -> bytes) that has a marker holds exactly what the marker lists,
+    and every one of those files is whole."""
+    expected = _expected_outputs(size)
+    assert set(files) == ITEM_FILES | set(expected), f"{prefix}: {sorted(files)}"
+    listed = {
+        o["uri"].removeprefix(prefix + "/"): (o["width"], o["height"]) for o in done["outputs"]
+    }
+    assert listed == expected, f"{prefix}: marker lists {listed}, expected {expected}"
+    for rel, wh in expected.items():
+        assert _decoded_size(files[rel]) == wh, f"{prefix}/{rel}"
+    assert _decoded_size(files["source.jpg"])
+    checkpoint.load(files["model.pt"])  # a partial checkpoint would not load
+
+
+def _local_item_files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _check_local_items(out: Path, sources: list[Source], tag: str) -> None:
+    """Every source has exactly one, complete item folder under ``out``."""
+    keys = {layout.item_key(s.id): s for s in sources}
+    assert {p.name for p in (out / "items").iterdir()} == set(keys)
+    for key, src in keys.items():
+        assert [p.name for p in (out / "items" / key).iterdir()] == [tag]  # no other settings
+        folder = out / layout.item_dir(src.id, tag)
+        done = json.loads((folder / "done.json").read_text())
+        _check_complete_item(_local_item_files(folder), done, src.size, str(folder))
+
+
+def _run_main(argv: list[str]) -> tuple[int, str]:
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        code = driver.main(argv)
+    return code, buf.getvalue()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+# --------------------------------------------------------------------------- 1. a lost node
+
+
+@pytest.fixture
+def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, list[Any]]]:
+    """A head that runs no tasks and two one-CPU worker nodes, in processes of this test.
+
+    Node death is noticed within about two seconds (health checks every 500 ms, three misses).
+    The cluster's address is not advertised in /tmp/ray (``Cluster`` would write it for
+    ``ray.init()`` without an address), so no other Ray user on the machine can join it.
+    """
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        pytest.fail("this process is already connected to Ray; the cluster test needs its own")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": False,
+            "dashboard_agent_listen_port": _free_port(),
+            "_system_config": {
+                "health_check_initial_delay_ms": 0,
+                "health_check_period_ms": 500,
+                "health_check_timeout_ms": 1000,
+                "health_check_failure_threshold": 3,
+            },
+        },
+    )
+    try:
+        workers = [c.add_node(num_cpus=1) for _ in range(2)]
+        ray.init(address=c.address, logging_level="WARNING")
+        yield c, workers
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def test_node_loss_mid_training_is_retried(cluster: tuple[Any, list[Any]], tmp_path: Path) -> None:
+    c, workers = cluster
+    sources = _sources(tmp_path / "images", 6)
+    manifest = _local_manifest(tmp_path / "manifest.parquet", sources)
+    out = tmp_path / "out"
+    result: dict[str, Any] = {}
+
+    def drive() -> None:  # the driver in a thread: Ray nodes can only be started from the main one
+        try:
+            result["code"], result["log"] = _run_main(
+                [str(manifest), "--output", str(out), *TINY, "--iterations", "40", "--retries", "2"]
+            )
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            result["error"] = exc
+
+    thread = threading.Thread(target=drive, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    # Both worker CPUs leased: a task runs on each node.
+    while ray.available_resources().get("CPU", 0) > 0:
+        assert thread.is_alive() and time.monotonic() < deadline, result or "tasks never started"
+        time.sleep(0.05)
+    time.sleep(1.5)  # into the task: torch imported, training under way
+    done_before = len(list(out.glob("items/*/*/done.json")))
+    c.remove_node(workers[0])  # kills its raylet and its workers: a reclaimed spot node
+    c.add_node(num_cpus=1)  # and its replacement joins
+    thread.join(timeout=240)
+    assert not thread.is_alive(), "the run did not finish"
+    assert "error" not in result, result.get("error")
+    assert done_before < len(sources), "every image finished before the node was lost"
+    code, log = result["code"], result["log"]
+
+    assert code == 0, log
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    assert [r["id"] for r in rows] == [s.id for s in sources]
+    assert [r["status"] for r in rows] == ["ok"] * len(sources), log
+    assert max(r["attempts"] for r in rows) >= 2, [r["attempts"] for r in rows]
+    assert min(r["attempts"] for r in rows) >= 1
+    tag = json.loads((out / "config.json").read_text())["model_tag"]
+    _check_local_items(out, sources, tag)
+
+
+# --------------------------------------------------------------------------- 3. a killed driver
+
+
+def _processes() -> Iterator[tuple[int, int, str]]:
+    """(pid, session id, command line) of every live process."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        # Fields after the parenthesised command name: state ppid pgrp session ...
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z":
+            yield int(entry), int(fields[3]), cmd.strip()
+
+
+def _session_members(sid: int) -> list[tuple[int, str]]:
+    return [(pid, cmd) for pid, session, cmd in _processes() if session == sid]
+
+
+def test_killed_driver_resumes_without_retraining(tmp_path: Path) -> None:
+    sources = _sources(tmp_path / "images", 4)
+    manifest = _local_manifest(tmp_path / "manifest.parquet", sources)
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, str(REPO / "run.py"), str(manifest), "--output", str(out), *TINY,
+        "--iterations", "25", "--max-in-flight", "2",
+    ]  # fmt: skip
+    # Its own Ray, whatever else runs on the machine: "local" never joins another instance.
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    log = tmp_path / "first.log"
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=tmp_path, stdout=log_file, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("items/*/*/done.json")):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and every Ray process it started
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while (left := _session_members(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        stragglers = _session_members(proc.pid)
+        for pid, _ in stragglers:  # ours: they are in the session we started
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert not stragglers, f"processes outlived the killed driver: {stragglers}"
+    assert not left
+    # Nor did any Ray process of that instance escape the session (raylet, workers and agents
+    # all name their GCS on their command line).
+    connected = re.search(r"^connecting to Ray: .* at (\S+)$", log.read_text(), re.MULTILINE)
+    assert connected, log.read_text()[-3000:]
+    gcs = connected.group(1)
+    assert not [(pid, cmd) for pid, _, cmd in _processes() if gcs in cmd]
+
+    finished = {p.parent for p in out.glob("items/*/*/done.json")}
+    assert 1 <= len(finished) < len(sources)
+    assert not (out / "results.parquet").exists()  # the run really died before its end
+    models = {
+        d: ((d / "model.pt").read_bytes(), (d / "model.pt").stat().st_mtime_ns) for d in finished
+    }
+    done_markers = {d: (d / "done.json").read_bytes() for d in finished}
+
+    second = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-4000:]
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    assert [r["id"] for r in rows] == [s.id for s in sources]
+    tag = json.loads((out / "config.json").read_text())["model_tag"]
+    finished_ids = {s.id for s in sources if out / layout.item_dir(s.id, tag) in finished}
+    assert len(finished_ids) == len(finished)
+    for row in rows:
+        if row["id"] in finished_ids:
+            assert row["status"] == "skipped", row
+            assert row["train_seconds"] is None
+        else:
+            assert row["status"] == "ok", row
+    for d, (data, mtime) in models.items():  # not retrained, not rewritten
+        assert (d / "model.pt").read_bytes() == data
+        assert (d / "model.pt").stat().st_mtime_ns == mtime
+        assert (d / "done.json").read_bytes() == done_markers[d]
+    # A worker killed inside a local write can leave its temporary file (never the final name).
+    for p in out.rglob("*.tmp-*"):
+        p.unlink()
+    _check_local_items(out, sources, tag)
+
+
+# --------------------------------------------------------------------------- shared local Ray
+
+
+def _crash_hook(marker_dir: str) -> Callable[[], None]:
+    """A Ray worker setup hook: in the workers only, items whose id starts with ``crash-once``
+    kill their worker process on the first attempt (a marker file remembers it), and items
+    whose id starts with ``crash-always`` on every attempt. Pickled by value with the closure."""
+
+    def hook() -> None:
+        import os
+
+        import pipeline.executor
+        import pipeline.task
+
+        real = pipeline.task.process
+
+        def process(item: Any, job: Any) -> Any:
+            if item.id.startswith("crash-always"):
+                os._exit(1)
+            if item.id.startswith("crash-once"):
+                try:
+                    fd = os.open(
+                        os.path.join(marker_dir, item.id), os.O_CREAT | os.O_EXCL | os.O_WRONLY
+                    )
+                except FileExistsError:
+                    pass
+                else:
+                    os.close(fd)
+                    os._exit(1)
+            return real(item, job)
+
+        pipeline.task.process = process
+        pipeline.executor.process = process
+
+    return hook
+
+
+@pytest.fixture(scope="module")
+def local_ray(
+    fake_aws_credentials: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """One local Ray for the storage and retry tests; yields the crash hook's marker folder."""
+    if ray.is_initialized():
+        pytest.fail("this process is already connected to Ray")
+    markers = tmp_path_factory.mktemp("crash-markers")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="WARNING",
+        runtime_env={"worker_process_setup_hook": _crash_hook(str(markers))},
+    )
+    yield markers
+    ray.shutdown()
+
+
+# --------------------------------------------------------------------------- 2. storage faults
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    n: int  # 1-based, over every request the proxy has seen
+
+
+_ERRORS = {
+    500: ("Internal Server Error", "InternalError"),
+    503: ("Service Unavailable", "ServiceUnavailable"),
+}
+_HOP = (b"connection", b"keep-alive", b"expect", b"proxy-connection")
+
+
+class FaultProxy:
+    """An HTTP/1.1 proxy on loopback in front of the S3 server. ``rule`` picks, per request:
+
+    * ``pass``: forward it;
+    * ``500`` / ``503``: answer with an S3 error (InternalError / ServiceUnavailable);
+    * ``reset``: close the connection with a TCP reset, no answer;
+    * ``truncate``: forward, then send half the answer and reset;
+    * ``drop_ack``: forward (a PUT is applied), then reset instead of answering;
+    * ``cut_body``: send the server only the first half of the request body, then reset both
+      connections (an upload that dies mid-body);
+    * ``delay:S``: wait S seconds, then forward;
+    * ``stall:S``: wait S seconds, then close without an answer (the client times out first).
+
+    One request per connection (answers say ``Connection: close``), which aiohttp's keep-alive
+    pool handles by opening another.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.split("://", 1)[1].rstrip("/").rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.rule: Callable[[Request], str] = lambda req: "pass"
+        self.log: list[tuple[Request, str]] = []
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.close()
+
+    def faults(self, method: str | None = None) -> list[tuple[Request, str]]:
+        with self._lock:
+            return [(r, a) for r, a in self.log if a != "pass" and method in (None, r.method)]
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(30)
+            got = _read_request(conn)
+            if got is None:
+                return
+            method, path, headers, body = got
+            with self._lock:
+                req = Request(method, path, len(self.log) + 1)
+                action = self.rule(req)
+                self.log.append((req, action))
+            kind, _, arg = action.partition(":")
+            if kind in ("delay", "stall"):
+                time.sleep(float(arg))
+            if kind in ("reset", "stall"):
+                _reset(conn)
+                return
+            if kind == "cut_body":
+                with socket.create_connection(self.upstream, timeout=30) as up:
+                    up.sendall(_head(method, path, headers) + body[: len(body) // 2])
+                    _reset(up)
+                _reset(conn)
+                return
+            if kind in ("500", "503"):
+                reason, code = _ERRORS[int(kind)]
+                xml = (
+                    f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+                    f"<Message>injected fault</Message><RequestId>fault</RequestId></Error>"
+                ).encode()
+                payload = b"" if method == "HEAD" else xml
+                conn.sendall(
+                    f"HTTP/1.1 {kind} {reason}\r\nContent-Type: application/xml\r\n"
+                    f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+                    + payload
+                )
+                return
+            answer = self._forward(method, path, headers, body)
+            if kind == "drop_ack":
+                _reset(conn)
+            elif kind == "truncate":
+                body_len = len(answer.partition(b"\r\n\r\n")[2])
+                conn.sendall(answer[: len(answer) - max(1, body_len // 2)])
+                _reset(conn)
+            else:
+                conn.sendall(answer)
+
+    def _forward(self, method: str, path: str, headers: list[bytes], body: bytes) -> bytes:
+        with socket.create_connection(self.upstream, timeout=30) as up:
+            up.sendall(_head(method, path, headers) + body)
+            chunks = []
+            while chunk := up.recv(65536):
+                chunks.append(chunk)
+        rhead, _, rbody = b"".join(chunks).partition(b"\r\n\r\n")
+        status, *lines = rhead.split(b"\r\n")
+        lines = [h for h in lines if h.split(b":", 1)[0].strip().lower() not in _HOP]
+        return b"\r\n".join([status, *lines, b"Connection: close"]) + b"\r\n\r\n" + rbody
+
+
+def _head(method: str, path: str, headers: list[bytes]) -> bytes:
+    keep = [h for h in headers if h.split(b":", 1)[0].strip().lower() not in _HOP]
+    return (
+        b"\r\n".join([f"{method} {path} HTTP/1.1".encode(), *keep, b"Connection: close"])
+        + b"\r\n\r\n"
+    )
+
+
+def _reset(conn: socket.socket) -> None:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _read_request(conn: socket.socket) -> tuple[str, str, list[bytes], bytes] | None:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    first, *headers = head.split(b"\r\n")
+    method, path, _ = first.decode("latin-1").split(" ", 2)
+    fields = {h.split(b":", 1)[0].strip().lower(): h.split(b":", 1)[1].strip() for h in headers}
+    if fields.get(b"expect", b"").lower() == b"100-continue" and not body:
+        conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+    if b"content-length" in fields:
+        need = int(fields[b"content-length"])
+        while len(body) < need:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return None
+            body += chunk
+    elif fields.get(b"transfer-encoding", b"").lower() == b"chunked":
+        while not body.endswith(b"0\r\n\r\n"):
+            chunk = conn.recv(65536)
+            if not chunk:
+                return None
+            body += chunk
+    return method, path, headers, body
+
+
+@pytest.fixture
+def proxy(s3_endpoint: str) -> Iterator[FaultProxy]:
+    p = FaultProxy(s3_endpoint)
+    yield p
+    p.close()
+
+
+@dataclass
+class S3Setup:
+    bucket: str
+    sources: list[Source]
+    manifest_uri: str
+    config: Path
+
+    @property
+    def out_uri(self) -> str:
+        return f"s3://{self.bucket}/out"
+
+
+def _s3_setup(
+    client: Any, bucket: str, tmp_path: Path, n: int, storage_options: dict[str, Any] | None = None
+) -> S3Setup:
+    """``n`` images and their manifest in ``bucket``; a run config with the credentials (and any
+    other storage options) in YAML, as a user would give them."""
+    sources = _sources(tmp_path / "images", n)
+    for s in sources:
+        client.put_object(Bucket=bucket, Key=f"images/{s.path.name}", Body=s.path.read_bytes())
+    table = pa.table(
+        {
+            "uri": [f"s3://{bucket}/images/{s.path.name}" for s in sources],
+            "id": [s.id for s in sources],
+        }
+    )
+    client.put_object(Bucket=bucket, Key="manifest.parquet", Body=_parquet_bytes(table))
+    config = tmp_path / "run.yaml"
+    opts = {"key": "testing", "secret": "testing", **(storage_options or {})}
+    config.write_text(json.dumps({"storage_options": opts}))  # JSON is YAML
+    return S3Setup(bucket, sources, f"s3://{bucket}/manifest.parquet", config)
+
+
+def _s3_item_folders(client: Any, bucket: str) -> dict[str, dict[str, bytes]]:
+    """item folder key prefix -> {rel path: bytes} of every object under out/items/."""
+    folders: dict[str, dict[str, bytes]] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix="out/items/"
+    ):
+        for obj in page.get("Contents", []):
+            key = obj["Key"]
+            prefix = "/".join(key.split("/")[:4])  # out/items/{key}/{tag}
+            body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            folders.setdefault(prefix, {})[key[len(prefix) + 1 :]] = body
+    return folders
+
+
+def _check_s3_claims(client: Any, setup: S3Setup) -> set[str]:
+    """Every S3 item folder that has a marker is complete and whole; returns their ids."""
+    by_key = {layout.item_key(s.id): s for s in setup.sources}
+    complete = set()
+    for prefix, files in _s3_item_folders(client, setup.bucket).items():
+        if "done.json" not in files:
+            continue
+        src = by_key[prefix.split("/")[2]]
+        done = json.loads(files["done.json"])
+        _check_complete_item(files, done, src.size, f"s3://{setup.bucket}/{prefix}")
+        complete.add(src.id)
+    return complete
+
+
+def _results(client: Any, setup: S3Setup) -> list[dict[str, Any]]:
+    data = client.get_object(Bucket=setup.bucket, Key="out/results.parquet")["Body"].read()
+    return pq.read_table(io.BytesIO(data)).to_pylist()
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "transient"),
+    [
+        ("InternalError", 500, True),
+        ("ServiceUnavailable", 503, True),
+        ("SlowDown", 503, True),
+        ("503", 503, True),  # a HEAD answer has no body, hence no code but the status
+        ("InvalidArgument", 400, False),
+        ("NoSuchBucket", 404, False),
+        ("AccessDenied", 403, False),
+    ],
+)
+def test_s3fs_translated_errors_are_classified(code: str, status: int, transient: bool) -> None:
+    """s3fs hands the pipeline ``OSError(EREMOTEIO, "We encountered an internal error...")``
+    for a 500: only the botocore error it keeps as the cause says what it was."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    from pipeline import storage
+
+    err = ClientError(
+        {
+            "Error": {
+                "Code": code,
+                "Message": "We encountered an internal error. Please try again.",
+            },
+            "ResponseMetadata": {"HTTPStatusCode": status},
+        },
+        "PutObject",
+    )
+    assert storage._is_transient(translate_boto_error(err)) is transient
+
+
+def test_transient_storage_faults_are_survived(
+    local_ray: Path, proxy: FaultProxy, s3_client: Any, s3_bucket: str, tmp_path: Path
+) -> None:
+    # botocore makes at most three attempts here (by default five, with backoff of up to 8 s
+    # between them) and gives up on a stalled answer after 2 s: the same paths, in less time.
+    retries = {"mode": "standard", "total_max_attempts": 3}
+    setup = _s3_setup(
+        s3_client,
+        s3_bucket,
+        tmp_path,
+        3,
+        {"config_kwargs": {"read_timeout": 2, "retries": retries}},
+    )
+    rotation = ["503", "500", "reset", "truncate", "drop_ack", "delay:0.3"]
+    state = {"burst_path": None, "burst": 0, "stalled": False, "faults": 0}
+
+    def rule(req: Request) -> str:
+        # One model upload meets four 503s in a row: more than botocore's three attempts, so
+        # only the pipeline's own retry loop (storage.with_retries) gets it through.
+        model_put = req.method == "PUT" and req.path.endswith("/model.pt")
+        if model_put and state["burst_path"] in (None, req.path) and state["burst"] < 4:
+            state["burst_path"] = req.path
+            state["burst"] += 1
+            return "503"
+        if req.method == "GET" and "/images/" in req.path and not state["stalled"]:
+            state["stalled"] = True
+            return "stall:4"
+        if req.n % 3 == 0:  # every third request, whatever it is: reads, writes, listings
+            state["faults"] += 1
+            return rotation[state["faults"] % len(rotation)]
+        return "pass"
+
+    proxy.rule = rule
+    code, log = _run_main(
+        [setup.manifest_uri, "--output", setup.out_uri, "--config", str(setup.config),
+         "--endpoint-url", proxy.url, *TINY, "--iterations", "2"]
+    )  # fmt: skip
+    assert code == 0, log
+    rows = _results(s3_client, setup)
+    assert [r["status"] for r in rows] == ["ok"] * 3, rows
+    # Storage faults are absorbed inside the task: none cost a resubmission.
+    assert [r["attempts"] for r in rows] == [1, 1, 1]
+    assert _check_s3_claims(s3_client, setup) == {s.id for s in setup.sources}
+
+    injected = {a for _, a in proxy.faults()}
+    assert set(rotation) | {"stall:4"} <= injected, injected
+    assert proxy.faults("PUT") and proxy.faults("GET"), "faults hit both reads and writes"
+    assert state["burst"] == 4
+
+
+def test_dead_endpoint_fails_rows_not_the_run(
+    local_ray: Path, proxy: FaultProxy, s3_client: Any, s3_bucket: str, tmp_path: Path
+) -> None:
+    # One botocore attempt per call: each storage call then fails after the pipeline's own five
+    # tries (about 3 s) instead of five botocore attempts per try (about 45 s, see the notes).
+    setup = _s3_setup(
+        s3_client, s3_bucket, tmp_path, 2, {"config_kwargs": {"retries": {"total_max_attempts": 1}}}
+    )
+    down = {"since": None}
+
+    def rule(req: Request) -> str:
+        if "/images/" in req.path and down["since"] is None:
+            down["since"] = req.n  # the manifest has been read: the endpoint goes away for good
+        if down["since"] is None:
+            return "pass"
+        return "reset" if req.n % 2 else "503"
+
+    proxy.rule = rule
+    out = tmp_path / "out"  # a local output, so the results can still be written
+    code, log = _run_main(
+        [setup.manifest_uri, "--output", str(out), "--config", str(setup.config),
+         "--endpoint-url", proxy.url, *TINY, "--iterations", "2"]
+    )  # fmt: skip
+    assert code == 1, log
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    assert [r["id"] for r in rows] == [s.id for s in setup.sources]
+    for row in rows:
+        assert row["status"] == "failed", row
+        assert row["error_kind"] == "storage", row
+        assert f"s3://{setup.bucket}/images/" in row["error"]
+        assert row["attempts"] == 1  # a storage failure is the task's verdict, not a lost worker
+    assert not list(out.glob("items/**/done.json"))
+    assert "[storage]" in log
+    assert len(proxy.faults()) >= 2 * 5  # each source read was tried again before giving up
+
+
+def test_failing_writes_leave_no_false_completion(
+    local_ray: Path, proxy: FaultProxy, s3_client: Any, s3_bucket: str, tmp_path: Path
+) -> None:
+    setup = _s3_setup(
+        s3_client, s3_bucket, tmp_path, 3, {"config_kwargs": {"retries": {"total_max_attempts": 1}}}
+    )
+    a, b, c = setup.sources
+    key_a, key_b = layout.item_key(a.id), layout.item_key(b.id)
+
+    def rule(req: Request) -> str:
+        if req.method == "PUT" and f"/items/{key_a}/" in req.path:
+            return "500"  # every write of A fails, from its model on
+        if req.method == "PUT" and f"/items/{key_b}/" in req.path and "/outputs/" in req.path:
+            return "reset"  # B's model is saved, then its output writes fail for good
+        return "pass"
+
+    proxy.rule = rule
+    code, log = _run_main(
+        [setup.manifest_uri, "--output", setup.out_uri, "--config", str(setup.config),
+         "--endpoint-url", proxy.url, *TINY, "--iterations", "2"]
+    )  # fmt: skip
+    assert code == 1, log
+    rows = {r["id"]: r for r in _results(s3_client, setup)}
+    for failed in (a, b):
+        assert rows[failed.id]["status"] == "failed", rows[failed.id]
+        assert rows[failed.id]["error_kind"] == "storage"
+        assert rows[failed.id]["outputs"] == []
+    assert rows[c.id]["status"] == "ok"
+
+    # Only C claims completion, and its claim holds; A left nothing at all (no partial object
+    # under any key), B only its saved model, which a rerun reuses rather than retrains.
+    assert _check_s3_claims(s3_client, setup) == {c.id}
+    folders = _s3_item_folders(s3_client, setup.bucket)
+    assert not [p for p in folders if f"/{key_a}/" in f"{p}/"]
+    [b_files] = [f for p, f in folders.items() if f"/{key_b}/" in f"{p}/"]
+    assert set(b_files) == {"model.pt"}
+    checkpoint.load(b_files["model.pt"])
+
+    # The endpoint recovers: the same command finishes the job, reusing B's model.
+    proxy.rule = lambda req: "pass"
+    code, log = _run_main(
+        [setup.manifest_uri, "--output", setup.out_uri, "--config", str(setup.config),
+         "--endpoint-url", proxy.url, *TINY, "--iterations", "2"]
+    )  # fmt: skip
+    assert code == 0, log
+    rows = {r["id"]: r for r in _results(s3_client, setup)}
+    assert rows[a.id]["status"] == "ok" and rows[a.id]["train_seconds"] is not None
+    assert rows[b.id]["status"] == "ok" and rows[b.id]["train_seconds"] is None
+    assert rows[c.id]["status"] == "skipped"
+    assert _check_s3_claims(s3_client, setup) == {a.id, b.id, c.id}
+
+
+def test_failed_upload_leaves_no_object(
+    proxy: FaultProxy, s3_client: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opts = {
+        "key": "testing", "secret": "testing", "endpoint_url": proxy.url,
+        "config_kwargs": {"retries": {"total_max_attempts": 1}},
+    }  # fmt: skip
+    body = os.urandom(300_000)
+
+    # The pitfall Folder.write_bytes avoids: a file opened for writing on S3 is committed when
+    # its `with` block exits, even when the block exits with an exception, so the key now holds
+    # the first part of the data as if it were the whole object.
+    fs = Folder(f"s3://{s3_bucket}", opts).fs
+    with pytest.raises(RuntimeError), fs.open(f"{s3_bucket}/pitfall.bin", "wb") as f:
+        f.write(body[:1000])
+        raise RuntimeError("the producer failed half way")
+    assert s3_client.get_object(Bucket=s3_bucket, Key="pitfall.bin")["Body"].read() == body[:1000]
+
+    # Folder.write_bytes sends the whole buffer in one PUT. Here the upload dies mid-body (the
+    # server got half of it) and then keeps failing: nothing at all appears under the key ...
+    sleeps: list[float] = []
+    monkeypatch.setattr("pipeline.storage.time.sleep", sleeps.append)  # the backoff, not s3fs's
+    folder = Folder(f"s3://{s3_bucket}", opts)
+    puts = []
+
+    def cut_then_fail(req: Request) -> str:
+        if req.method != "PUT":
+            return "pass"
+        puts.append(req)
+        return "cut_body" if len(puts) <= 2 else "500"
+
+    proxy.rule = cut_then_fail
+    with pytest.raises(StorageError, match="new.bin"):
+        folder.write_bytes("new.bin", body)
+    assert [a for _, a in proxy.faults("PUT")][:2] == ["cut_body", "cut_body"]
+    assert len(sleeps) == 4  # five tries of the pipeline's own, then it gave up
+    listed = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="new").get("Contents", [])
+    assert listed == []
+
+    # ... and a failed replacement leaves the previous object whole.
+    proxy.rule = lambda req: "pass"
+    folder.write_bytes("kept.bin", b"previous")
+    puts.clear()
+    proxy.rule = cut_then_fail
+    with pytest.raises(StorageError, match="kept.bin"):
+        folder.write_bytes("kept.bin", body)
+    assert s3_client.get_object(Bucket=s3_bucket, Key="kept.bin")["Body"].read() == b"previous"
+
+
+# --------------------------------------------------------------------------- 4. crashing workers
+
+
+def _crash_items(sources: list[Source], ids: list[str]) -> list[Item]:
+    return [Item(i, item_id, str(sources[i].path), {}) for i, item_id in enumerate(ids)]
+
+
+def _run_items(items: list[Item], out: Path, retries: int) -> dict[str, dict[str, Any]]:
+    """The executor as driver.run drives it, on the module's Ray instance."""
+    cfg = RunConfig(
+        output=str(out), preset="tiny", iterations=2, ratios=list(RATIOS), metrics=False
+    )
+    job = Job(cfg, "tiny", cfg.model_tag("tiny"))
+    res = executor.Resources(
+        num_cpus=1, num_gpus=0, max_in_flight=4, retries=retries, timeout_s=None
+    )
+    records: dict[str, dict[str, Any]] = {}
+    executor.run_items(items, job, res, lambda item, rec: records.__setitem__(item.id, rec))
+    return records
+
+
+def test_crashed_worker_is_resubmitted(local_ray: Path, tmp_path: Path) -> None:
+    sources = _sources(tmp_path / "images", 2)
+    items = _crash_items(sources, ["crash-once-a", "crash-always-a"])
+    records = _run_items(items, tmp_path / "out", retries=1)
+
+    once = records["crash-once-a"]
+    assert (local_ray / "crash-once-a").exists()  # the first attempt really died
+    assert once["status"] == "ok", once
+    assert once["attempts"] == 2
+    always = records["crash-always-a"]
+    assert always["status"] == "failed"
+    assert always["error_kind"] == "worker_lost", always
+    assert always["attempts"] == 2  # the first try and one resubmission, then it stops
+    assert "after 2 attempts" in always["error"]
+
+
+def test_crashed_worker_without_retries_fails(local_ray: Path, tmp_path: Path) -> None:
+    sources = _sources(tmp_path / "images", 1)
+    records = _run_items(_crash_items(sources, ["crash-once-b"]), tmp_path / "out", retries=0)
+    rec = records["crash-once-b"]
+    assert (local_ray / "crash-once-b").exists()
+    assert rec["status"] == "failed", rec
+    assert rec["error_kind"] == "worker_lost"
+    assert rec["attempts"] == 1
+    assert not list((tmp_path / "out").glob("items/**/done.json"))
