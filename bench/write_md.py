@@ -20,7 +20,7 @@ def _load(name: str) -> dict[str, Any] | None:
 
 def _machine(m: dict[str, Any]) -> str:
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
-    return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads){gpu}; {m['date']}, commit {m.get('commit', '?')}"
+    return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} (torch threads: {m['torch_threads']}){gpu}; {m['date']}, commit {m.get('commit', '?')}"
 
 
 def _speed(data: dict[str, Any], device: str) -> list[str]:
@@ -59,15 +59,16 @@ def _quality(data: dict[str, Any]) -> list[str]:
     return out + [""]
 
 
-def _orchestration(data: dict[str, Any]) -> list[str]:
-    return [
-        "### Orchestration overhead", "",
-        f"Machine: {_machine(data['machine'])}.",
-        f"Command: `python -m bench.orchestration --rows {data['rows']} --iterations {data['iterations']}` "
-        "(local Ray, `tiny` preset cut to that many iterations, 48 px images, one output each, no metrics).", "",
-        "| rows | ok | failed | wall s | images / s | driver RSS start | peak | end |", "|---|---|---|---|---|---|---|---|",
-        f"| {data['rows']:,} | {data['ok']:,} | {data['failed']} | {data['wall_seconds']:.1f} | {data['images_per_second']:.2f} "
-        f"| {data['driver_rss_start_mib']:.0f} MiB | {data['driver_rss_peak_mib']:.0f} MiB | {data['driver_rss_end_mib']:.0f} MiB |", ""]
+def _orchestration(runs: list[dict[str, Any]]) -> list[str]:
+    out = ["### Orchestration overhead", "",
+           f"Machine: {_machine(runs[0]['machine'])}.",
+           "Command: `python -m bench.orchestration --rows N --iterations 1` (local Ray, `tiny` preset cut to one "
+           "iteration, 48 px images, one output each, no metrics).", "",
+           "| rows | ok | failed | wall s | images / s | driver RSS start | peak | end |", "|---|---|---|---|---|---|---|---|"]
+    for d in sorted(runs, key=lambda r: r["rows"]):
+        out.append(f"| {d['rows']:,} | {d['ok']:,} | {d['failed']} | {d['wall_seconds']:.1f} | {d['images_per_second']:.2f} "
+                   f"| {d['driver_rss_start_mib']:.0f} MiB | {d['driver_rss_peak_mib']:.0f} MiB | {d['driver_rss_end_mib']:.0f} MiB |")
+    return out + [""]
 
 
 def main() -> None:
@@ -76,11 +77,13 @@ def main() -> None:
              "`bench/results/`. Every figure names its command, machine and date.", ""]
     sections = [("train_speed_cpu", lambda d: _speed(d, "cpu")), ("train_speed_cuda", lambda d: _speed(d, "cuda"))]
     sections += [(p.stem, _quality) for p in sorted(RESULTS.glob("quality_*.json"))]
-    sections += [(p.stem, _orchestration) for p in sorted(RESULTS.glob("orchestration_*.json"))]
     for name, render in sections:
         data = _load(name)
         if data is not None:
             lines += render(data)
+    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("orchestration_*.json"))]
+    if runs:
+        lines += _orchestration(runs)
     extra = RESULTS / "notes.md"
     if extra.exists():
         lines += [extra.read_text().rstrip(), ""]
