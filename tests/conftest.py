@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-IMAGES_DIR = Path("/work/shared/data/images")
+# The CC0 example images in the shared folder beside the repository.
+IMAGES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "images"
 # RGB sources of different formats and aspect ratios.
 EXAMPLE_IMAGES = ("astronaut.png", "chelsea.png", "rocket.jpg")
 EXAMPLE_SIZE = 48

@@ -18,7 +18,7 @@ from ingan.metrics import (
     sliced_wasserstein,
 )
 
-IMAGES = Path("/work/shared/data/images")
+IMAGES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "images"
 KEYS = ("completeness", "coherence", "swd")
 
 

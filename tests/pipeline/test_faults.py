@@ -48,7 +48,7 @@ from pipeline.task import Item, Job
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-IMAGES_DIR = Path("/work/shared/data/images")
+IMAGES_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "images"
 # Distinct photos, so no two items train in lockstep and finish at the same instant.
 NAMES = ("astronaut.png", "brick.png", "chelsea.png", "coffee.png", "horse.png", "rocket.jpg")
 SHORT_SIDE = 48

@@ -40,7 +40,7 @@ from pipeline import driver, executor, layout
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-IMAGES_DIR = Path("/work/shared/data/images")
+IMAGES_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "images"
 SOURCES = {"astronaut": "astronaut.png", "chelsea": "chelsea.png", "rocket": "rocket.jpg"}
 SHORT_SIDE = 48
 
