@@ -14,7 +14,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,29 +84,55 @@ def _wait_until_answering(
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint(
+def start_moto(
     fake_aws_credentials: None, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """URL of a moto S3 server on loopback, started once per session and stopped at its end."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+) -> Iterator[Callable[[], str]]:
+    """Starts a moto S3 server on a free loopback port and returns its URL; every server started
+    is stopped at the end of the session."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> str:
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        log = tmp_path_factory.mktemp("moto") / "server.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        procs.append(proc)
         _wait_until_answering(url, proc, log, timeout=30)
-        yield url
-    finally:
+        return url
+
+    yield start
+    for proc in procs:
         proc.terminate()
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(start_moto: Callable[[], str]) -> str:
+    """URL of the session's shared moto S3 server on loopback."""
+    return start_moto()
+
+
+@pytest.fixture(scope="module")
+def local_ray(fake_aws_credentials: None) -> Iterator[None]:
+    """One local Ray instance for the module, started after the dummy AWS variables are set (its
+    workers inherit them). ``address='local'`` never joins a cluster someone else started."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    if started:
+        ray.shutdown()
 
 
 @pytest.fixture

@@ -19,14 +19,12 @@ import json
 import os
 import socket
 import struct
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 from PIL import Image
 
 from pipeline import driver, executor, layout
@@ -278,17 +275,6 @@ def _assert_no_leak(secrets: tuple[str, ...], blobs: dict[str, bytes]) -> None:
             assert secret.encode() not in data, f"{secret!r} leaked into {name}"
 
 
-@pytest.fixture(scope="module")
-def local_ray(fake_aws_credentials: None) -> Iterator[None]:
-    """One local Ray for the module; ``address='local'`` never joins someone else's cluster."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    if started:
-        ray.shutdown()
-
-
 @dataclass
 class AuthS3:
     endpoint: str
@@ -297,57 +283,28 @@ class AuthS3:
 
 
 @pytest.fixture(scope="module")
-def denying_s3(
-    fake_aws_credentials: None, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[AuthS3]:
+def denying_s3(start_moto: Callable[[], str]) -> AuthS3:
     """A private moto S3 server with IAM authentication on, holding ``s3://locked/secret.png``,
     and the keys of an IAM user with no permissions: every read with them is a real 403."""
     import boto3
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("moto-auth") / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=1).close()
-                break
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto did not start:\n{log.read_text()[-2000:]}") from None
-                time.sleep(0.1)
-        # Set up while authentication is still off (moto's default)...
-        s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
-        s3.create_bucket(Bucket="locked")
-        s3.put_object(Bucket="locked", Key="secret.png", Body=_encode(_photo(), "PNG"))
-        iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1")
-        iam.create_user(UserName="nobody")
-        key = iam.create_access_key(UserName="nobody")["AccessKey"]
-        # ...then enforce IAM for every request from now on.
-        req = urllib.request.Request(
-            f"{url}/moto-api/reset-auth",
-            data=b"0",
-            method="POST",
-            headers={"Content-Type": "text/plain"},
-        )
-        urllib.request.urlopen(req, timeout=10).close()
-        yield AuthS3(url, key["AccessKeyId"], key["SecretAccessKey"])
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    url = start_moto()
+    # Set up while authentication is still off (moto's default)...
+    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+    s3.create_bucket(Bucket="locked")
+    s3.put_object(Bucket="locked", Key="secret.png", Body=_encode(_photo(), "PNG"))
+    iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1")
+    iam.create_user(UserName="nobody")
+    key = iam.create_access_key(UserName="nobody")["AccessKey"]
+    # ...then enforce IAM for every request from now on.
+    req = urllib.request.Request(
+        f"{url}/moto-api/reset-auth",
+        data=b"0",
+        method="POST",
+        headers={"Content-Type": "text/plain"},
+    )
+    urllib.request.urlopen(req, timeout=10).close()
+    return AuthS3(url, key["AccessKeyId"], key["SecretAccessKey"])
 
 
 @dataclass

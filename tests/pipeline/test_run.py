@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 from PIL import Image
 
 from pipeline import driver, executor, layout
@@ -131,18 +129,6 @@ def _run_main(argv: list[str]) -> tuple[int, str]:
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def local_ray(fake_aws_credentials: None) -> Iterator[None]:
-    """One local Ray instance for the module, started after the dummy AWS variables are set (its
-    workers inherit them). ``address='local'`` never joins a cluster someone else started."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    if started:
-        ray.shutdown()
 
 
 @dataclass
