@@ -124,11 +124,12 @@ def connect(num_cpus_local: int | None = None) -> str:
     this machine), else start a local one. Returns a description for the log."""
     if ray.is_initialized():
         return "already connected"
+    joining = _cluster_running()
     ray.init(
         address=os.environ.get("RAY_ADDRESS") or None,
-        num_cpus=None if _cluster_running() else num_cpus_local,
+        num_cpus=None if joining else num_cpus_local,
         log_to_driver=True,
-        include_dashboard=False if not _cluster_running() else None,
+        include_dashboard=None if joining else False,
         configure_logging=True,
         logging_level="WARNING",
     )

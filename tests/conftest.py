@@ -193,3 +193,16 @@ def example_images(tmp_path: Path) -> list[Path]:
             small.save(path)
         paths.append(path)
     return paths
+
+
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if anything tries to reach Ray or run a task."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("nothing may run here")
+
+    from pipeline import executor
+
+    monkeypatch.setattr(executor, "connect", refuse)
+    monkeypatch.setattr(executor, "run_items", refuse)

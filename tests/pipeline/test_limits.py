@@ -28,7 +28,7 @@ from PIL import Image
 
 import pipeline.task as task_module
 from ingan import checkpoint
-from pipeline import driver, executor, layout
+from pipeline import driver, layout
 from pipeline.config import RunConfig
 from pipeline.task import Item, Job, process
 
@@ -67,17 +67,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture
-def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if anything tries to reach Ray or run a task."""
-
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("nothing may run here")
-
-    monkeypatch.setattr(executor, "connect", refuse)
-    monkeypatch.setattr(executor, "run_items", refuse)
 
 
 @pytest.fixture

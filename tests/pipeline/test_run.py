@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import driver, executor, layout
+from pipeline import driver, layout
 
 pytestmark = pytest.mark.slow
 
@@ -442,17 +442,6 @@ def local_manifest(tmp_path: Path, example_images: list[Path]) -> Path:
     path = example_images[0].parent / "manifest.parquet"
     pq.write_table(pa.table({"uri": [p.name for p in example_images]}), path)
     return path
-
-
-@pytest.fixture
-def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if anything tries to reach Ray or run a task."""
-
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("nothing may run here")
-
-    monkeypatch.setattr(executor, "connect", refuse)
-    monkeypatch.setattr(executor, "run_items", refuse)
 
 
 def test_dry_run_runs_and_writes_nothing(
