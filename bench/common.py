@@ -15,7 +15,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-IMAGES = Path(os.environ.get("INGAN_BENCH_IMAGES", ROOT.parent / "shared" / "data" / "images"))
+# The benchmark set: eight photographs and textures at 256 px on the longer side (LICENSES.md).
+IMAGES = ROOT / "bench" / "images"
 
 
 def machine() -> dict[str, Any]:
@@ -45,5 +46,32 @@ def save(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
-def bench_images() -> list[Path]:
-    return sorted(p for p in IMAGES.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+def bench_images(names: str | None = None) -> list[Path]:
+    """The benchmark images, or those named in a comma-separated list (with or without suffix)."""
+    paths = sorted(p for p in IMAGES.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not names:
+        return paths
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    by_name = {p.name: p for p in paths} | {p.stem: p for p in paths}
+    missing = [n for n in wanted if n not in by_name]
+    if missing:
+        raise SystemExit(f"no benchmark image named {', '.join(missing)} in {IMAGES}")
+    return [by_name[n] for n in wanted]
+
+
+def parse_overrides(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``FIELD=VALUE`` strings -> (ModelConfig overrides, TrainConfig overrides); ``model.FIELD``
+    goes to the model. Values are read as YAML scalars (numbers, booleans, null)."""
+    import yaml
+
+    model, train = {}, {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set wants FIELD=VALUE, got {item!r}")
+        parsed = yaml.safe_load(value)
+        if key.startswith("model."):
+            model[key.removeprefix("model.")] = parsed
+        else:
+            train[key] = parsed
+    return model, train

@@ -1,40 +1,53 @@
-"""Quality table: InGAN beside bicubic resize and centre crop on the bundled images.
+"""Quality table: the presets' InGAN outputs beside bicubic resize, centre crop and seam carving.
 
-    python -m bench.quality [--preset tiny] [--iterations N] [--images a.png,b.png]
+    python -m bench.quality --presets cpu [--iterations N] [--images a,b] [--jobs 2] [--reuse]
 
-For each image and each target (width x2, width x0.5, square at the source height) every method's
-output is scored against its source with the pipeline's own scoring (both scaled by the same
-factor to at most 192 px): completeness, coherence, patch SWD; lower is better.
+For each benchmark image (``bench/images``, 256 px on the longer side) and each target (width x2,
+width x0.5, square at the source height) every method's output is scored against its source with
+the pipeline's own scoring (``ingan.metrics.score_outputs``: completeness, coherence, patch SWD;
+lower is better). InGAN images are trained ``--jobs`` at a time, one torch thread each, as the
+pipeline runs them on a CPU node; each one's training and retargeting seconds are recorded.
+
+Writes ``bench/results/quality_<presets>.json`` (per image and means), the outputs under
+``bench/results/quality_outputs/<method>/`` (``--reuse`` scores those again without training),
+and one contact sheet per target, ``bench/results/quality_<presets>_<target>.png``: each row is one
+image, the source first, then each method's output at the same height.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import statistics
 import time
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 from ingan import images
 from ingan.config import get_preset
-from ingan.retarget import retarget_image
-from ingan.train import pick_device, train
-from pipeline.task import score_outputs
+from ingan.metrics import score_outputs
 
-from .common import bench_images, machine, save
+from .common import RESULTS, bench_images, machine, save
 
 METRICS = ("completeness", "coherence", "swd")
+TARGETS = ("width x2", "width x0.5", "square")
+BASELINES = ("bicubic", "centre crop", "seam carving")
+OUTPUTS = RESULTS / "quality_outputs"
 
 
 def targets(w: int, h: int) -> dict[str, tuple[int, int]]:
+    """Target name -> (W, H) for a W x H source."""
     return {"width x2": (2 * w, h), "width x0.5": (max(8, w // 2), h), "square": (h, h)}
 
 
 def bicubic(src: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (3, H, W) -> uint8 (3, h, w) for ``size`` = (w, h): the pipeline's own resize."""
     w, h = size
-    y = F.interpolate(src[None].float(), size=(h, w), mode="bicubic", align_corners=False, antialias=True)[0]
-    return y.round().clamp(0, 255).to(torch.uint8)
+    return images.resize(src, (h, w))
 
 
 def centre_crop(src: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -49,48 +62,155 @@ def centre_crop(src: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return bicubic(src[:, top:top + ch, left:left + cw], size)
 
 
+def seam_carve(src: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Seam carving (Avidan and Shamir; Rubinstein et al.'s forward energy) to ``size`` = (w, h)."""
+    import seam_carving
+
+    arr = src.permute(1, 2, 0).numpy()
+    out = seam_carving.resize(arr, size, energy_mode="forward", order="width-first")
+    return torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1).contiguous()
+
+
+BASELINE_FNS = {"bicubic": bicubic, "centre crop": centre_crop, "seam carving": seam_carve}
+
+
+def _slug(name: str) -> str:
+    return name.replace(" ", "_").replace(".", "")
+
+
+def output_path(method: str, image: str, target: str) -> Path:
+    return OUTPUTS / _slug(method) / f"{Path(image).stem}_{_slug(target)}.png"
+
+
+def _train_one(job: tuple[str, str, int | None, str]) -> tuple[str, str, dict[str, torch.Tensor], float, float]:
+    """Worker: train ``preset`` on one image and retarget it to the fixed targets."""
+    from ingan.retarget import retarget_image
+    from ingan.train import train
+
+    path, preset_name, iterations, device = job
+    torch.set_num_threads(1)
+    preset = get_preset(preset_name)
+    train_cfg = preset.train.with_overrides(iterations=iterations)
+    src = images.load(path)
+    tg = targets(src.shape[-1], src.shape[-2])
+    t0 = time.perf_counter()
+    trainer = train(src, preset.model, train_cfg, device)
+    t1 = time.perf_counter()
+    outs = retarget_image(trainer.generator, src, [(h, w) for w, h in tg.values()], train_cfg.max_side)
+    t2 = time.perf_counter()
+    return path, preset_name, dict(zip(tg, outs, strict=True)), t1 - t0, t2 - t1
+
+
+def _save_png(t: torch.Tensor, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(t.permute(1, 2, 0).numpy()).save(path)
+
+
+def _load_png(path: Path) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+
+
+def contact_sheet(rows: list[tuple[str, torch.Tensor, dict[str, torch.Tensor]]], path: Path, height: int = 128) -> None:
+    """One row per image: the source, then each method's output, all scaled to ``height``."""
+    pad, label_h = 6, 16
+    cells = []
+    for name, src, outs in rows:
+        row = [("source: " + Path(name).stem, src)] + list(outs.items())
+        cells.append([(lb, Image.fromarray(t.permute(1, 2, 0).numpy()).resize(
+            (max(1, round(t.shape[-1] * height / t.shape[-2])), height), Image.LANCZOS)) for lb, t in row])
+    width = max(sum(im.width + pad for _, im in row) for row in cells) + pad
+    sheet = Image.new("RGB", (width, len(cells) * (height + label_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    y = pad
+    for row in cells:
+        x = pad
+        for label, im in row:
+            draw.text((x, y), label, fill="black")
+            sheet.paste(im, (x, y + label_h))
+            x += im.width + pad
+        y += height + label_h + pad
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, optimize=True)
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--iterations", type=int)
-    ap.add_argument("--images", help="comma-separated file names (default: all bundled)")
-    ap.add_argument("--device", default="auto")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--presets", default="cpu", help="comma-separated presets to train (e.g. cpu,tiny)")
+    ap.add_argument("--iterations", type=int, help="override every preset's iterations")
+    ap.add_argument("--images", help="comma-separated names from bench/images (default: all)")
+    ap.add_argument("--jobs", type=int, default=2, help="images trained at once, one torch thread each")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--reuse", action="store_true", help="score the saved InGAN outputs again, no training")
     args = ap.parse_args()
-    device = pick_device(args.device)
-    preset = get_preset(args.preset)
-    train_cfg = preset.train.with_overrides(iterations=args.iterations)
-    paths = bench_images()
-    if args.images:
-        wanted = set(args.images.split(","))
-        paths = [p for p in paths if p.name in wanted]
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    for p in presets:
+        get_preset(p)  # unknown names fail before any training
+    paths = bench_images(args.images)
+    methods = list(BASELINES) + presets
+
+    outputs: dict[str, dict[str, dict[str, torch.Tensor]]] = {p.name: {} for p in paths}
+    timing: dict[str, dict[str, dict[str, float]]] = {p: {} for p in presets}
+    if args.reuse:
+        for p in paths:
+            for preset in presets:
+                outputs[p.name][preset] = {t: _load_png(output_path(preset, p.name, t)) for t in TARGETS}
+    else:
+        jobs = [(str(p), preset, args.iterations, args.device) for preset in presets for p in paths]
+        started = time.perf_counter()
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(args.jobs) as pool:
+            for path, preset, outs, train_s, retarget_s in pool.imap_unordered(_train_one, jobs):
+                name = Path(path).name
+                outputs[name][preset] = outs
+                timing[preset][name] = {"train_s": train_s, "retarget_s": retarget_s}
+                for t, out in outs.items():
+                    _save_png(out, output_path(preset, name, t))
+                print(f"{preset} {name}: trained in {train_s:.0f} s, retargeted in {retarget_s:.2f} s", flush=True)
+        print(f"all trainings: {time.perf_counter() - started:.0f} s wall with {args.jobs} at once", flush=True)
+
     rows = []
-    for path in paths:
-        src = images.load(str(path))
-        sh, sw = src.shape[-2:]
-        tg = targets(sw, sh)
-        t0 = time.perf_counter()
-        trainer = train(src, preset.model, train_cfg, device)
-        train_s = time.perf_counter() - t0
-        sizes = list(tg.values())
-        outs = {"ingan": retarget_image(trainer.g, src, [(h, w) for w, h in sizes], train_cfg.max_side),
-                "bicubic": [bicubic(src, s) for s in sizes], "centre crop": [centre_crop(src, s) for s in sizes]}
-        for method, method_outs in outs.items():
-            scored = score_outputs(src, dict(zip(sizes, method_outs, strict=True)), 192)
-            for name, size in tg.items():
-                rows.append({"image": path.name, "target": name, "size": f"{size[0]}x{size[1]}", "method": method,
-                             **scored[size]})
-        print(f"{path.name}: trained {train_s:.1f} s", flush=True)
-    summary = []
-    for target in ("width x2", "width x0.5", "square"):
-        for method in ("ingan", "bicubic", "centre crop"):
-            sel = [r for r in rows if r["target"] == target and r["method"] == method]
-            summary.append({"target": target, "method": method,
-                            **{m: statistics.mean(r[m] for r in sel) for m in METRICS}})
-    for s in summary:
-        print(s)
-    save(f"quality_{args.preset}_{device.type}", {"machine": machine(), "preset": args.preset,
-                                                   "iterations": train_cfg.iterations, "images": [p.name for p in paths],
-                                                   "rows": rows, "mean": summary})
+    for p in paths:
+        src = images.load(str(p))
+        tg = targets(src.shape[-1], src.shape[-2])
+        for method in BASELINES:
+            outs = {t: BASELINE_FNS[method](src, tg[t]) for t in TARGETS}
+            outputs[p.name][method] = outs
+            for t, out in outs.items():
+                _save_png(out, output_path(method, p.name, t))
+        for method in methods:
+            scored = score_outputs(src, {tg[t]: outputs[p.name][method][t] for t in TARGETS})
+            for t in TARGETS:
+                w, h = tg[t]
+                rows.append({"image": p.name, "target": t, "size": f"{w}x{h}", "method": method, **scored[tg[t]]})
+        print(f"scored {p.name}", flush=True)
+
+    mean = []
+    for t in TARGETS:
+        for method in methods:
+            sel = [r for r in rows if r["target"] == t and r["method"] == method]
+            m = {k: statistics.mean(r[k] for r in sel) for k in METRICS}
+            mean.append({"target": t, "method": method, **m, "bds": m["completeness"] + m["coherence"]})
+    label = "_".join(presets) or "baselines"
+    for t in TARGETS:
+        sheet_rows = [(p.name, images.load(str(p)), {m: outputs[p.name][m][t] for m in methods}) for p in paths]
+        contact_sheet(sheet_rows, RESULTS / f"quality_{label}_{_slug(t)}.png")
+    summary: dict[str, Any] = {"machine": machine(), "presets": presets, "jobs": args.jobs, "reused": args.reuse,
+                               "iterations": {p: get_preset(p).train.with_overrides(iterations=args.iterations).iterations
+                                              for p in presets},
+                               "images": [p.name for p in paths], "rows": rows, "mean": mean}
+    if not args.reuse:
+        summary["timing"] = timing
+    else:
+        # Keep the timings of the run that trained these outputs.
+        import json
+
+        old = RESULTS / f"quality_{label}.json"
+        if old.exists():
+            summary["timing"] = json.loads(old.read_text()).get("timing", {})
+            summary["machine"] = json.loads(old.read_text()).get("machine", summary["machine"])
+    save(f"quality_{label}", summary)
+    for r in mean:
+        print(f"{r['target']:>10} {r['method']:>13}  C+C {r['bds'] * 1e3:6.2f}  SWD {r['swd']:.3f}")
 
 
 if __name__ == "__main__":

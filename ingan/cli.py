@@ -72,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     meta = {"preset": preset.name, "source_hw": list(image.shape[-2:]), "working_hw": list(work_hw),
             "train_seconds": seconds, "device": str(device), "torch": str(torch.__version__)}
-    data = checkpoint.save(checkpoint.from_generator(trainer.g, preset.model, train_cfg, meta))
+    data = checkpoint.save(checkpoint.from_generator(trainer.generator, preset.model, train_cfg, meta))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "wb") as f:

@@ -54,6 +54,8 @@ class TrainConfig:
     deterministic: bool = True  # same seed + same device -> bit-identical weights
     channels_last: bool = True  # NHWC tensors: faster convolutions on oneDNN and cuDNN
     bf16: bool = False  # bfloat16 autocast for convolutions; losses and weights stay float32
+    ema: float = 0.0  # decay of an exponential moving average of G's weights (0 = off); the
+    # average, not the last iterate, is then the trained generator
     log_every: int = 100
 
     def with_overrides(self, **kw: Any) -> TrainConfig:
@@ -79,6 +81,13 @@ PRESETS: dict[str, Preset] = {
         "compressed in proportion (curriculum to 13%, decay from 27%). Working image capped at "
         "512 px on the longer side so whole-image inference stays one cheap pass.",
         train=TrainConfig(iterations=20_000, crop_size=192, lr=1e-4, max_side=512),
+    ),
+    "cpu": Preset(
+        "cpu",
+        "The CPU default: a narrow network trained at the source's own resolution (up to 256 px "
+        "on the longer side) with 128 px crops.",
+        model=ModelConfig(g_channels=16, g_res_blocks=2, d_channels=16),
+        train=TrainConfig(iterations=1800, crop_size=128, max_side=256, lr=2e-4, log_every=100),
     ),
     "tiny": Preset(
         "tiny",

@@ -33,6 +33,8 @@ __all__ = [
     "extract_patches",
     "nearest_sq_distances",
     "score",
+    "score_outputs",
+    "score_against_resize",
     "sliced_wasserstein",
 ]
 
@@ -408,3 +410,53 @@ def score(
     result = bidirectional_similarity(source, output, max_patches=max_patches, seed=seed)
     result["swd"] = sliced_wasserstein(source, output, max_patches=max_patches, seed=seed)
     return result
+
+
+def _downscaled(image: torch.Tensor, max_side: int) -> torch.Tensor:
+    """uint8 (3, H, W) -> float (3, h, w) in [0, 1] with the longer side at most ``max_side``."""
+    x = image.float() / 255.0
+    h, w = x.shape[-2:]
+    if max(h, w) <= max_side:
+        return x
+    s = max_side / max(h, w)
+    size = (max(8, round(h * s)), max(8, round(w * s)))
+    return torch.nn.functional.interpolate(x[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def score_outputs(
+    source: torch.Tensor, outs: dict[tuple[int, int], torch.Tensor], max_side: int = 192
+) -> dict[tuple[int, int], dict[str, float]]:
+    """Metrics of each uint8 output (keyed by its (W, H)) against its uint8 source, both
+    scaled by the one factor that brings the source's longer side to at most ``max_side``: the
+    patches compare like with like and the cost stays bounded. The pipeline and the benchmarks
+    both score through here, so their figures are comparable."""
+    h, w = source.shape[-2:]
+    scale = min(1.0, max_side / max(h, w))
+    src = _downscaled(source, round(max(h, w) * scale))
+    result = {}
+    for (ow, oh), out in outs.items():
+        small = _downscaled(out, max(8, round(max(ow, oh) * scale)))
+        result[(ow, oh)] = {k: float(v) for k, v in score(src, small).items()}
+    return result
+
+
+def beats(output: dict[str, float], baseline: dict[str, float]) -> bool:
+    """True when ``output`` scores better (lower) than ``baseline`` on both counts: completeness +
+    coherence together, and patch SWD."""
+    return (output["completeness"] + output["coherence"] < baseline["completeness"] + baseline["coherence"]
+            and output["swd"] < baseline["swd"])
+
+
+def score_against_resize(
+    source: torch.Tensor, outs: dict[tuple[int, int], torch.Tensor], max_side: int = 192
+) -> dict[tuple[int, int], dict[str, float | bool]]:
+    """:func:`score_outputs`, plus for each output the same metrics of a bicubic resize of the
+    source to the same (W, H), computed the same way (``resize_completeness``, ``resize_coherence``,
+    ``resize_swd``), and ``beats_resize``: whether the output earns its place over that resize."""
+    from .images import resize
+
+    resized = {(w, h): resize(source, (h, w)) for w, h in outs}
+    ours = score_outputs(source, outs, max_side)
+    theirs = score_outputs(source, resized, max_side)
+    return {size: {**ours[size], **{f"resize_{k}": v for k, v in theirs[size].items()},
+                   "beats_resize": beats(ours[size], theirs[size])} for size in outs}

@@ -11,6 +11,7 @@ inside a forked scope, so the same seed on the same device gives bit-identical w
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -105,6 +106,24 @@ class Trainer:
         self.rng = torch.Generator().manual_seed(train_cfg.seed)  # crops, shapes, shifts (CPU)
         self.noise_rng = torch.Generator(device=self.device).manual_seed(train_cfg.seed + 1)
         self.iteration = 0
+        # The averaged generator: a copy whose parameters trail G's (its buffers, BatchNorm
+        # running statistics and spectral-norm vectors, are copied as they are).
+        self.g_ema = copy.deepcopy(self.g).requires_grad_(False) if train_cfg.ema > 0 else None
+
+    @property
+    def generator(self) -> Generator:
+        """The trained generator: the weight average when ``ema`` is on, else G itself."""
+        return self.g if self.g_ema is None else self.g_ema
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        assert self.g_ema is not None
+        # Warm-up: early on the average follows G closely instead of remembering its random init.
+        decay = min(self.cfg.ema, (1 + self.iteration) / (10 + self.iteration))
+        for p_ema, p in zip(self.g_ema.parameters(), self.g.parameters(), strict=True):
+            p_ema.lerp_(p, 1 - decay)
+        for b_ema, b in zip(self.g_ema.buffers(), self.g.buffers(), strict=True):
+            b_ema.copy_(b)
 
     # -- schedule -------------------------------------------------------------------------------
     def _lr_factor(self, i: int) -> float:
@@ -184,6 +203,8 @@ class Trainer:
             self.opt_g.step()
             out["rec2"] = loss_rec2.detach()
 
+        if self.g_ema is not None:
+            self._update_ema()
         self.sched_g.step()
         self.sched_d.step()
         self.iteration += 1
@@ -204,6 +225,8 @@ class Trainer:
                                   elapsed, (done - first) / elapsed if elapsed > 0 else 0.0))
         self.g.eval()
         self.d.eval()
+        if self.g_ema is not None:
+            self.g_ema.eval()
 
 
 def to_model_input(image: Tensor) -> Tensor:
@@ -221,7 +244,7 @@ def train(
     progress: ProgressFn | None = None,
 ) -> Trainer:
     """Train on ``image`` ((3, H, W), uint8 or float in [0, 1]) and return the finished trainer;
-    its generator is in eval mode, ready for ``retarget``."""
+    its ``generator`` is in eval mode, ready for ``retarget``."""
     trainer = Trainer(to_model_input(image), model_cfg, train_cfg, device)
     trainer.run(progress)
     return trainer

@@ -45,6 +45,12 @@ OUTPUT_TYPE = pa.struct(
         ("completeness", pa.float64()),
         ("coherence", pa.float64()),
         ("swd", pa.float64()),
+        # The same metrics for a bicubic resize of the source to the same size, and whether the
+        # output beats it on both completeness + coherence and patch SWD (null: not scored).
+        ("resize_completeness", pa.float64()),
+        ("resize_coherence", pa.float64()),
+        ("resize_swd", pa.float64()),
+        ("beats_resize", pa.bool_()),
     ]
 )
 
@@ -152,6 +158,7 @@ def summarize(
         "status_counts": counts,
         "error_kinds": _error_kind_counts(records),
         "outputs_written": sum(len(r.get("outputs") or []) for r in records),
+        "verdicts": verdict_counts(records),
         "durations": {
             "total_seconds": _percentiles(r.get("total_seconds") for r in records),
             "train_seconds": _percentiles(r.get("train_seconds") for r in records),
@@ -163,6 +170,16 @@ def summarize(
         "config": redact(config),
         "versions": dict(versions),
     }
+
+
+def verdict_counts(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Outputs of ok and skipped rows that beat their bicubic resize, that do not, and unscored."""
+    counts = {"beats_resize": 0, "loses_to_resize": 0, "unscored": 0}
+    for r in records:
+        for o in r.get("outputs") or []:
+            verdict = o.get("beats_resize")
+            counts["unscored" if verdict is None else "beats_resize" if verdict else "loses_to_resize"] += 1
+    return counts
 
 
 def status_counts(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
@@ -247,6 +264,11 @@ figcaption { font-size: 11px; color: #59636e; text-align: center; max-width: 200
 .placeholder { display: flex; align-items: center; justify-content: center; text-align: center;
                background: #eaeef2; color: #59636e; font-size: 11px; padding: 4px; }
 .more { color: #59636e; font-style: italic; }
+.pair { display: flex; gap: 4px; align-items: flex-end; padding: 4px; border-radius: 6px; }
+.pair.wins { background: #dafbe1; } .pair.loses { background: #eaeef2; }
+figure.resize img { opacity: 0.85; }
+.verdict { font-weight: 600; font-size: 11px; }
+.wins .verdict { color: var(--ok); } .loses .verdict { color: #59636e; }
 """
 
 
@@ -261,6 +283,7 @@ def render_report(
     """A self-contained HTML contact sheet of the first ``max_items`` records, in manifest order."""
     shown = records[:max_items]
     thumbs = _thumbnails(folder, _image_rels(shown), thumb_px)
+    thumbs.update(_resize_thumbnails(folder, shown, thumb_px))
     rows = [_record_html(r, thumbs, thumb_px) for r in shown]
     hidden = len(records) - len(shown)
     if hidden > 0:
@@ -325,6 +348,43 @@ def _thumbnails(folder: Folder, rels: list[str], thumb_px: int) -> dict[str, str
         )
 
 
+def _resize_key(source_rel: str, width: int, height: int) -> str:
+    return f"resize:{width}x{height}:{source_rel}"
+
+
+def _resize_thumbnails(folder: Folder, records: Sequence[Mapping[str, Any]], thumb_px: int) -> dict[str, str | None]:
+    """A bicubic resize of each source to each of its outputs' shapes, drawn from the source
+    preview: what a plain resize gives at that size, to look at beside the output."""
+    wanted: dict[str, list[tuple[int, int]]] = {}
+    for r in records:
+        if r.get("source_rel"):
+            sizes = {(o["width"], o["height"]) for o in r.get("outputs") or [] if o.get("width") and o.get("height")}
+            if sizes:
+                wanted.setdefault(r["source_rel"], []).extend(sorted(sizes))
+
+    def one(item: tuple[str, list[tuple[int, int]]]) -> dict[str, str | None]:
+        rel, sizes = item
+        try:
+            with Image.open(io.BytesIO(folder.read_bytes(rel))) as img:
+                src = img.convert("RGB")
+        except Exception:  # noqa: BLE001 - best effort, as for every thumbnail
+            return {_resize_key(rel, w, h): None for w, h in sizes}
+        out = {}
+        for w, h in sizes:
+            scale = thumb_px / max(w, h)
+            im = src.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=_THUMB_QUALITY)
+            out[_resize_key(rel, w, h)] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        return out
+
+    result: dict[str, str | None] = {}
+    with ThreadPoolExecutor(max_workers=_THUMB_READERS) as pool:
+        for part in pool.map(one, wanted.items()):
+            result.update(part)
+    return result
+
+
 def _thumbnail(folder: Folder, rel: str, thumb_px: int) -> str | None:
     try:
         data = folder.read_bytes(rel)
@@ -341,7 +401,7 @@ def _thumbnail(folder: Folder, rel: str, thumb_px: int) -> str | None:
 def _record_html(record: Mapping[str, Any], thumbs: Mapping[str, str | None], thumb_px: int) -> str:
     status = str(record.get("status"))
     figures = [_source_figure(record, thumbs, thumb_px)]
-    figures += [_output_figure(o, thumbs, thumb_px) for o in record.get("outputs") or []]
+    figures += [_output_figure(o, thumbs, thumb_px, record.get("source_rel")) for o in record.get("outputs") or []]
     return (
         f'<section class="row {_esc(status)}">'
         f'<div class="meta">{_meta_html(record, status)}</div>'
@@ -393,15 +453,25 @@ def _source_figure(
 
 
 def _output_figure(
-    output: Mapping[str, Any], thumbs: Mapping[str, str | None], thumb_px: int
+    output: Mapping[str, Any], thumbs: Mapping[str, str | None], thumb_px: int, source_rel: str | None = None
 ) -> str:
     caption = [f"{output.get('width')}x{output.get('height')}"]
     if output.get("ratio") is not None:
         caption.append(f"ratio {_fmt(output['ratio'])}")
     caption += [f"{m} {_fmt(output[m])}" for m in _METRICS if output.get(m) is not None]
-    return _figure(
+    figure = _figure(
         output.get("rel"), thumbs, thumb_px, " · ".join(caption), "output", output.get("uri")
     )
+    verdict = output.get("beats_resize")
+    if verdict is None or not source_rel:
+        return figure
+    resize_caption = ["bicubic resize"]
+    resize_caption += [f"{m} {_fmt(output['resize_' + m])}" for m in _METRICS if output.get("resize_" + m) is not None]
+    resize = _figure(_resize_key(source_rel, output["width"], output["height"]), thumbs, thumb_px,
+                     " · ".join(resize_caption), "resize")
+    label = "beats the resize" if verdict else "the resize wins"
+    return (f'<div class="pair {"wins" if verdict else "loses"}">{figure}{resize}'
+            f'<span class="verdict">{label}</span></div>')
 
 
 def _figure(

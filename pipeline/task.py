@@ -30,6 +30,9 @@ from .storage import Folder, StorageError, UnsupportedURIError, check_uri, read_
 from .targets import Target, TargetError, targets_of
 
 MARKER_VERSION = 1
+# An output's quality fields when metrics are off.
+UNSCORED = {k: None for k in ("completeness", "coherence", "swd", "resize_completeness", "resize_coherence",
+                              "resize_swd", "beats_resize")}
 
 
 @dataclass(frozen=True)
@@ -149,13 +152,15 @@ def _process(item: Item, job: Job, started: float) -> dict[str, Any]:
     outs = retarget_image(g, source, [(h, w) for w, h in unique], ckpt.train.max_side)
     deadline.check()
     ext = {"jpeg": "jpg"}.get(cfg.image_format, cfg.image_format)
-    scored = score_outputs(source, dict(zip(unique, outs, strict=True)), cfg.metrics_max_side) if cfg.metrics else {}
+    # Each output beside a bicubic resize to the same size, scored the same way: the verdict a
+    # nightly job filters on.
+    scored = quality.score_against_resize(source, dict(zip(unique, outs, strict=True)), cfg.metrics_max_side) if cfg.metrics else {}
     written: dict[tuple[int, int], dict[str, Any]] = {}
     for (w, h), out in zip(unique, outs, strict=True):
         rel = layout.output_path(item.id, job.tag, w, h, ext)
         written[(w, h)] = {"width": w, "height": h, "rel": rel,
                            "uri": folder.write_bytes(rel, images.encode(out, cfg.image_format)),
-                           **scored.get((w, h), {"completeness": None, "coherence": None, "swd": None})}
+                           **scored.get((w, h), UNSCORED)}
 
     outputs = [{**written[sizes[t.name]], "ratio": t.ratio, "target": t.name} for t in targets]
     preview_rel = layout.source_preview_path(item.id, job.tag)
@@ -226,7 +231,7 @@ def _model(folder: Folder, rel: str, source: torch.Tensor, item: Item, job: Job,
     # in the result record instead).
     meta = {"id": item.id, "preset": job.preset, "source_hw": list(source.shape[-2:]), "working_hw": list(work_hw),
             "device": str(trainer.device), "torch": str(torch.__version__)}
-    ckpt = checkpoint.from_generator(trainer.g, model_cfg, train_cfg, meta)
+    ckpt = checkpoint.from_generator(trainer.generator, model_cfg, train_cfg, meta)
     folder.write_bytes(rel, checkpoint.save(ckpt))
     return ckpt, seconds
 
@@ -247,30 +252,6 @@ def _trainable(cfg: TrainConfig, source: torch.Tensor) -> TrainConfig:
 def _smaller(cfg: TrainConfig, source: torch.Tensor) -> TrainConfig:
     side = max(source.shape[-2:]) if cfg.max_side is None else cfg.max_side
     return dataclasses.replace(cfg, crop_size=max(32, cfg.crop_size // 2), max_side=max(64, side // 2))
-
-
-def _downscaled(image: torch.Tensor, max_side: int) -> torch.Tensor:
-    """uint8 (3, H, W) -> float (3, h, w) in [0, 1] with the longer side at most ``max_side``."""
-    x = image.float() / 255.0
-    h, w = x.shape[-2:]
-    if max(h, w) <= max_side:
-        return x
-    s = max_side / max(h, w)
-    size = (max(8, round(h * s)), max(8, round(w * s)))
-    return torch.nn.functional.interpolate(x[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
-
-
-def score_outputs(source: torch.Tensor, outs: dict[tuple[int, int], torch.Tensor], max_side: int) -> dict[tuple[int, int], dict[str, float]]:
-    """Metrics of each output against its source, both downscaled by the same factor so the
-    patches compare like with like and the cost stays bounded."""
-    h, w = source.shape[-2:]
-    scale = min(1.0, max_side / max(h, w))
-    src = _downscaled(source, round(max(h, w) * scale))
-    result = {}
-    for (ow, oh), out in outs.items():
-        small = _downscaled(out, max(8, round(max(ow, oh) * scale)))
-        result[(ow, oh)] = {k: float(v) for k, v in quality.score(src, small).items()}
-    return result
 
 
 def _preview(source: torch.Tensor, max_side: int = 256) -> bytes:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
-IMAGES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "images"
+IMAGES = Path(__file__).resolve().parents[1] / "data" / "images"
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -15,10 +15,11 @@ from ingan.metrics import (
     extract_patches,
     nearest_sq_distances,
     score,
+    score_against_resize,
     sliced_wasserstein,
 )
 
-IMAGES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "images"
+IMAGES = Path(__file__).resolve().parents[1] / "data" / "images"
 KEYS = ("completeness", "coherence", "swd")
 
 
@@ -227,3 +228,44 @@ def test_bad_parameters_raise() -> None:
         nearest_sq_distances(torch.rand(4, 3), torch.rand(5, 2))
     with pytest.raises(ValueError):
         nearest_sq_distances(torch.rand(4, 3), torch.rand(5, 3), chunk_floats=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verdict against a bicubic resize
+# ---------------------------------------------------------------------------------------------
+
+
+def _uint8(x: torch.Tensor) -> torch.Tensor:
+    return (x * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def test_a_continued_texture_beats_its_stretch(brick: torch.Tensor) -> None:
+    """Width x2 of a texture by continuing it (the source beside its mirror image: every patch
+    is a source patch at its own size) must beat the resize, which stretches every brick."""
+    src = _uint8(brick)  # (3, 64, 64)
+    continued = torch.cat([src, src.flip(-1)], dim=-1)  # (3, 64, 128)
+    result = score_against_resize(src, {(128, 64): continued})[(128, 64)]
+    assert result["beats_resize"] is True
+    assert result["completeness"] + result["coherence"] < result["resize_completeness"] + result["resize_coherence"]
+    assert result["swd"] < result["resize_swd"]
+
+
+def test_blurred_and_flat_outputs_lose_to_the_resize(cat: torch.Tensor) -> None:
+    src = _uint8(cat)  # (3, 64, 96)
+    stretched = F.interpolate(cat[None], size=(64, 192), mode="bilinear", align_corners=False)[0]
+    blurred = _uint8(F.avg_pool2d(stretched[None], 5, stride=1, padding=2, count_include_pad=False)[0])
+    flat = torch.full((3, 64, 192), 128, dtype=torch.uint8)
+    result = score_against_resize(src, {(192, 64): blurred, (190, 64): flat})
+    for size in ((192, 64), (190, 64)):
+        assert result[size]["beats_resize"] is False, size
+        assert result[size]["swd"] > result[size]["resize_swd"], size
+
+
+def test_the_resize_itself_does_not_beat_the_resize(cat: torch.Tensor) -> None:
+    from ingan.images import resize
+
+    src = _uint8(cat)
+    result = score_against_resize(src, {(150, 64): resize(src, (64, 150))})[(150, 64)]
+    assert result["beats_resize"] is False  # equal scores: not better
+    for key in ("completeness", "coherence", "swd"):
+        assert result[key] == pytest.approx(result["resize_" + key])

@@ -18,7 +18,7 @@ from ingan.train import Progress, Trainer, to_model_input, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-IMAGES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "images"
+IMAGES = Path(__file__).resolve().parents[1] / "data" / "images"
 TINY = get_preset("tiny")
 
 

@@ -37,6 +37,10 @@ def _output(rel: str, width: int, height: int, **metrics: float | None) -> dict:
         "completeness": metrics.get("completeness"),
         "coherence": metrics.get("coherence"),
         "swd": metrics.get("swd"),
+        "resize_completeness": metrics.get("resize_completeness"),
+        "resize_coherence": metrics.get("resize_coherence"),
+        "resize_swd": metrics.get("resize_swd"),
+        "beats_resize": metrics.get("beats_resize"),
     }
 
 
@@ -93,7 +97,8 @@ def test_results_table_keeps_order_and_statuses() -> None:
 
 def test_outputs_round_trip_through_parquet(folder: Folder) -> None:
     outputs = [
-        _output("x/a.png", 64, 32, completeness=0.5, coherence=0.25, swd=1.5),
+        _output("x/a.png", 64, 32, completeness=0.5, coherence=0.25, swd=1.5,
+                resize_completeness=0.6, resize_coherence=0.3, resize_swd=1.75, beats_resize=True),
         _output("x/b.png", 32, 64),
     ]
     records = [
@@ -315,3 +320,38 @@ def test_report_notes_records_beyond_max_items(folder: Folder) -> None:
 def test_report_without_overflow_has_no_note(folder: Folder) -> None:
     page = render_report(folder, [_record("a")], title="run", max_items=1)
     assert "more record" not in page
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def test_summarize_counts_verdicts() -> None:
+    verdicts = [True, True, False, None]
+    outputs = [_output(f"v/{i}.png", 32, 16, beats_resize=v) for i, v in enumerate(verdicts)]
+    records = [_record("v", outputs=outputs), _record("w", "skipped", outputs=outputs[:1]), _record("f", "failed")]
+    summary = summarize(records, config={}, started=0.0, finished=1.0, versions={})
+    assert summary["verdicts"] == {"beats_resize": 3, "loses_to_resize": 1, "unscored": 1}
+
+
+def test_report_shows_the_resize_beside_each_scored_output(folder: Folder) -> None:
+    record = _ok_record_with_images(folder)
+    _write_jpeg(folder, "img1/out_800x300.jpg", (800, 300), "green")
+    record["outputs"][0].update(resize_completeness=0.2, resize_coherence=3.0, resize_swd=2e4, beats_resize=True)
+    record["outputs"].append(_output("img1/out_800x300.jpg", 800, 300, completeness=0.5, coherence=4.0, swd=3e4,
+                                     resize_completeness=0.1, resize_coherence=1.0, resize_swd=1e4, beats_resize=False))
+    record["outputs"].append(_output("img1/out_100x100.jpg", 100, 100))  # not scored: no resize shown
+    _write_jpeg(folder, "img1/out_100x100.jpg", (100, 100), "red")
+    page = render_report(folder, [record], title="run", thumb_px=64)
+    # source, three outputs, and one resize for each of the two scored outputs
+    thumbs = re.findall(r"data:image/jpeg;base64,([A-Za-z0-9+/=]+)", page)
+    assert len(thumbs) == 6
+    sizes = []
+    for b64 in thumbs:
+        with Image.open(io.BytesIO(base64.b64decode(b64))) as img:
+            sizes.append(img.size)
+    # Each resize has its output's shape, drawn from the source preview.
+    assert sizes.count((43, 64)) == 2 and sizes.count((64, 24)) == 2
+    assert page.count("<figcaption>bicubic resize") == 2
+    assert page.count('class="pair wins"') == 1 and page.count('class="pair loses"') == 1
+    assert "beats the resize" in page and "the resize wins" in page
+    assert "2e+04" in page  # the resize's own SWD is printed under it
