@@ -61,7 +61,10 @@ def bench_images(names: str | None = None) -> list[Path]:
 
 def parse_overrides(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``FIELD=VALUE`` strings -> (ModelConfig overrides, TrainConfig overrides); ``model.FIELD``
-    goes to the model. Values are read as YAML scalars (numbers, booleans, null)."""
+    goes to the model. Values are Python literals (``4e-4``, ``True``, ``None``) or YAML scalars
+    (``true``, ``null``)."""
+    import ast
+
     import yaml
 
     model, train = {}, {}
@@ -69,7 +72,10 @@ def parse_overrides(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--set wants FIELD=VALUE, got {item!r}")
-        parsed = yaml.safe_load(value)
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = yaml.safe_load(value)
         if key.startswith("model."):
             model[key.removeprefix("model.")] = parsed
         else:

@@ -23,6 +23,7 @@ means) and, with ``--plot``, one PNG comparing runs, each metric as a ratio to b
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import statistics
@@ -55,14 +56,15 @@ def counted_step(trainer: Trainer) -> int:
 
 def evaluate(trainer: Trainer, src: torch.Tensor, max_side: int | None) -> dict[str, dict[str, float]]:
     """Metrics of the current generator's outputs for the fixed targets of ``src``."""
-    g = trainer.generator
-    was_training = g.training
+    # A copy, finished as training finishes it (statistics calibrated when the config says so),
+    # so evaluating never disturbs the training that goes on.
+    g = copy.deepcopy(trainer.generator)
+    if trainer.cfg.norm_calibration > 0:
+        trainer.calibrate_norm_stats(g, trainer.cfg.norm_calibration)
     g.eval()
     tg = targets(src.shape[-1], src.shape[-2])
     sizes = list(tg.values())
     outs = retarget_image(g, src, [(h, w) for w, h in sizes], max_side)
-    if was_training:
-        g.train()
     scored = score_outputs(src, dict(zip(sizes, outs, strict=True)))
     return {name: scored[size] for name, size in tg.items()}
 
@@ -92,6 +94,9 @@ def run_image(src: torch.Tensor, model: ModelConfig, train: TrainConfig, eval_ev
         if i % eval_every == 0 or i == train.iterations:
             points.append({"iteration": i, "flops": flops, "seconds": seconds,
                            "metrics": evaluate(trainer, src, train.max_side)})
+            m = points[-1]["metrics"]
+            print(f"  {i}: {seconds:.0f} s, " + ", ".join(
+                f"{t} C+C {(v['completeness'] + v['coherence']) * 1e3:.2f} SWD {v['swd']:.3f}" for t, v in m.items()), flush=True)
     return points
 
 

@@ -22,8 +22,13 @@ from ingan.train import Trainer, pick_device, to_model_input
 
 from .common import IMAGES, machine, save
 
+
+def photo_600x400() -> torch.Tensor:
+    """A 600x400 photo (the benchmark coffee, enlarged): timings depend on sizes, not content."""
+    return images.resize(images.load(str(IMAGES / "coffee.png")), (400, 600))
+
 # Crop sizes stated per preset: paper at the reference's measured 216x256 crop.
-CROPS = {"paper": (216, 256), "fast": (192, 192), "tiny": (64, 64)}
+CROPS = {"paper": (216, 256), "fast": (192, 192), "cpu": (128, 128), "tiny": (64, 64)}
 
 
 def _sync(device: torch.device) -> None:
@@ -34,7 +39,7 @@ def _sync(device: torch.device) -> None:
 def time_training(preset_name: str, device: torch.device, iters: int, **overrides: object) -> dict[str, object]:
     preset = get_preset(preset_name)
     ch, cw = CROPS[preset_name]
-    source = images.load(str(IMAGES / "coffee.png"))[:, : ch + 1, : cw + 1]  # crop = image minus one pixel
+    source = photo_600x400()[:, : ch + 1, : cw + 1]  # crop = image minus one pixel
     cfg = dataclasses.replace(preset.train, crop_size=max(ch, cw), max_side=None, **overrides)
     t = Trainer(to_model_input(source), preset.model, cfg, device)
     t.iteration = int(0.5 * cfg.iterations)  # steady state: full shape range, two G steps
@@ -59,9 +64,9 @@ def time_training(preset_name: str, device: torch.device, iters: int, **override
 def time_retarget(preset_name: str, device: torch.device, reps: int = 3) -> dict[str, object]:
     """Latency per output from a trained-size generator (weights untrained: cost is the same)."""
     preset = get_preset(preset_name)
-    source = images.load(str(IMAGES / "coffee.png"))  # 600x400
+    source = photo_600x400()
     t = Trainer(to_model_input(source), preset.model, dataclasses.replace(preset.train, iterations=1), device)
-    g = t.g.eval()
+    g = t.generator.eval()
     sizes = [(400, 800), (400, 200), (400, 400), (256, 256), (128, 128)]
     retarget_image(g, source, sizes[:1], preset.train.max_side)
     _sync(device)
@@ -82,7 +87,8 @@ def main() -> None:
     ap.add_argument("--compare", action="store_true", help="also time the previous configurations side by side")
     args = ap.parse_args()
     device = pick_device(args.device)
-    default_iters = {"paper": 5, "fast": 5, "tiny": 50} if device.type == "cpu" else {"paper": 50, "fast": 50, "tiny": 200}
+    default_iters = ({"paper": 5, "fast": 5, "cpu": 20, "tiny": 50} if device.type == "cpu"
+                     else {"paper": 50, "fast": 50, "cpu": 100, "tiny": 200})
     rows, retarget_rows = [], []
     for name in args.presets.split(","):
         n = args.iters or default_iters[name]

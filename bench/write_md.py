@@ -47,16 +47,79 @@ def _speed(data: dict[str, Any], device: str) -> list[str]:
 
 
 def _quality(data: dict[str, Any]) -> list[str]:
-    out = [f"### Quality: `{data['preset']}` InGAN beside bicubic resize and centre crop", "",
+    presets = data["presets"]
+    its = ", ".join(f"`{p}` {n:,} iterations" for p, n in data["iterations"].items())
+    out = [f"### Quality: {', '.join(f'`{p}`' for p in presets)} beside bicubic resize, centre crop and seam carving", "",
            f"Machine: {_machine(data['machine'])}.",
-           f"Command: `python -m bench.quality --preset {data['preset']}` ({data['iterations']:,} iterations per image).",
-           f"Images: {', '.join(data['images'])} (`../shared/data/images`).", "",
-           "Means over the images; lower is better for all three. Square = source height x source height "
-           "(for square sources bicubic and centre crop return the source itself, scoring 0).", "",
-           "| target | method | completeness | coherence | patch SWD |", "|---|---|---|---|---|"]
+           f"Command: `python -m bench.quality --presets {','.join(presets)} --jobs {data['jobs']}` ({its}).",
+           f"Images: the {len(data['images'])} of `bench/images/` (256 px on the longer side): {', '.join(data['images'])}.", "",
+           "Means over the images; lower is better for every column. C+C = completeness + coherence (x1000). "
+           "Square = source height x source height (for the two square sources bicubic and crop return the source itself).", "",
+           "| target | method | completeness x1000 | coherence x1000 | C+C x1000 | patch SWD |", "|---|---|---|---|---|---|"]
     for r in data["mean"]:
-        out.append(f"| {r['target']} | {r['method']} | {r['completeness']:.5f} | {r['coherence']:.5f} | {r['swd']:.3f} |")
+        name = f"**InGAN `{r['method']}`**" if r["method"] in presets else r["method"]
+        out.append(f"| {r['target']} | {name} | {r['completeness'] * 1e3:.2f} | {r['coherence'] * 1e3:.2f} "
+                   f"| {r['bds'] * 1e3:.2f} | {r['swd']:.3f} |")
+    for preset in presets:
+        wins = []
+        for t in ("width x2", "width x0.5", "square"):
+            rows = [r for r in data["rows"] if r["target"] == t]
+            ours = {r["image"]: r for r in rows if r["method"] == preset}
+            base = {r["image"]: r for r in rows if r["method"] == "bicubic"}
+            n = sum(1 for i in ours if ours[i]["completeness"] + ours[i]["coherence"] < base[i]["completeness"] + base[i]["coherence"]
+                    and ours[i]["swd"] < base[i]["swd"])
+            wins.append(f"{t} {n}/{len(ours)}")
+        out += ["", f"`{preset}` outputs that beat the bicubic resize on both C+C and SWD, per image: {'; '.join(wins)}."]
+        timing = data.get("timing", {}).get(preset)
+        if timing:
+            tr = [v["train_s"] for v in timing.values()]
+            rt = [v["retarget_s"] for v in timing.values()]
+            out.append(f"`{preset}` training, {data['jobs']} images at once, one torch thread each: "
+                       f"{min(tr) / 60:.1f}-{max(tr) / 60:.1f} min per image (mean {sum(tr) / len(tr) / 60:.1f}); "
+                       f"retargeting the three outputs {max(rt):.2f} s at most.")
+    for t in ("width_x2", "width_x05", "square"):
+        sheet = f"quality_{'_'.join(presets)}_{t}.png"
+        if (RESULTS / sheet).exists():
+            out += ["", f"![{t}](bench/results/{sheet})"]
     return out + [""]
+
+
+def _flops(data: dict[str, Any]) -> list[str]:
+    out = ["### FLOPs per iteration and per image", "",
+           f"Machine: {_machine(data['machine'])}. Command: `python -m bench.flops` ({data['samples']} steps counted "
+           "with `FlopCounterMode` per preset, spread over the schedule; forward and backward of every G and D pass).", "",
+           "| preset | source | working | crop | D nets | G params | GFLOPs / iteration | iterations | training TFLOPs / image | retarget GFLOPs (3 outputs) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        out.append(f"| {r['preset']} | {r['source']} | {r['working']} | {r['crop']} | {r['d_nets']} | {r['g_params'] / 1e6:.2f}M "
+                   f"| {r['gflops_per_iteration']:.1f} | {r['iterations']:,} | {r['tflops_training']:.1f} "
+                   f"| {r['gflops_retarget_3_outputs']:.1f} |")
+    return out + [""]
+
+
+def _curves(labels: list[str], notes: dict[str, str]) -> list[str]:
+    """Each curve run: its configuration and, at every evaluation point, the mean over its images
+    of each metric as a ratio to bicubic resize's (below 1: InGAN better)."""
+    out = ["### Quality against compute", "",
+           "Command: `python -m bench.curves --preset P --set FIELD=VALUE ... --label NAME` (one torch thread; "
+           "training seconds exclude evaluation; two runs at a time on the two cores, so seconds are "
+           "comparable only between runs made together). Plots: `python -m bench.curves --plot NAME ...`. "
+           "Each cell: completeness + coherence / bicubic's, then patch SWD / bicubic's.", ""]
+    for label in labels:
+        path = RESULTS / "curves" / f"{label}.json"
+        if not path.exists():
+            continue
+        d = json.loads(path.read_text())
+        sets = " ".join(f"--set {o}" for o in d["overrides"])
+        out += [f"**{label}**: `--preset {d['preset']} {sets}` ({d['train']['iterations']:,} iterations, "
+                f"crop {d['train']['crop_size']}, g_channels {d['model']['g_channels']}); images: {', '.join(d['images'])}."
+                + (f" {notes[label]}" if label in notes else ""), "",
+                "| iteration | GFLOPs | train s | width x2 | width x0.5 | square |", "|---|---|---|---|---|---|"]
+        for r in d["mean"]:
+            cells = [f"{r[t]['bds_vs_bicubic']:.2f} / {r[t]['swd_vs_bicubic']:.2f}" for t in ("width x2", "width x0.5", "square")]
+            out.append(f"| {r['iteration']:,} | {r['flops'] / 1e9:,.0f} | {r['seconds']:.0f} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
 
 
 def _orchestration(runs: list[dict[str, Any]]) -> list[str]:
@@ -77,6 +140,7 @@ def main() -> None:
              "`bench/results/`. Every figure names its command, machine and date.", ""]
     sections = [("train_speed_cpu", lambda d: _speed(d, "cpu")), ("train_speed_cuda", lambda d: _speed(d, "cuda"))]
     sections += [(p.stem, _quality) for p in sorted(RESULTS.glob("quality_*.json"))]
+    sections += [("flops", _flops)]
     for name, render in sections:
         data = _load(name)
         if data is not None:

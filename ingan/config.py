@@ -23,6 +23,9 @@ class ModelConfig:
     d_min_side: int = 16  # n_nets = ceil(log(crop / d_min_side) / log(d_scale_factor))
     d_min_map_side: int = 13  # a scale is weighted only if the fake's smaller side allows it
     spectral_norm: bool = True  # on every conv but G's last; off only for ablations
+    # G's output is the input image put through the same geometric transform plus what the
+    # network adds (clamped to [-1, 1]), instead of the network's tanh alone.
+    image_skip: bool = False
 
     def n_d_nets(self, crop_size: int) -> int:
         import math
@@ -54,6 +57,7 @@ class TrainConfig:
     deterministic: bool = True  # same seed + same device -> bit-identical weights
     channels_last: bool = True  # NHWC tensors: faster convolutions on oneDNN and cuDNN
     bf16: bool = False  # bfloat16 autocast for convolutions; losses and weights stay float32
+    norm_calibration: int = 0  # forward passes that re-estimate the final G's BatchNorm statistics (0 = off)
     ema: float = 0.0  # decay of an exponential moving average of G's weights (0 = off); the
     # average, not the last iterate, is then the trained generator
     log_every: int = 100

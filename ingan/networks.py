@@ -65,14 +65,18 @@ class Generator(nn.Module):
         self.bottleneck = nn.Sequential(*(ResBlock(widths[-1], cfg.g_res_squeeze, sn) for _ in range(cfg.g_res_blocks)))
         self.up = nn.ModuleList(_conv_bn_act(widths[i + 1], widths[i], 3, sn) for i in reversed(range(cfg.g_downsamples)))
         self.exit = _conv(c, 3, 7, sn=False)
+        self.image_skip = cfg.image_skip
 
     def features(self, x: Tensor) -> Tensor:
         """Entry features of an image (B, 3, H, W) in [-1, 1]: computed once per image at test time
         and shared by every output size."""
         return self.entry(x)  # (B, C, H, W)
 
-    def decode(self, feats: Tensor, out_hw: tuple[int, int], matrix: Tensor | None = None) -> Tensor:
-        """Transform entry features to ``out_hw`` and synthesise the image there."""
+    def decode(self, feats: Tensor, out_hw: tuple[int, int], matrix: Tensor | None = None,
+               image: Tensor | None = None) -> Tensor:
+        """Transform entry features to ``out_hw`` and synthesise the image there. With
+        ``image_skip`` the input ``image`` is needed: it is warped alike and the network's output
+        is added to it."""
         h, w = out_hw
         x = warp(feats, out_hw, matrix)  # (B, C, h, w)
         # Pad to a multiple of the total stride, and to at least two bottleneck pixels per side
@@ -89,11 +93,15 @@ class Generator(nn.Module):
         x = self.bottleneck(x)
         for stage, skip in zip(self.up, reversed(skips), strict=True):
             x = stage(F.interpolate(x, scale_factor=2, mode="nearest")) + skip
+        if self.image_skip:
+            if image is None:
+                raise ValueError("this generator adds its output to the warped input: pass image=")
+            return (warp(image, out_hw, matrix) + self.exit(x)[..., :h, :w]).clamp(-1, 1)
         return torch.tanh(self.exit(x))[..., :h, :w]  # (B, 3, h, w)
 
     def forward(self, x: Tensor, out_hw: tuple[int, int] | None = None, matrix: Tensor | None = None) -> Tensor:
         out_hw = out_hw or (x.shape[-2], x.shape[-1])
-        return self.decode(self.features(x), out_hw, matrix)
+        return self.decode(self.features(x), out_hw, matrix, x)
 
 
 class DiscriminatorNet(nn.Module):

@@ -49,7 +49,7 @@ def retarget(
     matrix = None if shifts is None else homography(shifts)
     outs = []
     for hw in sizes:
-        y = g.decode(feats, hw, matrix)[0]  # (3, h, w)
+        y = g.decode(feats, hw, matrix, x)[0]  # (3, h, w)
         if matrix is not None:
             y = torch.where(valid_mask(hw, matrix, y.device), y, y.new_full((), -1.0))
         outs.append(y.contiguous())

@@ -125,6 +125,38 @@ class Trainer:
         for b_ema, b in zip(self.g_ema.buffers(), self.g.buffers(), strict=True):
             b_ema.copy_(b)
 
+    @torch.no_grad()
+    def calibrate_norm_stats(self, g: Generator, passes: int) -> None:
+        """Re-estimate ``g``'s BatchNorm running statistics as an equal-weight average over
+        ``passes`` forward passes drawn like training (random crop, random output shape at the
+        curriculum's full range). Training leaves them as a momentum-0.1 average of the last dozen
+        or so random crops and shapes, so eval-mode outputs would shift from one iteration to the
+        next; the weight average (``ema``) needs statistics of its own in any case."""
+        norms = [m for m in g.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        saved = [m.momentum for m in norms]
+        was_training = g.training
+        g.eval()  # spectral norm's power iteration stays put: only the statistics change
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+            m.train()
+        # Its own generator: the training streams are left exactly where they were.
+        rng = torch.Generator().manual_seed(self.cfg.seed + 2)
+        h, w = self.image.shape[-2:]
+        ch, cw = self.crop_hw
+        cfg = self.cfg
+        for _ in range(passes):
+            top = int(torch.randint(0, h - ch + 1, (), generator=rng))
+            left = int(torch.randint(0, w - cw + 1, (), generator=rng))
+            crop = self.image[None, :, top:top + ch, left:left + cw]
+            s = cfg.min_scale + (cfg.max_scale - cfg.min_scale) * torch.rand(2, generator=rng)
+            out_hw = (max(cfg.min_out_side, round(ch * float(s[0]))), max(cfg.min_out_side, round(cw * float(s[1]))))
+            with self.autocast:
+                g(crop, out_hw)
+        for m, momentum in zip(norms, saved, strict=True):
+            m.momentum = momentum
+        g.train(was_training)
+
     # -- schedule -------------------------------------------------------------------------------
     def _lr_factor(self, i: int) -> float:
         start = self.cfg.lr_decay_start * self.cfg.iterations
@@ -223,6 +255,8 @@ class Trainer:
                 elapsed = time.perf_counter() - start
                 progress(Progress(done, self.cfg.iterations, {k: float(v) for k, v in out.items()},
                                   elapsed, (done - first) / elapsed if elapsed > 0 else 0.0))
+        if self.cfg.norm_calibration > 0:
+            self.calibrate_norm_stats(self.generator, self.cfg.norm_calibration)
         self.g.eval()
         self.d.eval()
         if self.g_ema is not None:

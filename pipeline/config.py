@@ -39,7 +39,7 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     output: str = Field("output", description="URI of the output folder (local path, s3://...)")
-    preset: str = Field("auto", description="paper, fast, tiny, or auto: fast with GPUs, tiny without")
+    preset: str = Field("auto", description="paper, fast, cpu, tiny, or auto: fast with GPUs, cpu without")
     iterations: int | None = Field(None, ge=1, le=10_000_000, description="override the preset's iterations")
     seed: int = Field(0, ge=0, description="run seed; each image's seed derives from it and the image id")
     ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0], description="output width/height ratios")

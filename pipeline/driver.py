@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", help="Parquet manifest URI (local path, s3://...) with a 'uri' column")
     p.add_argument("--output", help="output folder URI (default: ./output)")
     p.add_argument("--config", help="YAML file of run settings; flags override it")
-    p.add_argument("--preset", help="paper, fast, tiny or auto (default: fast with GPUs, tiny without)")
+    p.add_argument("--preset", help="paper, fast, cpu, tiny or auto (default: fast with GPUs, cpu without)")
     p.add_argument("--ratios", help="comma-separated output width/height ratios, e.g. 0.5,1,2")
     p.add_argument("--sizes", help="comma-separated explicit sizes WxH, e.g. 256x256,128x64")
     p.add_argument("--ratio-policy", choices=["keep_height", "keep_width", "keep_area"])
@@ -138,7 +138,7 @@ def _items(table: pa.Table, carried: list[tuple[str, str, pa.Field]], manifest_u
 def resolve_preset(cfg: RunConfig, gpus: float) -> str:
     if cfg.preset != "auto":
         return cfg.preset
-    return "fast" if gpus > 0 else "tiny"
+    return "fast" if gpus > 0 else "cpu"
 
 
 def _versions() -> dict[str, str]:
@@ -169,7 +169,7 @@ def run(cfg: RunConfig, manifest_uri: str, dry_run: bool = False) -> int:
     n = table.num_rows
 
     if dry_run:
-        preset = cfg.preset if cfg.preset != "auto" else "auto (fast with GPUs, tiny without)"
+        preset = cfg.preset if cfg.preset != "auto" else "auto (fast with GPUs, cpu without)"
         _log(f"dry run: {n} images from {manifest_uri} -> {out.uri('')}")
         _log(f"preset {preset}; ratios {cfg.ratios} ({cfg.ratio_policy}); sizes {cfg.sizes}; format {cfg.image_format}")
         _log(f"resume {cfg.resume}; retries {cfg.retries}; timeout {cfg.timeout_s} s; carried columns {[c[1] for c in carried]}")

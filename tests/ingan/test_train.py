@@ -147,3 +147,53 @@ def test_short_training_lowers_the_patch_swd_of_a_retarget() -> None:
           f"({iterations} iterations in {seconds:.1f} s)")
     assert trained < 0.8 * untrained, (untrained, trained)
     assert trained < 0.8 * frozen, (frozen, trained)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight average, statistics calibration, image skip
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ema_generator_is_the_average_not_the_last_iterate(small: torch.Tensor) -> None:
+    plain = train(small, TINY.model, _cfg(6), "cpu")
+    assert plain.generator is plain.g and plain.g_ema is None
+    averaged = train(small, TINY.model, _cfg(6, ema=0.9), "cpu")
+    assert averaged.generator is averaged.g_ema
+    # The average does not steer training: the trained G is the same either way.
+    _assert_equal_states(plain.g, averaged.g)
+    ga, g = averaged.g_ema.state_dict(), averaged.g.state_dict()
+    weights = [k for k in g if k.endswith("original")]
+    assert any(not torch.equal(ga[k], g[k]) for k in weights)
+    # The average trails G: closer to it than the initialisation is, but not equal.
+    fresh = Trainer(to_model_input(small), TINY.model, _cfg(6), "cpu").g.state_dict()
+    dist_avg = sum(float((ga[k] - g[k]).abs().sum()) for k in weights)
+    dist_init = sum(float((fresh[k] - g[k]).abs().sum()) for k in weights)
+    assert 0 < dist_avg < dist_init
+
+
+def test_norm_calibration_is_seeded_and_leaves_training_alone(small: torch.Tensor) -> None:
+    a = train(small, TINY.model, _cfg(5, norm_calibration=8), "cpu")
+    b = train(small, TINY.model, _cfg(5, norm_calibration=8), "cpu")
+    plain = train(small, TINY.model, _cfg(5), "cpu")
+    _assert_equal_states(a.g, b.g)  # calibration is deterministic
+    sa, sp = a.g.state_dict(), plain.g.state_dict()
+    stats = [k for k in sa if k.endswith("running_mean") or k.endswith("running_var")]
+    assert stats and any(not torch.equal(sa[k], sp[k]) for k in stats)
+    # Only the statistics differ: the weights are those of the uncalibrated run.
+    for k in sa:
+        if k not in stats and not k.endswith("num_batches_tracked"):
+            assert torch.equal(sa[k], sp[k]), k
+    # And the momentum is restored for any later training.
+    assert all(m.momentum == 0.1 for m in a.g.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_image_skip_starts_as_a_resize_of_the_input(small: torch.Tensor) -> None:
+    model = dataclasses.replace(TINY.model, image_skip=True)
+    t = Trainer(to_model_input(small), model, _cfg(1), "cpu")
+    g = t.g.eval()
+    out = retarget_image(g, small, [(40, 80)], None)[0]
+    stretched = torch.nn.functional.interpolate(small[None].float(), size=(40, 80), mode="bilinear", align_corners=False)[0]
+    # The exit conv starts near zero (gain 0.01), so the untrained output is the warped input.
+    assert (out.float() - stretched).abs().mean() < 3.0
+    with pytest.raises(ValueError, match="image="):
+        g.decode(g.features(t.image[None]), (40, 80))

@@ -238,3 +238,12 @@ def test_flags_override_the_yaml(tmp_path: Path) -> None:
     path.write_text("preset: fast\nseed: 3\nratios: [1, 2]\n")
     cfg = load_config(str(path), {"preset": "tiny", "seed": None})
     assert (cfg.preset, cfg.seed, cfg.ratios) == ("tiny", 3, [1.0, 2.0])
+
+
+def test_auto_preset_is_cpu_without_gpus_and_fast_with_them() -> None:
+    from pipeline.driver import resolve_preset
+
+    auto = RunConfig(output="/tmp/out")
+    assert resolve_preset(auto, 0.0) == "cpu"
+    assert resolve_preset(auto, 1.0) == "fast"
+    assert resolve_preset(RunConfig(output="/tmp/out", preset="tiny"), 1.0) == "tiny"

@@ -1,0 +1,170 @@
+"""Every GPU figure in one command, within a time budget, on one lent GPU.
+
+    python -m bench.gpu [--budget-s 540] [--peak-tflops 989] [--quality-images N]
+
+Writes ``bench/results/gpu.json`` (and prints each figure as it comes):
+
+1. **Speed per preset** (``tiny``, ``cpu``, ``fast``, ``paper``, fp32 and bf16): steady-state
+   iterations/s and peak GPU memory (``bench.train_speed``'s method), training FLOPs per iteration
+   counted with ``FlopCounterMode``, achieved TFLOP/s and its fraction of the GPU's dense bf16
+   peak (``--peak-tflops``; by default looked up from the device name).
+2. **Packing**: ``fast`` trained 1, 2 and 4 at a time on the one GPU as Ray tasks with fractional
+   GPUs (``num_gpus`` 1, 0.5, 0.25), each for ``--pack-iterations`` steady-state iterations; the
+   aggregate iterations/s gives images per GPU-hour at ``fast``'s full schedule.
+3. **Quality**: ``fast`` trained on the benchmark images (``bench.quality``'s workers, 4 at a
+   time on the GPU) and scored beside bicubic, centre crop and seam carving, in what is left of the
+   budget.
+
+``--device cpu --smoke`` runs every part with a few iterations on the CPU: it checks the script,
+not the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+from ingan.config import get_preset
+
+from .common import RESULTS, machine, save
+from .train_speed import CROPS, photo_600x400, time_training
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0,
+                    "RTX 4090": 165.0}
+
+
+def peak_tflops(name: str) -> float | None:
+    for key, value in BF16_PEAK_TFLOPS.items():
+        if key.lower() in name.lower():
+            return value
+    return None
+
+
+def step_flops(preset_name: str, device: torch.device, samples: int, **overrides: Any) -> float:
+    """Mean training FLOPs of one steady-state iteration at the preset's benchmark crop."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ingan.train import Trainer, to_model_input
+
+    preset = get_preset(preset_name)
+    ch, cw = CROPS[preset_name]
+    source = photo_600x400()[:, : ch + 1, : cw + 1]
+    cfg = dataclasses.replace(preset.train, crop_size=max(ch, cw), max_side=None, **overrides)
+    t = Trainer(to_model_input(source), preset.model, cfg, device)
+    t.iteration = int(0.5 * cfg.iterations)
+    total = 0
+    for _ in range(samples):
+        with FlopCounterMode(display=False) as counter:
+            t.step()
+        total += counter.get_total_flops()
+    return total / samples
+
+
+def speed(device: torch.device, iters: int, samples: int, peak: float | None) -> list[dict[str, Any]]:
+    rows = []
+    for name in ("tiny", "cpu", "fast", "paper"):
+        for overrides in ({}, {"bf16": True}):
+            row = time_training(name, device, iters, **overrides)
+            flops = step_flops(name, device, samples, **overrides)
+            row["gflops_per_iteration"] = flops / 1e9
+            row["achieved_tflops"] = flops * row["iters_per_s"] / 1e12
+            if peak:
+                row["fraction_of_bf16_peak"] = row["achieved_tflops"] / peak
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def _pack_task(iterations: int, device: str) -> dict[str, float]:
+    from ingan.train import Trainer, to_model_input
+
+    preset = get_preset("fast")
+    ch, cw = CROPS["fast"]
+    source = photo_600x400()[:, : ch + 1, : cw + 1]
+    cfg = dataclasses.replace(preset.train, crop_size=max(ch, cw), max_side=None)
+    t = Trainer(to_model_input(source), preset.model, cfg, device)
+    t.iteration = int(0.5 * cfg.iterations)
+    t.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iterations):
+        t.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return {"seconds": time.perf_counter() - start, "iterations": iterations}
+
+
+def packing(device: torch.device, iterations: int) -> list[dict[str, Any]]:
+    import ray
+
+    gpus = 1 if device.type == "cuda" else 0
+    ray.init(num_gpus=gpus, num_cpus=8, include_dashboard=False, log_to_driver=False)
+    try:
+        rows = []
+        for k in (1, 2, 4):
+            task = ray.remote(num_gpus=gpus / k if gpus else 0, num_cpus=1)(_pack_task)
+            start = time.perf_counter()
+            results = ray.get([task.remote(iterations, device.type) for _ in range(k)])
+            wall = time.perf_counter() - start
+            # Steady-state rate of the k concurrent trainings (start-up excluded: each task times
+            # its own loop, and the loops overlap).
+            its_per_s = sum(r["iterations"] / r["seconds"] for r in results)
+            full = get_preset("fast").train.iterations
+            row = {"trainings_per_gpu": k, "num_gpus_per_task": gpus / k if gpus else 0,
+                   "iterations_each": iterations, "wall_s": wall, "aggregate_iters_per_s": its_per_s,
+                   "fast_iterations_per_image": full, "images_per_gpu_hour": its_per_s * 3600 / full}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        return rows
+    finally:
+        ray.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting new parts past this")
+    ap.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: from its name)")
+    ap.add_argument("--smoke", action="store_true", help="a few iterations of everything (checks the script)")
+    ap.add_argument("--pack-iterations", type=int, default=200)
+    args = ap.parse_args()
+    started = time.perf_counter()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device here: this benchmark is for a GPU machine (--device cpu --smoke checks the script)")
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    peak = args.peak_tflops or (peak_tflops(name) if device.type == "cuda" else None)
+    result: dict[str, Any] = {"machine": machine(), "device_name": name, "bf16_peak_tflops": peak, "smoke": args.smoke}
+
+    result["speed"] = speed(device, iters=2 if args.smoke else 30, samples=1 if args.smoke else 3, peak=peak)
+    save("gpu", result)
+    result["packing"] = packing(device, 2 if args.smoke else args.pack_iterations)
+    save("gpu", result)
+
+    left = args.budget_s - (time.perf_counter() - started)
+    cmd = [sys.executable, "-m", "bench.quality", "--presets", "fast", "--device", device.type, "--jobs", "4"]
+    if args.smoke:
+        cmd += ["--iterations", "4", "--images", "coffee,china"]
+    print(f"quality: {' '.join(cmd[1:])} with {left:.0f} s left", flush=True)
+    try:
+        proc = subprocess.run(cmd, timeout=max(1.0, left), check=False)
+        result["quality"] = {"command": " ".join(cmd[1:]), "returncode": proc.returncode,
+                             "results": "bench/results/quality_fast.json"}
+    except subprocess.TimeoutExpired:
+        result["quality"] = {"command": " ".join(cmd[1:]), "timed_out_after_s": left}
+    result["wall_s"] = time.perf_counter() - started
+    save("gpu", result)
+    print(f"wrote {RESULTS / 'gpu.json'} in {result['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
