@@ -129,13 +129,20 @@ def table(label: str, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(labels: list[str], out: Path) -> None:
+def restrict(data: dict[str, Any], image: str | None) -> list[dict[str, Any]]:
+    """The run's mean rows, or rows for one of its images alone (runs compared on the same image)."""
+    if image is None:
+        return data["mean"]
+    return summarise({image: data["per_image"][image]}, {image: data["baseline"][image]})
+
+
+def plot(labels: list[str], out: Path, image: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {lb: json.loads((CURVES / f"{lb}.json").read_text()) for lb in labels}
+    runs = {lb: restrict(json.loads((CURVES / f"{lb}.json").read_text()), image) for lb in labels}
     axes_x = (("iteration", "iterations", 1.0), ("flops", "training TFLOPs", 1e12), ("seconds", "training seconds", 1.0))
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), sharey="row")
     for col, (key, xlabel, div) in enumerate(axes_x):
@@ -143,9 +150,9 @@ def plot(labels: list[str], out: Path) -> None:
                                                 ("swd_vs_bicubic", "patch SWD / bicubic's"))):
             ax = axes[row][col]
             for lb, data in runs.items():
-                xs = [r[key] / div for r in data["mean"]]
+                xs = [r[key] / div for r in data]
                 # The two width targets, where retargeting matters most, averaged.
-                ys = [statistics.mean(r[t][metric] for t in ("width x2", "width x0.5")) for r in data["mean"]]
+                ys = [statistics.mean(r[t][metric] for t in ("width x2", "width x0.5")) for r in data]
                 ax.plot(xs, ys, marker="o", ms=3, label=lb)
             ax.axhline(1.0, color="k", lw=0.8, ls="--")
             ax.set_xlabel(xlabel)
@@ -153,8 +160,8 @@ def plot(labels: list[str], out: Path) -> None:
                 ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("InGAN quality against compute (mean of width x2 and width x0.5; below the dashed line beats bicubic resize)",
-                 fontsize=10)
+    fig.suptitle(f"InGAN quality against compute on {image or 'each run’s images'} (mean of width x2 and width x0.5; "
+                 "below the dashed line beats bicubic resize)", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)
@@ -174,11 +181,12 @@ def main() -> None:
     ap.add_argument("--label")
     ap.add_argument("--plot", nargs="+", metavar="LABEL", help="plot these saved runs instead of training")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--image", help="with --plot: compare the runs on this one image (e.g. china.png)")
     args = ap.parse_args()
     if args.plot:
-        plot(args.plot, args.out or RESULTS / f"curves_{'_'.join(args.plot)}.png")
+        plot(args.plot, args.out or RESULTS / f"curves_{'_'.join(args.plot)}.png", args.image)
         for lb in args.plot:
-            print(table(lb, json.loads((CURVES / f"{lb}.json").read_text())["mean"]))
+            print(table(lb, restrict(json.loads((CURVES / f"{lb}.json").read_text()), args.image)))
         return
     if not args.label:
         ap.error("--label is required to train")

@@ -1,6 +1,6 @@
 """Every GPU figure in one command, within a time budget, on one lent GPU.
 
-    python -m bench.gpu [--budget-s 540] [--peak-tflops 989] [--quality-images N]
+    python -m bench.gpu [--budget-s 540] [--peak-tflops 989] [--quality-images a,b,c,d]
 
 Writes ``bench/results/gpu.json`` (and prints each figure as it comes):
 
@@ -136,6 +136,8 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: from its name)")
     ap.add_argument("--smoke", action="store_true", help="a few iterations of everything (checks the script)")
     ap.add_argument("--pack-iterations", type=int, default=200)
+    ap.add_argument("--quality-images", default="china,coffee,hubble_deep_field,brick",
+                    help="benchmark images for fast's quality (all trained at once, 4 per GPU)")
     args = ap.parse_args()
     started = time.perf_counter()
     device = torch.device(args.device)
@@ -151,9 +153,10 @@ def main() -> None:
     save("gpu", result)
 
     left = args.budget_s - (time.perf_counter() - started)
-    cmd = [sys.executable, "-m", "bench.quality", "--presets", "fast", "--device", device.type, "--jobs", "4"]
+    cmd = [sys.executable, "-m", "bench.quality", "--presets", "fast", "--device", device.type, "--jobs", "4",
+           "--images", "coffee,china" if args.smoke else args.quality_images]
     if args.smoke:
-        cmd += ["--iterations", "4", "--images", "coffee,china"]
+        cmd += ["--iterations", "4"]
     print(f"quality: {' '.join(cmd[1:])} with {left:.0f} s left", flush=True)
     try:
         proc = subprocess.run(cmd, timeout=max(1.0, left), check=False)

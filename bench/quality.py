@@ -1,6 +1,7 @@
 """Quality table: the presets' InGAN outputs beside bicubic resize, centre crop and seam carving.
 
     python -m bench.quality --presets cpu [--iterations N] [--images a,b] [--jobs 2] [--reuse]
+                            [--set FIELD=VALUE ... --label NAME]
 
 For each benchmark image (``bench/images``, 256 px on the longer side) and each target (width x2,
 width x0.5, square at the source height) every method's output is scored against its source with
@@ -31,7 +32,7 @@ from ingan import images
 from ingan.config import get_preset
 from ingan.metrics import score_outputs
 
-from .common import RESULTS, bench_images, machine, save
+from .common import RESULTS, bench_images, machine, parse_overrides, save
 
 METRICS = ("completeness", "coherence", "swd")
 TARGETS = ("width x2", "width x0.5", "square")
@@ -82,14 +83,20 @@ def output_path(method: str, image: str, target: str) -> Path:
     return OUTPUTS / _slug(method) / f"{Path(image).stem}_{_slug(target)}.png"
 
 
-def _train_one(job: tuple[str, str, int | None, str]) -> tuple[str, str, dict[str, torch.Tensor], float, float]:
-    """Worker: train ``preset`` on one image and retarget it to the fixed targets."""
+def _train_one(job: tuple[str, str, int | None, str, list[str]]) -> tuple[str, str, dict[str, torch.Tensor], float, float]:
+    """Worker: train ``preset`` (with ``--set`` overrides) on one image and retarget it to the
+    fixed targets."""
+    import dataclasses
+
     from ingan.retarget import retarget_image
     from ingan.train import train
 
-    path, preset_name, iterations, device = job
+    path, preset_name, iterations, device, overrides = job
     torch.set_num_threads(1)
     preset = get_preset(preset_name)
+    model_over, train_over = parse_overrides(overrides)
+    preset = dataclasses.replace(preset, model=dataclasses.replace(preset.model, **model_over),
+                                 train=dataclasses.replace(preset.train, **train_over))
     train_cfg = preset.train.with_overrides(iterations=iterations)
     src = images.load(path)
     tg = targets(src.shape[-1], src.shape[-2])
@@ -141,26 +148,35 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="images trained at once, one torch thread each")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reuse", action="store_true", help="score the saved InGAN outputs again, no training")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a TrainConfig field (or model.FIELD) of every preset; needs --label")
+    ap.add_argument("--label", help="name of this variant in the results (default: the presets' names)")
     args = ap.parse_args()
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     for p in presets:
         get_preset(p)  # unknown names fail before any training
+    if args.set and not args.label:
+        ap.error("--set needs --label, so the variant's outputs and results do not pass for the preset's")
+    parse_overrides(args.set)  # bad overrides fail before any training
+    # A variant is named "preset+label": its outputs and rows are kept apart from the preset's own.
+    names = {p: f"{p}+{args.label}" if args.label else p for p in presets}
     paths = bench_images(args.images)
-    methods = list(BASELINES) + presets
+    methods = list(BASELINES) + [names[p] for p in presets]
 
     outputs: dict[str, dict[str, dict[str, torch.Tensor]]] = {p.name: {} for p in paths}
-    timing: dict[str, dict[str, dict[str, float]]] = {p: {} for p in presets}
+    timing: dict[str, dict[str, dict[str, float]]] = {names[p]: {} for p in presets}
     if args.reuse:
         for p in paths:
             for preset in presets:
-                outputs[p.name][preset] = {t: _load_png(output_path(preset, p.name, t)) for t in TARGETS}
+                outputs[p.name][names[preset]] = {t: _load_png(output_path(names[preset], p.name, t)) for t in TARGETS}
     else:
-        jobs = [(str(p), preset, args.iterations, args.device) for preset in presets for p in paths]
+        jobs = [(str(p), preset, args.iterations, args.device, args.set) for preset in presets for p in paths]
         started = time.perf_counter()
         ctx = mp.get_context("spawn")
         with ctx.Pool(args.jobs) as pool:
             for path, preset, outs, train_s, retarget_s in pool.imap_unordered(_train_one, jobs):
                 name = Path(path).name
+                preset = names[preset]
                 outputs[name][preset] = outs
                 timing[preset][name] = {"train_s": train_s, "retarget_s": retarget_s}
                 for t, out in outs.items():
@@ -190,12 +206,13 @@ def main() -> None:
             sel = [r for r in rows if r["target"] == t and r["method"] == method]
             m = {k: statistics.mean(r[k] for r in sel) for k in METRICS}
             mean.append({"target": t, "method": method, **m, "bds": m["completeness"] + m["coherence"]})
-    label = "_".join(presets) or "baselines"
+    label = "_".join(names[p] for p in presets).replace("+", "_") or "baselines"
     for t in TARGETS:
         sheet_rows = [(p.name, images.load(str(p)), {m: outputs[p.name][m][t] for m in methods}) for p in paths]
         contact_sheet(sheet_rows, RESULTS / f"quality_{label}_{_slug(t)}.png")
-    summary: dict[str, Any] = {"machine": machine(), "presets": presets, "jobs": args.jobs, "reused": args.reuse,
-                               "iterations": {p: get_preset(p).train.with_overrides(iterations=args.iterations).iterations
+    summary: dict[str, Any] = {"machine": machine(), "presets": [names[p] for p in presets], "overrides": args.set,
+                               "jobs": args.jobs, "reused": args.reuse,
+                               "iterations": {names[p]: get_preset(p).train.with_overrides(iterations=args.iterations).iterations
                                               for p in presets},
                                "images": [p.name for p in paths], "rows": rows, "mean": mean}
     if not args.reuse:

@@ -10,6 +10,9 @@ from typing import Any
 
 from .common import RESULTS, ROOT
 
+# The quality-against-compute runs, in the order they were made (bench/results/curves/).
+CURVE_RUNS = ["c128", "c128_ema", "c64", "c96", "c128_cal_ema", "c128_cal_ema_fastsched", "c128_skip"]
+
 REFERENCE_S_PER_ITER = 4.4  # the reference implementation at a 216x256 crop on this 2-core CPU
 
 
@@ -51,7 +54,9 @@ def _quality(data: dict[str, Any]) -> list[str]:
     its = ", ".join(f"`{p}` {n:,} iterations" for p, n in data["iterations"].items())
     out = [f"### Quality: {', '.join(f'`{p}`' for p in presets)} beside bicubic resize, centre crop and seam carving", "",
            f"Machine: {_machine(data['machine'])}.",
-           f"Command: `python -m bench.quality --presets {','.join(presets)} --jobs {data['jobs']}` ({its}).",
+           f"Command: `python -m bench.quality --presets {','.join(p.split('+')[0] for p in presets) if data.get('overrides') else ','.join(presets)} "
+           f"--jobs {data['jobs']}{''.join(' --set ' + o for o in data.get('overrides') or [])}"
+           f"{' --label ' + presets[0].split('+')[1] if '+' in presets[0] else ''}` ({its}).",
            f"Images: the {len(data['images'])} of `bench/images/` (256 px on the longer side): {', '.join(data['images'])}.", "",
            "Means over the images; lower is better for every column. C+C = completeness + coherence (x1000). "
            "Square = source height x source height (for the two square sources bicubic and crop return the source itself).", "",
@@ -122,6 +127,22 @@ def _curves(labels: list[str], notes: dict[str, str]) -> list[str]:
     return out
 
 
+def _gpu(data: dict[str, Any]) -> list[str]:
+    out = [f"### GPU: {data['device_name']}", "", f"Machine: {_machine(data['machine'])}. Command: `python -m bench.gpu`.", "",
+           "| preset | configuration | iterations / s | peak GPU memory | GFLOPs / iteration | achieved TFLOP/s | of bf16 peak |",
+           "|---|---|---|---|---|---|---|"]
+    for r in data.get("speed", []):
+        conf = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "fp32"
+        frac = f"{r['fraction_of_bf16_peak']:.1%}" if "fraction_of_bf16_peak" in r else "-"
+        out.append(f"| {r['preset']} | {conf} | {r['iters_per_s']:.1f} | {r.get('peak_gpu_mem_gib', 0):.2f} GiB "
+                   f"| {r['gflops_per_iteration']:.1f} | {r['achieved_tflops']:.1f} | {frac} |")
+    if data.get("packing"):
+        out += ["", "| `fast` trainings per GPU | aggregate iterations / s | images per GPU-hour |", "|---|---|---|"]
+        for r in data["packing"]:
+            out.append(f"| {r['trainings_per_gpu']} | {r['aggregate_iters_per_s']:.1f} | {r['images_per_gpu_hour']:.1f} |")
+    return out + [""]
+
+
 def _orchestration(runs: list[dict[str, Any]]) -> list[str]:
     out = ["### Orchestration overhead", "",
            f"Machine: {_machine(runs[0]['machine'])}.",
@@ -138,13 +159,15 @@ def main() -> None:
     lines = ["# Benchmarks", "",
              "Written by `python -m bench.write_md` from the JSON files that the benchmark commands below leave in "
              "`bench/results/`. Every figure names its command, machine and date.", ""]
-    sections = [("train_speed_cpu", lambda d: _speed(d, "cpu")), ("train_speed_cuda", lambda d: _speed(d, "cuda"))]
-    sections += [(p.stem, _quality) for p in sorted(RESULTS.glob("quality_*.json"))]
+    sections = [(p.stem, _quality) for p in sorted(RESULTS.glob("quality_*.json"))]
     sections += [("flops", _flops)]
+    sections += [("train_speed_cpu", lambda d: _speed(d, "cpu")), ("train_speed_cuda", lambda d: _speed(d, "cuda")),
+                 ("gpu", _gpu)]
     for name, render in sections:
         data = _load(name)
         if data is not None:
             lines += render(data)
+    lines += _curves(CURVE_RUNS, {})
     runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("orchestration_*.json"))]
     if runs:
         lines += _orchestration(runs)

@@ -81,17 +81,20 @@ PRESETS: dict[str, Preset] = {
     ),
     "fast": Preset(
         "fast",
-        "Full network; crop 192 and 20,000 iterations at lr 1e-4, the reference's schedule "
-        "compressed in proportion (curriculum to 13%, decay from 27%). Working image capped at "
-        "512 px on the longer side so whole-image inference stays one cheap pass.",
-        train=TrainConfig(iterations=20_000, crop_size=192, lr=1e-4, max_side=512),
+        "Full network; crop 192 and 10,000 iterations at lr 1e-4 (a tenth of paper's training "
+        "FLOPs), the reference's schedule compressed in proportion (curriculum to 13%, decay from "
+        "27%), normalisation statistics calibrated at the end. Working image capped at 512 px on "
+        "the longer side so whole-image inference stays one cheap pass.",
+        train=TrainConfig(iterations=10_000, crop_size=192, lr=1e-4, max_side=512, norm_calibration=64),
     ),
     "cpu": Preset(
         "cpu",
-        "The CPU default: a narrow network trained at the source's own resolution (up to 256 px "
-        "on the longer side) with 128 px crops.",
+        "The CPU default: a narrow network (16 base channels, 2 residual blocks) trained at the "
+        "source's own resolution up to 256 px on the longer side, on 128 px crops, 1,200 "
+        "iterations at lr 2e-4, normalisation statistics calibrated at the end: about 7 minutes "
+        "per image on one core, two images at once on two cores.",
         model=ModelConfig(g_channels=16, g_res_blocks=2, d_channels=16),
-        train=TrainConfig(iterations=1800, crop_size=128, max_side=256, lr=2e-4, log_every=100),
+        train=TrainConfig(iterations=1200, crop_size=128, max_side=256, lr=2e-4, norm_calibration=64, log_every=100),
     ),
     "tiny": Preset(
         "tiny",

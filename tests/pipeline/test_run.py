@@ -274,11 +274,19 @@ def test_s3_manifest_to_s3_outputs(trained: S3Run) -> None:
             assert _image_size(_get(run.client, out["uri"])) == expected, out["uri"]
             for metric in ("completeness", "coherence", "swd"):
                 assert out[metric] is not None and out[metric] >= 0
+                assert out["resize_" + metric] is not None and out["resize_" + metric] >= 0
+            # The verdict is the comparison of the two sets of scores, as stored.
+            wins = (out["completeness"] + out["coherence"] < out["resize_completeness"] + out["resize_coherence"]
+                    and out["swd"] < out["resize_swd"])
+            assert out["beats_resize"] is wins
+            # Two training iterations cannot beat a resize: the verdict says so.
+            assert out["beats_resize"] is False
 
     summary = json.loads(first["summary.json"])
     assert summary["total"] == 3
     assert summary["status_counts"] == {"ok": 3, "skipped": 0, "failed": 0}
     assert summary["outputs_written"] == 12
+    assert summary["verdicts"] == {"beats_resize": 0, "loses_to_resize": 12, "unscored": 0}
     assert summary["error_kinds"] == {}
 
     report_html = first["report.html"].decode("utf-8")
