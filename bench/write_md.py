@@ -57,7 +57,8 @@ def _quality(data: dict[str, Any]) -> list[str]:
            f"Command: `python -m bench.quality --presets {','.join(p.split('+')[0] for p in presets) if data.get('overrides') else ','.join(presets)} "
            f"--jobs {data['jobs']}{''.join(' --set ' + o for o in data.get('overrides') or [])}"
            f"{' --label ' + presets[0].split('+')[1] if '+' in presets[0] else ''}` ({its}).",
-           f"Images: the {len(data['images'])} of `bench/images/` (256 px on the longer side): {', '.join(data['images'])}.", "",
+           f"Images: the {len(data['images'])} of `bench/images/` (256 px on the longer side): {', '.join(data['images'])}."
+           + (f" The {data['note']}." if data.get("note") else ""), "",
            "Means over the images; lower is better for every column. C+C = completeness + coherence (x1000). "
            "Square = source height x source height (for the two square sources bicubic and crop return the source itself).", "",
            "| target | method | completeness x1000 | coherence x1000 | C+C x1000 | patch SWD |", "|---|---|---|---|---|---|"]

@@ -266,7 +266,6 @@ figcaption { font-size: 11px; color: #59636e; text-align: center; max-width: 200
 .more { color: #59636e; font-style: italic; }
 .pair { display: flex; gap: 4px; align-items: flex-end; padding: 4px; border-radius: 6px; }
 .pair.wins { background: #dafbe1; } .pair.loses { background: #eaeef2; }
-figure.resize img { opacity: 0.85; }
 .verdict { font-weight: 600; font-size: 11px; }
 .wins .verdict { color: var(--ok); } .loses .verdict { color: #59636e; }
 """
