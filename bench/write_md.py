@@ -117,8 +117,12 @@ def _curves(labels: list[str], notes: dict[str, str]) -> list[str]:
             continue
         d = json.loads(path.read_text())
         sets = " ".join(f"--set {o}" for o in d["overrides"])
-        out += [f"**{label}**: `--preset {d['preset']} {sets}` ({d['train']['iterations']:,} iterations, "
-                f"crop {d['train']['crop_size']}, g_channels {d['model']['g_channels']}); images: {', '.join(d['images'])}."
+        tr, mo = d["train"], d["model"]
+        # The preset named was the one of the day; the configuration recorded is what ran.
+        ran = (f"{tr['iterations']:,} iterations, crop {tr['crop_size']}, lr {tr['lr']:g}, g_channels {mo['g_channels']}, "
+               f"calibration {tr.get('norm_calibration', 0)}, ema {tr.get('ema', 0):g}, image_skip {mo.get('image_skip', False)}")
+        command = f"--preset {d['preset']}" + (f" {sets}" if sets else "")
+        out += [f"**{label}**: `{command}` ({ran}); images: {', '.join(d['images'])}."
                 + (f" {notes[label]}" if label in notes else ""), "",
                 "| iteration | GFLOPs | train s | width x2 | width x0.5 | square |", "|---|---|---|---|---|---|"]
         for r in d["mean"]:
