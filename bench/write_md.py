@@ -84,7 +84,7 @@ def _quality(data: dict[str, Any]) -> list[str]:
                        f"{min(tr) / 60:.1f}-{max(tr) / 60:.1f} min per image (mean {sum(tr) / len(tr) / 60:.1f}); "
                        f"retargeting the three outputs {max(rt):.2f} s at most.")
     for t in ("width_x2", "width_x05", "square"):
-        sheet = f"quality_{'_'.join(presets)}_{t}.png"
+        sheet = f"quality_{'_'.join(presets).replace('+', '_')}_{t}.png"
         if (RESULTS / sheet).exists():
             out += ["", f"![{t}](bench/results/{sheet})"]
     return out + [""]

@@ -91,9 +91,10 @@ PRESETS: dict[str, Preset] = {
         "cpu",
         "The CPU default: a narrow network (16 base channels, 2 residual blocks) trained at the "
         "source's own resolution up to 256 px on the longer side, on 128 px crops, 1,200 "
-        "iterations at lr 2e-4, normalisation statistics calibrated at the end: about 7 minutes "
-        "per image on one core, two images at once on two cores.",
-        model=ModelConfig(g_channels=16, g_res_blocks=2, d_channels=16),
+        "iterations at lr 2e-4, normalisation statistics calibrated at the end; G adds its output "
+        "to the warped input image (image skip): about 7 minutes per image on one core, two "
+        "images at once on two cores.",
+        model=ModelConfig(g_channels=16, g_res_blocks=2, d_channels=16, image_skip=True),
         train=TrainConfig(iterations=1200, crop_size=128, max_side=256, lr=2e-4, norm_calibration=64, log_every=100),
     ),
     "tiny": Preset(
