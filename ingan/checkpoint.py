@@ -1,13 +1,16 @@
-"""Checkpoints: generator weights plus the configs that rebuild it, and nothing executable.
+"""Checkpoints: generator weights plus the configs that rebuild it, and nothing executable; and
+training states, what an interrupted training needs to go on.
 
-A checkpoint is a plain dict of tensors, numbers and strings saved with ``torch.save`` and loaded
-with ``weights_only=True``: loading one never runs code from the file. Bytes in, bytes out, so the
-caller decides where checkpoints live.
+Both are plain dicts of tensors, numbers and strings saved with ``torch.save`` and loaded with
+``weights_only=True``: loading one never runs code from the file. Bytes in, bytes out, so the
+caller decides where they live.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
 import io
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -16,9 +19,12 @@ import torch
 
 from .config import ModelConfig, TrainConfig
 from .networks import Generator
+from .train import Trainer
 
 FORMAT = "ingan-checkpoint"
 VERSION = 1
+STATE_FORMAT = "ingan-training-state"
+STATE_VERSION = 1
 
 
 class CheckpointError(ValueError):
@@ -65,18 +71,23 @@ def save(ckpt: Checkpoint, f: BinaryIO | None = None) -> bytes:
     return data
 
 
-def load(data: bytes | BinaryIO, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint; anything malformed raises ``CheckpointError`` with the reason."""
+def _read_payload(data: bytes | BinaryIO, map_location: str | torch.device, fmt: str, version: int, what: str) -> dict[str, Any]:
     stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     try:
         payload = torch.load(stream, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
         first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise CheckpointError(f"not a readable checkpoint ({type(exc).__name__}: {first_line})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError("not an InGAN checkpoint (missing format marker)")
-    if payload.get("version") != VERSION:
-        raise CheckpointError(f"unsupported checkpoint version {payload.get('version')!r} (this build reads {VERSION})")
+        raise CheckpointError(f"not a readable {what} ({type(exc).__name__}: {first_line})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise CheckpointError(f"not an InGAN {what} (missing format marker {fmt!r})")
+    if payload.get("version") != version:
+        raise CheckpointError(f"unsupported {what} version {payload.get('version')!r} (this build reads {version})")
+    return payload
+
+
+def load(data: bytes | BinaryIO, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint; anything malformed raises ``CheckpointError`` with the reason."""
+    payload = _read_payload(data, map_location, FORMAT, VERSION, "checkpoint")
     try:
         model = ModelConfig(**payload["model_config"])
         train = TrainConfig(**payload["train_config"])
@@ -86,3 +97,43 @@ def load(data: bytes | BinaryIO, map_location: str | torch.device = "cpu") -> Ch
     except (KeyError, TypeError, ValueError, ArithmeticError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint is incomplete or inconsistent: {exc}") from exc
     return ckpt
+
+
+def image_digest(image: torch.Tensor) -> str:
+    """A fingerprint of the training image, so a state is never continued on another image."""
+    return hashlib.sha256(image.detach().to("cpu").contiguous().numpy().tobytes()).hexdigest()
+
+
+def save_training_state(trainer: Trainer) -> bytes:
+    """The trainer's ``state_dict()`` with what it belongs to: both configs and the image's
+    fingerprint. A few times G's checkpoint in size (D and both optimisers' moments)."""
+    payload = {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "model_config": dataclasses.asdict(trainer.model_cfg),
+        "train_config": dataclasses.asdict(trainer.cfg),
+        "image_digest": image_digest(trainer.image),
+        "state": trainer.state_dict(),
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return buf.getvalue()
+
+
+def resume_training(trainer: Trainer, data: bytes | BinaryIO) -> int:
+    """Load a saved training state into ``trainer`` (built with the same image and configs) and
+    return the iteration it continues from. A state of another image or configuration, or a
+    damaged one, raises ``CheckpointError`` and leaves the trainer unchanged."""
+    payload = _read_payload(data, "cpu", STATE_FORMAT, STATE_VERSION, "training state")
+    if payload.get("model_config") != dataclasses.asdict(trainer.model_cfg) or \
+            payload.get("train_config") != dataclasses.asdict(trainer.cfg):
+        raise CheckpointError("the training state was saved with other settings")
+    if payload.get("image_digest") != image_digest(trainer.image):
+        raise CheckpointError("the training state belongs to another image")
+    before = copy.deepcopy(trainer.state_dict())  # state_dict() holds live tensors
+    try:
+        trainer.load_state_dict(payload["state"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        trainer.load_state_dict(before)  # partly loaded: back to the fresh start
+        raise CheckpointError(f"training state is incomplete or inconsistent: {exc}") from exc
+    return trainer.iteration

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+MAX_G_WIDTH = 2048  # the paper's network is 512 wide at its deepest
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -26,6 +28,22 @@ class ModelConfig:
     # G's output is the input image put through the same geometric transform plus what the
     # network adds (clamped to [-1, 1]), instead of the network's tanh alone.
     image_skip: bool = False
+
+    def __post_init__(self) -> None:
+        # Bounds that keep a network buildable in memory: a config read from a file (a checkpoint
+        # from anywhere) must not be able to ask for a billion-parameter generator.
+        ints = {"g_channels": (1, 512), "g_downsamples": (1, 6), "g_res_blocks": (0, 64), "g_res_squeeze": (1, 64),
+                "d_channels": (1, 512), "d_min_side": (1, 4096), "d_min_map_side": (1, 4096)}
+        for name, (lo, hi) in ints.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ValueError(f"model.{name} must be an integer in {lo}..{hi}, got {v!r}")
+        if self.g_channels << self.g_downsamples > MAX_G_WIDTH:
+            raise ValueError(f"model.g_channels * 2**g_downsamples is {self.g_channels << self.g_downsamples}: "
+                             f"the deepest generator width is at most {MAX_G_WIDTH}")
+        f = self.d_scale_factor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 1.05 <= f <= 4:
+            raise ValueError(f"model.d_scale_factor must be a number in 1.05..4, got {f!r}")
 
     def n_d_nets(self, crop_size: int) -> int:
         import math

@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,6 +42,7 @@ class Progress:
 
 
 ProgressFn = Callable[[Progress], None]
+SnapshotFn = Callable[["Trainer"], None]
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -157,6 +159,45 @@ class Trainer:
             m.momentum = momentum
         g.train(was_training)
 
+    # -- continuing an interrupted training -----------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the remaining iterations depend on: weights and buffers of G, D (and the
+        average), optimiser and schedule states, both RNG streams and the iteration. Loaded into a
+        trainer built with the same image and configs, training goes on exactly as if it had never
+        stopped (bit-identical on the CPU)."""
+        return {
+            "iteration": self.iteration,
+            "g": self.g.state_dict(),
+            "d": self.d.state_dict(),
+            "g_ema": None if self.g_ema is None else self.g_ema.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "sched_g": self.sched_g.state_dict(),
+            "sched_d": self.sched_d.state_dict(),
+            "rng": self.rng.get_state(),
+            "noise_rng": self.noise_rng.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()``'s result; raises ``ValueError`` (or torch's
+        ``RuntimeError`` for mismatched tensors) when it cannot belong to this trainer."""
+        iteration = state["iteration"]
+        if not isinstance(iteration, int) or not 0 <= iteration <= self.cfg.iterations:
+            raise ValueError(f"iteration {iteration!r} is outside this training's 0..{self.cfg.iterations}")
+        if (state["g_ema"] is None) != (self.g_ema is None):
+            raise ValueError("the saved state and this training disagree on the weight average")
+        self.g.load_state_dict(state["g"])
+        self.d.load_state_dict(state["d"])
+        if self.g_ema is not None:
+            self.g_ema.load_state_dict(state["g_ema"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        self.sched_d.load_state_dict(state["sched_d"])
+        self.rng.set_state(state["rng"])
+        self.noise_rng.set_state(state["noise_rng"].to(self.noise_rng.get_state().device))
+        self.iteration = iteration
+
     # -- schedule -------------------------------------------------------------------------------
     def _lr_factor(self, i: int) -> float:
         start = self.cfg.lr_decay_start * self.cfg.iterations
@@ -242,15 +283,24 @@ class Trainer:
         self.iteration += 1
         return out
 
-    def run(self, progress: ProgressFn | None = None) -> None:
+    def run(self, progress: ProgressFn | None = None, snapshot: SnapshotFn | None = None,
+            snapshot_every_s: float | None = None) -> None:
         """Train until ``cfg.iterations``; report every ``log_every`` iterations and at the end.
-        Losses are read back (a device sync) only at report points."""
+        Losses are read back (a device sync) only at report points. With ``snapshot``, it is
+        called with the trainer every ``snapshot_every_s`` seconds of training (between two
+        iterations, never after the last), for the caller to save ``state_dict()``."""
         self.g.train()
         self.d.train()
         start, first = time.perf_counter(), self.iteration
+        last_snapshot = start
         while self.iteration < self.cfg.iterations:
             out = self.step()
             done = self.iteration
+            if snapshot is not None and snapshot_every_s is not None and done < self.cfg.iterations:
+                now = time.perf_counter()
+                if now - last_snapshot >= snapshot_every_s:
+                    snapshot(self)
+                    last_snapshot = time.perf_counter()  # saving time does not eat the interval
             if progress and (done % self.cfg.log_every == 0 or done == self.cfg.iterations):
                 elapsed = time.perf_counter() - start
                 progress(Progress(done, self.cfg.iterations, {k: float(v) for k, v in out.items()},

@@ -53,6 +53,8 @@ class RunConfig(BaseModel):
     max_in_flight: int | None = Field(None, ge=1, le=100_000, description="tasks submitted at once; None: auto")
     timeout_s: float | None = Field(6 * 3600, gt=0, description="per-image limit, seconds")
     retries: int = Field(2, ge=0, le=20, description="resubmissions after a lost worker or node")
+    checkpoint_every_s: float = Field(
+        300, ge=0, description="save the training state this often (seconds; 0: never), so a retried task resumes")
     resume: Literal["incremental", "overwrite"] = "incremental"
     retarget_only: bool = Field(False, description="never train: images without a saved model fail")
     allowed_schemes: list[str] = Field(default_factory=lambda: ["file", "s3"], description="URI schemes inputs may use")

@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from . import executor, report
+from . import cluster, executor, report
 from .config import ConfigError, RunConfig, load_config
 from .manifest import ManifestError, load_manifest
 from .storage import Folder, StorageError, scheme_of
@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-in-flight", type=int, help="tasks submitted at once")
     p.add_argument("--timeout", dest="timeout_s", type=float, help="per-image limit in seconds")
     p.add_argument("--retries", type=int, help="resubmissions after a lost worker or node")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every_s", type=float, metavar="SECONDS",
+                   help="save the training state this often, so a retried task resumes its training (0: never; default 300)")
     p.add_argument("--resume", choices=["incremental", "overwrite"])
     p.add_argument("--retarget-only", action="store_true", default=None, help="reuse saved models, never train")
     p.add_argument("--no-metrics", dest="metrics", action="store_false", default=None, help="skip quality metrics")
@@ -67,7 +69,7 @@ def _split(text: str | None, cast: Any) -> list[Any] | None:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     overrides = {k: getattr(args, k) for k in (
         "output", "preset", "ratio_policy", "iterations", "seed", "image_format", "num_gpus", "num_cpus",
-        "max_in_flight", "timeout_s", "retries", "resume", "retarget_only", "metrics", "endpoint_url")}
+        "max_in_flight", "timeout_s", "retries", "checkpoint_every_s", "resume", "retarget_only", "metrics", "endpoint_url")}
     overrides["ratios"] = _split(args.ratios, float)
     overrides["sizes"] = _split(args.sizes, str)
     return load_config(args.config, overrides)
@@ -177,12 +179,12 @@ def run(cfg: RunConfig, manifest_uri: str, dry_run: bool = False) -> int:
         return 0
 
     started = time.time()
-    _log(f"connecting to Ray: {executor.connect()}")
-    gpus_now = executor.cluster_gpus()
-    gpus_expected = gpus_now > 0 or executor.autoscaler_has_gpus()
+    _log(f"connecting to Ray: {cluster.connect()}")
+    gpus_now = cluster.cluster_gpus()
+    gpus_expected = gpus_now > 0 or cluster.autoscaler_has_gpus()
     preset = resolve_preset(cfg, 1.0 if gpus_expected else 0.0)
     num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1.0 if gpus_expected else 0.0)
-    slots = gpus_now / num_gpus if num_gpus else executor.cluster_cpus() / cfg.num_cpus
+    slots = gpus_now / num_gpus if num_gpus else cluster.cluster_cpus() / cfg.num_cpus
     in_flight = cfg.max_in_flight or max(4, int(2 * slots))
     res = executor.Resources(cfg.num_cpus, num_gpus, in_flight, cfg.retries, cfg.timeout_s)
     job = Job(cfg, preset, cfg.model_tag(preset))
@@ -236,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (StorageError, FileNotFoundError, PermissionError) as exc:
         _log(f"error: cannot read the manifest or write the output: {exc}")
+        return 2
+    except cluster.ClusterUnreachable as exc:
+        _log(f"error: {exc}")
         return 2
     except KeyboardInterrupt:
         _log("interrupted: rerun the same command to resume; finished images are kept")

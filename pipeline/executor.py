@@ -9,7 +9,6 @@ go wrong with an image is already a failure record returned by the task itself.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -117,54 +116,3 @@ def _ray_error_kind(exc: BaseException) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else ""
-
-
-def connect(num_cpus_local: int | None = None) -> str:
-    """Join the running cluster (``RAY_ADDRESS``, or the one ``ray start`` / ``ray submit`` left on
-    this machine), else start a local one. Returns a description for the log."""
-    if ray.is_initialized():
-        return "already connected"
-    joining = _cluster_running()
-    ray.init(
-        address=os.environ.get("RAY_ADDRESS") or None,
-        num_cpus=None if joining else num_cpus_local,
-        log_to_driver=True,
-        include_dashboard=None if joining else False,
-        configure_logging=True,
-        logging_level="WARNING",
-    )
-    ctx = ray.get_runtime_context()
-    return f"ray {ray.__version__} at {ctx.gcs_address}"
-
-
-def _cluster_running() -> bool:
-    if os.environ.get("RAY_ADDRESS"):
-        return True
-    try:
-        from ray._private.services import find_gcs_addresses
-
-        return bool(find_gcs_addresses())
-    except Exception:  # noqa: BLE001 - private API: absence only means "start a local one"
-        return False
-
-
-def cluster_gpus() -> float:
-    return float(ray.cluster_resources().get("GPU", 0.0))
-
-
-def cluster_cpus() -> float:
-    return float(ray.cluster_resources().get("CPU", 0.0))
-
-
-def autoscaler_has_gpus(path: str = "~/ray_bootstrap_config.yaml") -> bool:
-    """On a head started by ``ray up``, whether any configured worker type has GPUs: the cluster
-    may have none *yet* (workers scale from zero) yet be meant for GPU training."""
-    try:
-        import yaml
-
-        with open(os.path.expanduser(path), encoding="utf-8") as f:
-            cfg = yaml.safe_load(f) or {}
-    except (OSError, ValueError):
-        return False
-    types = cfg.get("available_node_types") or {}
-    return any(float((t.get("resources") or {}).get("GPU", 0)) > 0 for t in types.values() if isinstance(t, dict))

@@ -5,6 +5,7 @@
     {output}/summary.json                    counts, durations, error kinds, versions
     {output}/report.html                     contact sheet, self-contained
     {output}/items/{key}/{tag}/model.pt      generator checkpoint (weights + config only)
+    {output}/items/{key}/{tag}/training.pt   training state while training; removed once model.pt exists
     {output}/items/{key}/{tag}/source.jpg    preview of the decoded source
     {output}/items/{key}/{tag}/outputs/{W}x{H}.{ext}
     {output}/items/{key}/{tag}/metrics.json  per-output metrics
@@ -36,6 +37,10 @@ def item_dir(item_id: str, tag: str) -> str:
 
 def model_path(item_id: str, tag: str) -> str:
     return f"{item_dir(item_id, tag)}/model.pt"
+
+
+def training_state_path(item_id: str, tag: str) -> str:
+    return f"{item_dir(item_id, tag)}/training.pt"
 
 
 def source_preview_path(item_id: str, tag: str) -> str:

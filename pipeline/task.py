@@ -8,6 +8,7 @@ so a marker always describes files that exist.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
@@ -20,9 +21,9 @@ from PIL import Image
 
 from ingan import checkpoint, images
 from ingan import metrics as quality
-from ingan.config import TrainConfig
+from ingan.config import ModelConfig, TrainConfig
 from ingan.retarget import retarget_image
-from ingan.train import Progress, pick_device, train, working_resolution
+from ingan.train import Progress, Trainer, pick_device, to_model_input, working_resolution
 
 from . import layout
 from .config import RunConfig
@@ -216,15 +217,16 @@ def _model(folder: Folder, rel: str, source: torch.Tensor, item: Item, job: Job,
     model_cfg, train_cfg = cfg.model_settings(job.preset)
     train_cfg = _trainable(dataclasses.replace(train_cfg, seed=layout.item_seed(cfg.seed, item.id)), source)
     t0 = time.perf_counter()
+    state_rel = layout.training_state_path(item.id, job.tag)
     try:
-        trainer = train(source, model_cfg, train_cfg, "auto", deadline.check)
+        trainer = _train(folder, state_rel, source, model_cfg, train_cfg, cfg.checkpoint_every_s, deadline)
     except torch.OutOfMemoryError:
         # One retry at half the crop and working size: a large image on a shared (fractional)
         # GPU is the usual cause, and a smaller model input fits where the full one did not.
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         train_cfg = _trainable(_smaller(train_cfg, source), source)
-        trainer = train(source, model_cfg, train_cfg, "auto", deadline.check)
+        trainer = _train(folder, state_rel, source, model_cfg, train_cfg, cfg.checkpoint_every_s, deadline)
     seconds = time.perf_counter() - t0
     work_hw = working_resolution(tuple(source.shape[-2:]), train_cfg.max_side)
     # No timings here: a retried or overwritten task must write the same bytes (the seconds are
@@ -233,7 +235,30 @@ def _model(folder: Folder, rel: str, source: torch.Tensor, item: Item, job: Job,
             "device": str(trainer.device), "torch": str(torch.__version__)}
     ckpt = checkpoint.from_generator(trainer.generator, model_cfg, train_cfg, meta)
     folder.write_bytes(rel, checkpoint.save(ckpt))
+    # The model supersedes the state; one left behind by a failed removal is never used.
+    with contextlib.suppress(StorageError):
+        folder.remove(state_rel)
     return ckpt, seconds
+
+
+def _train(folder: Folder, state_rel: str, source: torch.Tensor, model_cfg: ModelConfig, train_cfg: TrainConfig,
+           every_s: float, deadline: Deadline) -> Trainer:
+    """Train, continuing from the image's saved training state when there is one that matches,
+    and saving the state every ``every_s`` seconds (0: never) so a retried task (a lost worker or
+    node, a killed driver's rerun) loses at most that much training. A resumed training ends
+    with the same weights as an uninterrupted one, so resuming is right in every resume mode."""
+    trainer = Trainer(to_model_input(source), model_cfg, train_cfg, "auto")
+    # None, damaged, or of other settings: training starts from the beginning.
+    with contextlib.suppress(FileNotFoundError, checkpoint.CheckpointError, StorageError):
+        checkpoint.resume_training(trainer, folder.read_bytes(state_rel))
+
+    def snapshot(t: Trainer) -> None:
+        # A missed save only means less to resume from: training goes on.
+        with contextlib.suppress(StorageError):
+            folder.write_bytes(state_rel, checkpoint.save_training_state(t))
+
+    trainer.run(deadline.check, snapshot if every_s > 0 else None, every_s)
+    return trainer
 
 
 def _trainable(cfg: TrainConfig, source: torch.Tensor) -> TrainConfig:

@@ -183,3 +183,108 @@ def test_payload_that_would_execute_code_is_refused(tmp_path: Path, saved: bytes
         with pytest.raises(CheckpointError):
             checkpoint.load(data)
         assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- configs from files
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"g_channels": 10**6}, {"g_downsamples": 40}, {"g_res_blocks": 10**5}, {"d_channels": 10**6},
+     {"g_channels": 512, "g_downsamples": 3}, {"d_scale_factor": 1.0}, {"g_channels": True}],
+)
+def test_oversized_model_config_is_refused_before_anything_is_built(saved: bytes, change: dict[str, object]) -> None:
+    """A config from a file cannot ask for a network that would not fit in memory."""
+    payload = torch.load(io.BytesIO(saved), weights_only=True)
+    with pytest.raises(CheckpointError, match="incomplete or inconsistent: model"):
+        checkpoint.load(_torch_bytes({**payload, "model_config": {**payload["model_config"], **change}}))
+
+
+# --------------------------------------------------------------------------- training states
+
+
+def _state_trainer(seed: int = 3, iterations: int = 12) -> Trainer:
+    image = torch.rand(3, 36, 44, generator=torch.Generator().manual_seed(0))
+    cfg = dataclasses.replace(TINY.train, iterations=iterations, seed=seed, norm_calibration=4)
+    return Trainer(to_model_input(image), TINY.model, cfg, "cpu")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _interrupted_state(at: int) -> bytes:
+    """The training state a run saved just before it stopped at iteration ``at``."""
+    t, saved = _state_trainer(), []
+
+    def snapshot(tr: Trainer) -> None:
+        saved.append(checkpoint.save_training_state(tr))
+        if tr.iteration == at:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        t.run(snapshot=snapshot, snapshot_every_s=0)
+    return saved[-1]
+
+
+def test_resumed_training_ends_bit_identical_to_an_uninterrupted_one() -> None:
+    whole = _state_trainer()
+    whole.run()
+    resumed = _state_trainer()
+    assert checkpoint.resume_training(resumed, _interrupted_state(at=8)) == 8
+    resumed.run()
+    for name in ("g", "d"):
+        a, b = getattr(whole, name).state_dict(), getattr(resumed, name).state_dict()
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    assert whole.opt_g.param_groups[0]["lr"] == resumed.opt_g.param_groups[0]["lr"]
+
+
+def test_snapshots_follow_the_interval_and_skip_the_last_iteration() -> None:
+    seen: list[int] = []
+    _state_trainer(iterations=5).run(snapshot=lambda t: seen.append(t.iteration), snapshot_every_s=0)
+    assert seen == [1, 2, 3, 4]  # never after the last: the model is written then
+    seen.clear()
+    _state_trainer(iterations=5).run(snapshot=lambda t: seen.append(t.iteration), snapshot_every_s=3600)
+    assert seen == []
+
+
+def _fresh_state(t: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in t.g.state_dict().items()}
+
+
+@pytest.mark.parametrize("other", ["seed", "image", "garbage", "truncated", "model", "iteration"])
+def test_a_state_of_other_settings_or_damaged_is_refused_and_changes_nothing(other: str) -> None:
+    state = _interrupted_state(at=6)
+    t = _state_trainer()
+    if other == "seed":
+        t = _state_trainer(seed=4)
+    elif other == "image":
+        image = torch.rand(3, 36, 44, generator=torch.Generator().manual_seed(1))
+        t = Trainer(to_model_input(image), TINY.model, t.cfg, "cpu")
+    elif other == "garbage":
+        state = b"\x00not a state" * 10
+    elif other == "truncated":
+        state = state[: len(state) // 2]
+    elif other == "model":  # D's weights cut to the wrong shapes, configs intact: G loads first
+        payload = torch.load(io.BytesIO(state), weights_only=True)
+        payload["state"]["d"] = {k: v[..., :1] if v.dim() else v for k, v in payload["state"]["d"].items()}
+        state = _torch_bytes(payload)
+    elif other == "iteration":
+        payload = torch.load(io.BytesIO(state), weights_only=True)
+        payload["state"]["iteration"] = 10**9
+        state = _torch_bytes(payload)
+    before = _fresh_state(t)
+    with pytest.raises(CheckpointError):
+        checkpoint.resume_training(t, state)
+    assert t.iteration == 0
+    after = t.g.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k
+    assert checkpoint.resume_training(_state_trainer(), _interrupted_state(at=6)) == 6  # the state itself is good
+
+
+def test_a_model_checkpoint_is_not_a_training_state(saved: bytes) -> None:
+    with pytest.raises(CheckpointError, match="training-state"):
+        checkpoint.resume_training(_state_trainer(), saved)

@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 from PIL import Image
 
 from ingan import checkpoint
@@ -338,17 +339,40 @@ def test_killed_driver_resumes_without_retraining(tmp_path: Path) -> None:
 def _crash_hook(marker_dir: str) -> Callable[[], None]:
     """A Ray worker setup hook: in the workers only, items whose id starts with ``crash-once``
     kill their worker process on the first attempt (a marker file remembers it), and items
-    whose id starts with ``crash-always`` on every attempt. Pickled by value with the closure."""
+    whose id starts with ``crash-always`` on every attempt. Items whose id starts with
+    ``crash-at70`` count every training iteration they run (``<id>.steps``, one line each) and
+    kill their worker once 70% of the training is done, the first time only. Pickled by value
+    with the closure."""
 
     def hook() -> None:
         import os
 
+        import ingan.train
         import pipeline.executor
         import pipeline.task
 
         real = pipeline.task.process
+        real_step = ingan.train.Trainer.step
+        current: dict[str, str] = {}
+
+        def step(self: Any) -> Any:
+            out = real_step(self)
+            item_id = current.get("id", "")
+            if item_id.startswith("crash-at70"):
+                with open(os.path.join(marker_dir, item_id + ".steps"), "a", encoding="utf-8") as f:
+                    f.write(f"{self.iteration}\n")
+                if self.iteration == int(0.7 * self.cfg.iterations):
+                    try:
+                        fd = os.open(os.path.join(marker_dir, item_id), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                    except FileExistsError:
+                        pass
+                    else:
+                        os.close(fd)
+                        os._exit(1)
+            return out
 
         def process(item: Any, job: Any) -> Any:
+            current["id"] = item.id
             if item.id.startswith("crash-always"):
                 os._exit(1)
             if item.id.startswith("crash-once"):
@@ -365,6 +389,7 @@ def _crash_hook(marker_dir: str) -> Callable[[], None]:
 
         pipeline.task.process = process
         pipeline.executor.process = process
+        ingan.train.Trainer.step = step
 
     return hook
 
@@ -846,10 +871,13 @@ def _crash_items(sources: list[Source], ids: list[str]) -> list[Item]:
     return [Item(i, item_id, str(sources[i].path), {}) for i, item_id in enumerate(ids)]
 
 
-def _run_items(items: list[Item], out: Path, retries: int) -> dict[str, dict[str, Any]]:
+def _run_items(
+    items: list[Item], out: Path, retries: int, iterations: int = 2, checkpoint_every_s: float = 300
+) -> dict[str, dict[str, Any]]:
     """The executor as driver.run drives it, on the module's Ray instance."""
     cfg = RunConfig(
-        output=str(out), preset="tiny", iterations=2, ratios=list(RATIOS), metrics=False
+        output=str(out), preset="tiny", iterations=iterations, ratios=list(RATIOS), metrics=False,
+        checkpoint_every_s=checkpoint_every_s,
     )
     job = Job(cfg, "tiny", cfg.model_tag("tiny"))
     res = executor.Resources(
@@ -885,3 +913,38 @@ def test_crashed_worker_without_retries_fails(local_ray: Path, tmp_path: Path) -
     assert rec["error_kind"] == "worker_lost"
     assert rec["attempts"] == 1
     assert not list((tmp_path / "out").glob("items/**/done.json"))
+
+
+def test_worker_killed_mid_training_resumes_from_its_training_state(local_ray: Path, tmp_path: Path) -> None:
+    """A worker killed at 70% of an image's training: the retried task continues from the last
+    saved training state, and ends with the model an uninterrupted training gives."""
+    sources = _sources(tmp_path / "images", 1)
+    items = _crash_items(sources, ["crash-at70-a"])
+    n = 40
+    steps = local_ray / "crash-at70-a.steps"
+
+    interrupted = _run_items(items, tmp_path / "interrupted", retries=1, iterations=n, checkpoint_every_s=0.001)
+    rec = interrupted["crash-at70-a"]
+    assert (local_ray / "crash-at70-a").exists()  # the first attempt really died at 70%
+    assert rec["status"] == "ok", rec
+    assert rec["attempts"] == 2
+    ran = [int(line) for line in steps.read_text().split()]
+    assert ran[:28] == list(range(1, 29))  # the first attempt, up to the kill
+    assert ran[28] > 1, "the second attempt started its training from scratch"
+    assert ran[-1] == n
+    assert len(ran) <= 1.1 * n, f"{len(ran)} iterations run for a {n}-iteration training"
+    steps.unlink()
+
+    # The same image and settings, never interrupted (the kill happens on the first attempt only).
+    uninterrupted = _run_items(items, tmp_path / "uninterrupted", retries=0, iterations=n, checkpoint_every_s=0.001)
+    assert uninterrupted["crash-at70-a"]["status"] == "ok"
+    assert [int(line) for line in steps.read_text().split()] == list(range(1, n + 1))
+    tag = RunConfig(output="x", preset="tiny", iterations=n).model_tag("tiny")
+    models = [checkpoint.load((tmp_path / run / layout.model_path("crash-at70-a", tag)).read_bytes())
+              for run in ("interrupted", "uninterrupted")]
+    assert models[0].generator.keys() == models[1].generator.keys()
+    for k, v in models[0].generator.items():
+        assert torch.equal(v, models[1].generator[k]), k
+    # The state is gone once the model is written.
+    for run in ("interrupted", "uninterrupted"):
+        assert not (tmp_path / run / layout.training_state_path("crash-at70-a", tag)).exists()
