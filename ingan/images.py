@@ -57,8 +57,13 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tensor:
 
 def _to_rgb_tensor(im: Image.Image) -> Tensor:
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        if im.mode.startswith("I;16") or arr.max() > 255:
+            top = 65535.0
+        elif im.mode == "F" and arr.max() <= 1.0:
+            top = 1.0  # float data in [0, 1] (float32 TIFF from most tools), not 0-255
+        else:
+            top = 255.0
         im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if im.mode == "P":
         im = im.convert("RGBA")

@@ -241,6 +241,18 @@ def test_float_tiff_in_8_bit_range() -> None:
     assert torch.equal(t[0], t[1])
 
 
+def test_float_tiff_in_unit_range_keeps_its_tones() -> None:
+    """Float images from most tools hold [0, 1]: mid-grey 0.5 must decode as 128, not black."""
+    arr = np.linspace(0.0, 1.0, 16, dtype=np.float32).reshape(4, 4)
+    arr[0, 0] = np.nan  # a missing sample is black, not an error
+    t = decode(_save(Image.fromarray(arr, "F"), "TIFF"))
+    _assert_rgb(t, 4, 4)
+    expected = np.floor(np.nan_to_num(arr) * 255 + 0.5).astype(np.uint8)
+    assert (t[0].int() - torch.from_numpy(expected).int()).abs().max() <= 1
+    assert int(t[0, 3, 3]) == 255 and int(t[0, 0, 0]) == 0
+    assert torch.equal(t[0], t[2])
+
+
 # -- encoding ------------------------------------------------------------------------------------
 
 
