@@ -11,18 +11,16 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import sys
 import time
 
 import torch
 
-from . import checkpoint, images, metrics
+from . import checkpoint, images, metrics, retarget
 from .config import PRESETS, get_preset
+from .files import atomic_write
 from .retarget import retarget_image
-from .train import Progress, pick_device, train, working_resolution
-
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+from .train import Progress, hms, pick_device, train, working_resolution
 
 
 class CLIError(Exception):
@@ -30,29 +28,18 @@ class CLIError(Exception):
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """'WxH' (width first, as image tools write it) -> (H, W)."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"size must look like WIDTHxHEIGHT (e.g. 256x128), got {text!r}")
-    w, h = int(m.group(1)), int(m.group(2))
-    if w < 8 or h < 8:
-        raise argparse.ArgumentTypeError(f"size {text!r} is too small: each side must be at least 8 px")
-    if w > 16384 or h > 16384:
-        raise argparse.ArgumentTypeError(f"size {text!r} is too large: each side must be at most 16384 px")
+    """'WxH' -> (H, W), the order the model takes sizes in."""
+    try:
+        w, h = retarget.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return h, w
-
-
-def _fmt_seconds(s: float) -> str:
-    if s == float("inf"):
-        return "?"
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def _print_progress(p: Progress) -> None:
     loss = " ".join(f"{k}={v:.4f}" for k, v in p.losses.items())
-    print(f"[{p.iteration}/{p.total}] {loss} | {p.rate:.2f} it/s | elapsed {_fmt_seconds(p.seconds)} "
-          f"| eta {_fmt_seconds(p.eta)}", file=sys.stderr, flush=True)
+    print(f"[{p.iteration}/{p.total}] {loss} | {p.rate:.2f} it/s | elapsed {hms(p.seconds)} "
+          f"| eta {hms(p.eta)}", file=sys.stderr, flush=True)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -73,11 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     meta = {"preset": preset.name, "source_hw": list(image.shape[-2:]), "working_hw": list(work_hw),
             "train_seconds": seconds, "device": str(device), "torch": str(torch.__version__)}
     data = checkpoint.save(checkpoint.from_generator(trainer.generator, preset.model, train_cfg, meta))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, args.out)
+    atomic_write(args.out, data)
     print(f"saved {args.out} ({len(data) / 1e6:.1f} MB) after {seconds:.1f} s", file=sys.stderr)
     return 0
 
@@ -102,8 +85,7 @@ def cmd_retarget(args: argparse.Namespace) -> int:
     outs = retarget_image(g, image, args.size, ckpt.train.max_side)
     for (h, w), out in zip(args.size, outs, strict=True):
         path = os.path.join(args.out_dir, f"{w}x{h}.png")
-        with open(path, "wb") as f:
-            f.write(images.encode(out, "png"))
+        atomic_write(path, images.encode(out, "png"))
         print(path)
     print(f"{len(outs)} outputs in {time.perf_counter() - start:.2f} s", file=sys.stderr)
     return 0

@@ -6,6 +6,7 @@ of sizes costs one entry conv plus one decode each.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +18,22 @@ from .networks import Generator
 from .train import to_model_input, working_image
 
 MIN_SIDE = 8
+MAX_SIDE = 16384
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WxH' (width first, as image tools write it) -> (W, H), each side within MIN_SIDE..MAX_SIDE;
+    anything else raises ``ValueError`` saying what a size looks like."""
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"size must look like WIDTHxHEIGHT (e.g. 256x128), got {text!r}")
+    w, h = int(m.group(1)), int(m.group(2))
+    if min(w, h) < MIN_SIDE:
+        raise ValueError(f"size {text!r} is too small: each side must be at least {MIN_SIDE} px")
+    if max(w, h) > MAX_SIDE:
+        raise ValueError(f"size {text!r} is too large: each side must be at most {MAX_SIDE} px")
+    return w, h
 
 
 def check_size(hw: tuple[int, int]) -> tuple[int, int]:

@@ -41,6 +41,14 @@ class Progress:
         return (self.total - self.iteration) / self.rate if self.rate > 0 else math.inf
 
 
+def hms(seconds: float) -> str:
+    """A duration as H:MM:SS ("?" when unknown: an infinite ETA)."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 ProgressFn = Callable[[Progress], None]
 SnapshotFn = Callable[["Trainer"], None]
 

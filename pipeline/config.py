@@ -11,28 +11,19 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ingan.config import PRESETS, ModelConfig, TrainConfig, get_preset
+from ingan.retarget import parse_size
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
-MAX_OUTPUT_SIDE = 16384
+from .storage import RetryPolicy
 
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the field."""
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'WxH' -> (W, H)."""
-    m = _SIZE_RE.match(str(text))
-    if not m:
-        raise ValueError(f"size must look like WIDTHxHEIGHT (e.g. 256x256), got {text!r}")
-    return int(m.group(1)), int(m.group(2))
 
 
 class RunConfig(BaseModel):
@@ -62,6 +53,11 @@ class RunConfig(BaseModel):
     max_image_bytes: int = Field(200_000_000, ge=1, description="larger input objects are refused")
     min_image_side: int = Field(24, ge=17, description="smaller images are refused as too small to train on")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto, ...)")
+    # One retry loop for every storage call (botocore and s3fs make one attempt each): a dead
+    # endpoint costs at most storage_attempts x (connect + read time-out) plus backoff per call.
+    storage_attempts: int = Field(5, ge=1, le=20, description="tries per storage call")
+    storage_connect_timeout_s: float = Field(5.0, gt=0, le=600, description="S3 connect time-out, seconds")
+    storage_read_timeout_s: float = Field(20.0, gt=0, le=3600, description="S3 read time-out, seconds")
     # repr=False: a logged or printed config (or a Job holding it) must not show credentials.
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False, description="fsspec options; never logged")
     report_max_items: int = Field(200, ge=0)
@@ -91,8 +87,6 @@ class RunConfig(BaseModel):
         out = []
         for s in v:
             w, h = parse_size(s)
-            if min(w, h) < 8 or max(w, h) > MAX_OUTPUT_SIDE:
-                raise ValueError(f"size {s!r}: each side must be between 8 and {MAX_OUTPUT_SIDE} px")
             out.append(f"{w}x{h}")
         if len(set(out)) != len(out):
             raise ValueError(f"duplicate sizes in {v}")
@@ -116,6 +110,9 @@ class RunConfig(BaseModel):
         if self.endpoint_url:
             opts.setdefault("endpoint_url", self.endpoint_url)
         return opts
+
+    def storage_policy(self) -> RetryPolicy:
+        return RetryPolicy(self.storage_attempts, self.storage_connect_timeout_s, self.storage_read_timeout_s)
 
     def public_dict(self) -> dict[str, Any]:
         """The resolved config as saved beside the results: no storage options."""

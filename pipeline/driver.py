@@ -18,9 +18,12 @@ from typing import Any
 
 import pyarrow as pa
 
+from ingan.train import hms
+
 from . import cluster, executor, report
 from .config import ConfigError, RunConfig, load_config
 from .manifest import ManifestError, load_manifest
+from .results import PARTS_DIR, ResultStream
 from .storage import Folder, StorageError, scheme_of
 from .task import Item, Job
 
@@ -96,14 +99,7 @@ class ProgressLine:
             rate = done / max(now - self.start, 1e-9)
             eta = (self.total - done) / rate if rate > 0 else float("inf")
             _log(f"[{done}/{self.total}] ok={self.counts['ok']} failed={self.counts['failed']} "
-                 f"skipped={self.counts['skipped']} | {rate * 60:.1f} img/min | eta {_hms(eta)}")
-
-
-def _hms(s: float) -> str:
-    if s == float("inf"):
-        return "?"
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+                 f"skipped={self.counts['skipped']} | {rate * 60:.1f} img/min | eta {hms(eta)}")
 
 
 def _carried_fields(table: pa.Table) -> list[tuple[str, str, pa.Field]]:
@@ -165,9 +161,9 @@ def absolute_output(cfg: RunConfig) -> RunConfig:
 
 def run(cfg: RunConfig, manifest_uri: str, dry_run: bool = False) -> int:
     cfg = absolute_output(cfg)
-    table = load_manifest(manifest_uri, cfg.fs_options())
+    table = load_manifest(manifest_uri, cfg.fs_options(), cfg.storage_policy())
     carried = _carried_fields(table)
-    out = Folder(cfg.output, cfg.fs_options())
+    out = Folder(cfg.output, cfg.fs_options(), cfg.storage_policy())
     n = table.num_rows
 
     if dry_run:
@@ -194,37 +190,37 @@ def run(cfg: RunConfig, manifest_uri: str, dry_run: bool = False) -> int:
     _log(f"{n} images -> {out.uri('')} | preset {preset} | {num_gpus:g} GPU + {cfg.num_cpus:g} CPU per task "
          f"| {in_flight} in flight | cluster GPUs now: {gpus_now:g}")
 
-    records: list[dict[str, Any] | None] = [None] * n
+    carried_schema = pa.schema([f for _, _, f in carried])
+    stream = ResultStream(out, carried_schema, keep=cfg.report_max_items)
     progress = ProgressLine(n)
 
     def on_record(item: Item, rec: dict[str, Any]) -> None:
-        records[item.index] = rec
+        stream.add(item.index, rec)
         progress.update(rec["status"])
 
     executor.run_items(_items(table, carried, manifest_uri), job, res, on_record)
-    final = [r for r in records if r is not None]
     finished = time.time()
 
-    carried_schema = pa.schema([f for _, _, f in carried])
     try:
-        results_uri = report.write_results(out, final, carried_schema)
+        results_uri = stream.finish()
     except StorageError as exc:
-        # The per-image outputs are safe under their markers; keep the table too, locally.
-        results_uri = report.write_results(Folder(os.path.abspath(".")), final, carried_schema,
-                                           name=f"ingan-results-{int(finished)}.parquet")
-        _log(f"error: cannot write results to {out.uri('')}: {exc}\nresults kept locally: {results_uri}")
+        # The per-image outputs are safe under their markers; keep the rows not yet written too.
+        results_uri = Folder(os.path.abspath(".")).write_bytes(f"ingan-results-{int(finished)}.parquet",
+                                                                stream.unwritten_bytes())
+        _log(f"error: cannot write results to {out.uri('')}: {exc}\nrows written so far: "
+             f"{out.uri(PARTS_DIR)}; the others kept locally: {results_uri}")
         return 1
-    summary = report.summarize(final, config=resolved, started=started, finished=finished, versions=_versions())
+    summary = stream.tally.summary(config=resolved, started=started, finished=finished, versions=_versions())
     report.write_summary(out, summary)
-    report_uri = report.write_report(out, final, title=f"InGAN retargeting: {manifest_uri}", max_items=cfg.report_max_items)
-    counts = report.status_counts(final)
-    _log(f"done in {_hms(finished - started)}: ok={counts['ok']} skipped={counts['skipped']} failed={counts['failed']}")
+    report_uri = report.write_report(out, stream.first_records(), title=f"InGAN retargeting: {manifest_uri}",
+                                     max_items=cfg.report_max_items, counts=stream.tally)
+    counts = stream.tally.status_counts()
+    _log(f"done in {hms(finished - started)}: ok={counts['ok']} skipped={counts['skipped']} failed={counts['failed']}")
     _log(f"results: {results_uri}\nsummary: {out.uri(report.SUMMARY_NAME)}\nreport:  {report_uri}")
-    failed = [r for r in final if r["status"] == "failed"]
-    for rec in failed[:20]:
+    for rec in stream.failures:
         _log(f"  failed {rec['id']}: [{rec['error_kind']}] {rec['error']}")
-    if len(failed) > 20:
-        _log(f"  ... and {len(failed) - 20} more failures in results.parquet")
+    if counts["failed"] > len(stream.failures):
+        _log(f"  ... and {counts['failed'] - len(stream.failures)} more failures in results.parquet")
     return 0 if counts["failed"] == 0 else 1
 
 

@@ -1,7 +1,8 @@
 """Where the work runs: Ray Core tasks, a bounded number in flight.
 
-The manifest is consumed lazily and at most ``max_in_flight`` tasks exist at once, so a
-100k-row manifest never sits in the scheduler and the driver's memory stays flat. A task whose
+The manifest's rows are turned into items lazily and at most ``max_in_flight`` tasks exist at
+once, so a 100k-row manifest never sits in the scheduler; each record goes to ``on_record`` as it
+arrives (the driver streams them to storage, ``pipeline.results``). A task whose
 worker or node dies is resubmitted (``retries`` times) with the same seed, so it writes the same
 bytes; a task past its time limit is cancelled and recorded as a timeout. Everything else that can
 go wrong with an image is already a failure record returned by the task itself.

@@ -1,7 +1,8 @@
 """Where everything lives under the output URI. The one place that names paths.
 
     {output}/config.json                     resolved config of the latest run (no secrets)
-    {output}/results.parquet                 one row per manifest row
+    {output}/results.parquet                 one row per manifest row, in manifest order
+    {output}/results.parts/part-*.parquet    rows as they finish, while a run goes on; removed at its end
     {output}/summary.json                    counts, durations, error kinds, versions
     {output}/report.html                     contact sheet, self-contained
     {output}/items/{key}/{tag}/model.pt      generator checkpoint (weights + config only)

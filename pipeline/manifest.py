@@ -24,7 +24,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.storage import Folder, StorageError, expand, read_uri, scheme_of
+from pipeline.storage import (
+    DEFAULT_POLICY,
+    Folder,
+    RetryPolicy,
+    StorageError,
+    expand,
+    read_uri,
+    scheme_of,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 _UNSAFE_CHARS_RE = re.compile(r"[^A-Za-z0-9._-]")
@@ -79,14 +87,15 @@ def _check_ids(ids: pa.ChunkedArray, uri: str, derived: bool) -> None:
         raise ManifestError(f"manifest {uri}: duplicate ids{origin}: {'; '.join(details)}{more}")
 
 
-def load_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
+def load_manifest(uri: str, storage_options: dict[str, Any] | None = None,
+                  policy: RetryPolicy = DEFAULT_POLICY) -> pa.Table:
     """Read and validate the manifest at ``uri``; returns it with ``uri`` and ``id`` first.
 
     ``id`` is derived from ``uri`` when the manifest has none (``row-{index}`` for a null URI).
     Other columns are carried through unchanged. Raises :class:`ManifestError` for a table that
     cannot be used, and storage errors (``FileNotFoundError``, ``StorageError``) for I/O.
     """
-    data = read_uri(uri, storage_options)
+    data = read_uri(uri, storage_options, policy=policy)
     try:
         # ParquetFile, not read_table: the dataset layer behind read_table chokes on a repeated
         # column name with an unreadable message before we could name it.

@@ -19,6 +19,7 @@ import html
 import io
 import math
 import re
+from array import array
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -142,8 +143,72 @@ def write_results(
 # --------------------------------------------------------------------------- summary.json
 
 
+class Tally:
+    """What ``summary.json`` and the report's header say about a run, gathered one record at a
+    time: counts and the two duration columns, not the records, so a driver streaming a
+    manifest of any length keeps only this."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.statuses: Counter[str] = Counter()
+        self.error_kinds: Counter[str] = Counter()
+        self.outputs_written = 0
+        self.verdicts = {"beats_resize": 0, "loses_to_resize": 0, "unscored": 0}
+        self.total_seconds = array("d")
+        self.train_seconds = array("d")
+
+    def add(self, r: Mapping[str, Any]) -> None:
+        self.total += 1
+        self.statuses[r.get("status")] += 1
+        if r.get("error_kind"):
+            self.error_kinds[r["error_kind"]] += 1
+        outputs = r.get("outputs") or []
+        self.outputs_written += len(outputs)
+        for o in outputs:
+            verdict = o.get("beats_resize")
+            self.verdicts["unscored" if verdict is None else "beats_resize" if verdict else "loses_to_resize"] += 1
+        for name in ("total_seconds", "train_seconds"):
+            if r.get(name) is not None:
+                getattr(self, name).append(r[name])
+
+    def status_counts(self) -> dict[str, int]:
+        """Records per status; the three known statuses are always present, even at zero."""
+        counts = Counter(self.statuses)
+        known = {s: counts.pop(s, 0) for s in STATUSES}
+        return {**known, **{str(s): n for s, n in counts.items()}}
+
+    def summary(self, *, config: Mapping[str, Any], started: float, finished: float,
+                versions: Mapping[str, str]) -> dict[str, Any]:
+        counts = self.status_counts()
+        wall = finished - started
+        return {
+            "total": self.total,
+            "status_counts": counts,
+            "error_kinds": dict(sorted(self.error_kinds.items())),
+            "outputs_written": self.outputs_written,
+            "verdicts": dict(self.verdicts),
+            "durations": {
+                "total_seconds": _percentiles(self.total_seconds),
+                "train_seconds": _percentiles(self.train_seconds),
+            },
+            "wall_seconds": wall,
+            # Throughput of finished work: skipped rows were done by an earlier run and failed
+            # rows produced nothing, so counting them would flatter the number.
+            "images_per_hour": counts["ok"] * 3600.0 / wall if wall > 0 else None,
+            "config": redact(config),
+            "versions": dict(versions),
+        }
+
+
+def tally(records: Iterable[Mapping[str, Any]]) -> Tally:
+    t = Tally()
+    for r in records:
+        t.add(r)
+    return t
+
+
 def summarize(
-    records: Sequence[Mapping[str, Any]],
+    records: Iterable[Mapping[str, Any]],
     *,
     config: Mapping[str, Any],
     started: float,
@@ -151,47 +216,17 @@ def summarize(
     versions: Mapping[str, str],
 ) -> dict[str, Any]:
     """Counts, latency percentiles and throughput of a run, with its (redacted) config."""
-    counts = status_counts(records)
-    wall = finished - started
-    return {
-        "total": len(records),
-        "status_counts": counts,
-        "error_kinds": _error_kind_counts(records),
-        "outputs_written": sum(len(r.get("outputs") or []) for r in records),
-        "verdicts": verdict_counts(records),
-        "durations": {
-            "total_seconds": _percentiles(r.get("total_seconds") for r in records),
-            "train_seconds": _percentiles(r.get("train_seconds") for r in records),
-        },
-        "wall_seconds": wall,
-        # Throughput of finished work: skipped rows were done by an earlier run and failed rows
-        # produced nothing, so counting them would flatter the number.
-        "images_per_hour": counts["ok"] * 3600.0 / wall if wall > 0 else None,
-        "config": redact(config),
-        "versions": dict(versions),
-    }
+    return tally(records).summary(config=config, started=started, finished=finished, versions=versions)
 
 
 def verdict_counts(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     """Outputs of ok and skipped rows that beat their bicubic resize, that do not, and unscored."""
-    counts = {"beats_resize": 0, "loses_to_resize": 0, "unscored": 0}
-    for r in records:
-        for o in r.get("outputs") or []:
-            verdict = o.get("beats_resize")
-            counts["unscored" if verdict is None else "beats_resize" if verdict else "loses_to_resize"] += 1
-    return counts
+    return dict(tally(records).verdicts)
 
 
 def status_counts(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     """Records per status; the three known statuses are always present, even at zero."""
-    counts = Counter(r.get("status") for r in records)
-    known = {s: counts.pop(s, 0) for s in STATUSES}
-    return {**known, **{str(s): n for s, n in counts.items()}}
-
-
-def _error_kind_counts(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
-    counts = Counter(r["error_kind"] for r in records if r.get("error_kind"))
-    return dict(sorted(counts.items()))
+    return tally(records).status_counts()
 
 
 def _percentiles(values: Iterable[float | None]) -> dict[str, float | None]:
@@ -278,33 +313,37 @@ def render_report(
     title: str,
     max_items: int = 200,
     thumb_px: int = 160,
+    counts: Tally | None = None,
 ) -> str:
-    """A self-contained HTML contact sheet of the first ``max_items`` records, in manifest order."""
+    """A self-contained HTML contact sheet of the first ``max_items`` records, in manifest order.
+    ``counts``: the whole run's, when ``records`` holds only the first ones."""
     shown = records[:max_items]
+    counts = counts or tally(records)
     thumbs = _thumbnails(folder, _image_rels(shown), thumb_px)
     thumbs.update(_resize_thumbnails(folder, shown, thumb_px))
     rows = [_record_html(r, thumbs, thumb_px) for r in shown]
-    hidden = len(records) - len(shown)
+    hidden = counts.total - len(shown)
     if hidden > 0:
         rows.append(
             f'<p class="more">{hidden} more record{"s" if hidden != 1 else ""} not shown; '
-            f"all {len(records)} are in {RESULTS_NAME}.</p>"
+            f"all {counts.total} are in {RESULTS_NAME}.</p>"
         )
     return (
         '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-        f"<header><h1>{_esc(title)}</h1>{_summary_bar(records, len(shown))}</header>\n"
+        f"<header><h1>{_esc(title)}</h1>{_summary_bar(counts, len(shown))}</header>\n"
         "<main>\n" + "\n".join(rows) + "\n</main>\n</body>\n</html>\n"
     )
 
 
 def write_report(
-    folder: Folder, records: Sequence[Mapping[str, Any]], *, title: str, max_items: int = 200
+    folder: Folder, records: Sequence[Mapping[str, Any]], *, title: str, max_items: int = 200,
+    counts: Tally | None = None,
 ) -> str:
     """Write ``report.html`` and return its URI."""
     return folder.write_text(
-        REPORT_NAME, render_report(folder, records, title=title, max_items=max_items)
+        REPORT_NAME, render_report(folder, records, title=title, max_items=max_items, counts=counts)
     )
 
 
@@ -316,13 +355,13 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _summary_bar(records: Sequence[Mapping[str, Any]], shown: int) -> str:
-    pills = [f'<span class="pill">total {len(records)}</span>']
+def _summary_bar(counts: Tally, shown: int) -> str:
+    pills = [f'<span class="pill">total {counts.total}</span>']
     pills += [
         f'<span class="pill {_esc(s)}">{_esc(s)} {n}</span>'
-        for s, n in status_counts(records).items()
+        for s, n in counts.status_counts().items()
     ]
-    if shown < len(records):
+    if shown < counts.total:
         pills.append(f'<span class="pill">showing first {shown}</span>')
     return f'<div class="bar">{"".join(pills)}</div>'
 

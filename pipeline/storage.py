@@ -6,8 +6,11 @@ the same through it. Two promises the rest of the pipeline builds on:
 * a write is whole or absent: bytes are buffered and sent in one put (S3) or written to a
   temporary name and renamed (local), so a failure mid-write never leaves a partial object under
   the final name;
-* transient faults (connection resets, 5xx, throttling) are retried with exponential backoff;
-  anything else surfaces at once with the URI in the message.
+* transient faults (connection resets, 5xx, throttling, time-outs) are retried with exponential
+  backoff by one loop only (``with_retries``, under a ``RetryPolicy``): botocore and s3fs are set
+  to a single attempt each, so a dead endpoint costs at most ``RetryPolicy.bound_s()`` per call
+  instead of retries stacked on retries; anything else surfaces at once with the URI (and, on
+  S3, the endpoint) in the message.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import split_protocol
 
+from ingan.files import atomic_write
+
 T = TypeVar("T")
 
-DEFAULT_SCHEMES = ("file", "s3")
 _SCHEME_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.\-]*$")
 # A bare status code in an error message, but not one that is part of a name or path
 # ("photo_500.jpg", "/500/"), which would otherwise make a permanent error look transient.
@@ -100,43 +105,90 @@ def _is_transient(exc: BaseException) -> bool:
     return any(m in text for m in markers) or _STATUS_5XX_RE.search(text) is not None
 
 
-def with_retries(
-    fn: Callable[[], T],
-    what: str,
-    attempts: int = 5,
-    base_delay: float = 0.2,
-    max_delay: float = 5.0,
-) -> T:
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long one storage call may take: ``attempts`` tries, each bounded by the connect and
+    read time-outs, with jittered exponential backoff between them."""
+
+    attempts: int = 5
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 20.0
+    base_delay_s: float = 0.2
+    max_delay_s: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        """The longest sleep after failed try ``attempt`` (1-based); the actual one is jittered
+        to 50-100% of it."""
+        return min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
+
+    def bound_s(self) -> float:
+        """The longest one call can take against an endpoint that never answers."""
+        per_try = self.connect_timeout_s + self.read_timeout_s
+        return self.attempts * per_try + sum(self.delay(a) for a in range(1, self.attempts))
+
+    def fs_options(self, uri: str, options: dict[str, Any]) -> dict[str, Any]:
+        """``options`` with the time-outs and a single botocore attempt for S3 (the user's own
+        ``config_kwargs`` win); other schemes get ``options`` unchanged."""
+        if scheme_of(uri) not in ("s3", "s3a"):
+            return options
+        config = {"connect_timeout": self.connect_timeout_s, "read_timeout": self.read_timeout_s,
+                  "retries": {"mode": "standard", "total_max_attempts": 1}}
+        return {**options, "config_kwargs": {**config, **(options.get("config_kwargs") or {})}}
+
+
+DEFAULT_POLICY = RetryPolicy()
+
+
+def open_fs(uri: str, options: dict[str, Any] | None, policy: RetryPolicy) -> tuple[Any, str]:
+    """The fsspec filesystem and path of ``uri``, set to ``policy``."""
+    fs, path = fsspec.core.url_to_fs(uri, **policy.fs_options(uri, dict(options or {})))
+    if hasattr(fs, "retries") and type(fs).__module__.startswith("s3fs"):
+        # s3fs retries read time-outs and dropped connections five times on its own (a class
+        # attribute, not an option): once here, the policy's loop does the retrying.
+        fs.retries = 1
+    return fs, path
+
+
+def endpoint_of(options: dict[str, Any] | None) -> str:
+    """The S3 endpoint a call goes to, for error messages."""
+    opts = options or {}
+    return opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url") or "the default AWS endpoint"
+
+
+def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy = DEFAULT_POLICY) -> T:
     """Call ``fn``, retrying transient faults with jittered exponential backoff."""
-    for attempt in range(1, attempts + 1):
+    for attempt in range(1, policy.attempts + 1):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below, re-raised when not transient
-            if not _is_transient(exc) or attempt == attempts:
+            if not _is_transient(exc) or attempt == policy.attempts:
                 if isinstance(exc, (FileNotFoundError, PermissionError, StorageError)):
                     raise
-                raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from exc
-            delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random())
-            time.sleep(delay)
+                tries = f" after {attempt} tries" if attempt > 1 else ""
+                raise StorageError(f"{what}{tries}: {type(exc).__name__}: {exc}") from exc
+            time.sleep(policy.delay(attempt) * (0.5 + random.random() / 2))
     raise AssertionError("unreachable")
 
 
 class Folder:
     """A directory-like view of storage rooted at ``base``; every path is relative to it."""
 
-    def __init__(self, base: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, base: str, storage_options: dict[str, Any] | None = None,
+                 policy: RetryPolicy = DEFAULT_POLICY) -> None:
         self.base = _strip_trailing_slash(base)
         self.storage_options = dict(storage_options or {})
-        self.fs, root = fsspec.core.url_to_fs(self.base, **self.storage_options)
+        self.policy = policy
+        self.fs, root = open_fs(self.base, self.storage_options, policy)
         self.root = root.rstrip("/")
         self.is_local = scheme_of(self.base) == "file"
+        self._where = f" at {endpoint_of(self.storage_options)}" if scheme_of(self.base) in ("s3", "s3a") else ""
 
     def __repr__(self) -> str:  # never shows storage options: they may hold credentials
         return f"Folder({self.base!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Re-create the filesystem on the receiving side (Ray workers) instead of pickling it.
-        return (Folder, (self.base, self.storage_options))
+        return (Folder, (self.base, self.storage_options, self.policy))
 
     def path(self, rel: str) -> str:
         """The filesystem path of ``rel``; refuses anything that climbs out of the folder."""
@@ -154,13 +206,13 @@ class Folder:
         return f"{protocol}://{path}"
 
     def sub(self, rel: str) -> Folder:
-        return Folder(self.uri(rel), self.storage_options)
+        return Folder(self.uri(rel), self.storage_options, self.policy)
 
     def exists(self, rel: str) -> bool:
-        return with_retries(lambda: self.fs.exists(self.path(rel)), f"exists {self.uri(rel)}")
+        return with_retries(lambda: self.fs.exists(self.path(rel)), f"exists {self.uri(rel)}{self._where}", self.policy)
 
     def read_bytes(self, rel: str) -> bytes:
-        return with_retries(lambda: self.fs.cat_file(self.path(rel)), f"read {self.uri(rel)}")
+        return with_retries(lambda: self.fs.cat_file(self.path(rel)), f"read {self.uri(rel)}{self._where}", self.policy)
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
@@ -172,10 +224,10 @@ class Folder:
         """Write ``data`` whole under ``rel`` (replacing it) and return its URI."""
         path = self.path(rel)
         if self.is_local:
-            with_retries(lambda: _atomic_local_write(path, data), f"write {self.uri(rel)}")
+            with_retries(lambda: atomic_write(path, data), f"write {self.uri(rel)}{self._where}", self.policy)
         else:
             # One put of the whole buffer: S3 never exposes a partial object under the key.
-            with_retries(lambda: self.fs.pipe_file(path, data), f"write {self.uri(rel)}")
+            with_retries(lambda: self.fs.pipe_file(path, data), f"write {self.uri(rel)}{self._where}", self.policy)
         return self.uri(rel)
 
     def write_text(self, rel: str, text: str) -> str:
@@ -192,7 +244,7 @@ class Folder:
                 self.fs.rm(path, recursive=recursive)
             self.fs.invalidate_cache()
 
-        with_retries(_rm, f"remove {self.uri(rel)}")
+        with_retries(_rm, f"remove {self.uri(rel)}{self._where}", self.policy)
 
     def list(self, rel: str = "") -> list[str]:
         """Names (not paths) directly under ``rel``; empty when it does not exist."""
@@ -205,7 +257,7 @@ class Folder:
                 return []
             return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
-        return with_retries(_ls, f"list {self.uri(rel)}")
+        return with_retries(_ls, f"list {self.uri(rel)}{self._where}", self.policy)
 
 
 def _strip_trailing_slash(base: str) -> str:
@@ -217,21 +269,11 @@ def _strip_trailing_slash(base: str) -> str:
     return base.rstrip("/") or base
 
 
-def _atomic_local_write(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}-{random.getrandbits(32):08x}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def read_uri(uri: str, storage_options: dict[str, Any] | None = None, max_bytes: int | None = None) -> bytes:
+def read_uri(uri: str, storage_options: dict[str, Any] | None = None, max_bytes: int | None = None,
+             policy: RetryPolicy = DEFAULT_POLICY) -> bytes:
     """Fetch a whole object by URI (retrying transient faults); refuse objects over ``max_bytes``."""
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs, path = open_fs(uri, storage_options, policy)
+    where = f" at {endpoint_of(storage_options)}" if scheme_of(uri) in ("s3", "s3a") else ""
 
     def _read() -> bytes:
         if max_bytes is not None:
@@ -241,7 +283,7 @@ def read_uri(uri: str, storage_options: dict[str, Any] | None = None, max_bytes:
         return fs.cat_file(path)
 
     try:
-        return with_retries(_read, f"read {uri}")
+        return with_retries(_read, f"read {uri}{where}", policy)
     except (FileNotFoundError, PermissionError) as exc:
         # s3fs can say only "Forbidden" (a 403 on HEAD) or "The specified bucket does not
         # exist": name the object, as every other storage error does.
@@ -252,9 +294,10 @@ def read_uri(uri: str, storage_options: dict[str, Any] | None = None, max_bytes:
         raise PermissionError(errno.EACCES, exc.strerror or str(exc) or "Permission denied", uri) from exc
 
 
-def expand(pattern: str, storage_options: dict[str, Any] | None = None) -> Iterator[str]:
+def expand(pattern: str, storage_options: dict[str, Any] | None = None,
+           policy: RetryPolicy = DEFAULT_POLICY) -> Iterator[str]:
     """URIs of the files matching a glob, or every file under a prefix, in sorted order."""
-    fs, path = fsspec.core.url_to_fs(pattern, **(storage_options or {}))
+    fs, path = open_fs(pattern, storage_options, policy)
     protocol = scheme_of(pattern)
 
     def _list() -> list[str]:
@@ -272,5 +315,5 @@ def expand(pattern: str, storage_options: dict[str, Any] | None = None) -> Itera
             return []
         return [p for p, info in infos.items() if info.get("type") != "directory"]
 
-    for p in sorted(with_retries(_list, f"list {pattern}")):
+    for p in sorted(with_retries(_list, f"list {pattern}", policy)):
         yield os.path.abspath(p) if protocol == "file" else f"{protocol}://{p}"

@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import MAX_OUTPUT_SIDE, RunConfig, parse_size
+from ingan.retarget import MAX_SIDE as MAX_OUTPUT_SIDE
+from ingan.retarget import parse_size
+
+from .config import RunConfig
 
 MIN_OUTPUT_SIDE = 8
 

@@ -125,7 +125,7 @@ def process(item: Item, job: Job) -> dict[str, Any]:
 
 def _process(item: Item, job: Job, started: float) -> dict[str, Any]:
     cfg = job.cfg
-    folder = Folder(cfg.output, cfg.fs_options())
+    folder = Folder(cfg.output, cfg.fs_options(), cfg.storage_policy())
     targets = targets_of(cfg)
     marker_rel = layout.marker_path(item.id, job.tag)
 
@@ -135,7 +135,7 @@ def _process(item: Item, job: Job, started: float) -> dict[str, Any]:
             return _skipped(item, folder, done, targets, started)
 
     uri = check_uri(item.uri, cfg.allowed_schemes)
-    data = read_uri(uri, cfg.fs_options(), max_bytes=cfg.max_image_bytes)
+    data = read_uri(uri, cfg.fs_options(), max_bytes=cfg.max_image_bytes, policy=cfg.storage_policy())
     source = images.decode(data, cfg.max_image_pixels)  # (3, H, W) uint8
     src_h, src_w = source.shape[-2:]
     if min(src_h, src_w) < cfg.min_image_side:
@@ -184,8 +184,10 @@ def _read_marker(folder: Folder, rel: str) -> dict[str, Any] | None:
         done = folder.read_json(rel)
     except FileNotFoundError:
         return None
-    except (ValueError, StorageError):
+    except ValueError:
         return None  # unreadable marker: redo the image rather than trust it
+    # A StorageError goes on up: storage that cannot be read after the retries cannot be
+    # written either, and the image fails now instead of after a second bounded wait.
     if not isinstance(done, dict) or done.get("version") != MARKER_VERSION or not isinstance(done.get("targets"), list):
         return None
     return done

@@ -7,7 +7,6 @@ start (the CLIs) go through the same code paths as against real object storage.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import free_port
 
 # Small CC0 copies of scikit-image sample images, committed with their licences.
 IMAGES_DIR = Path(__file__).resolve().parent / "data" / "images"
@@ -56,12 +56,6 @@ def fake_aws_credentials() -> Iterator[None]:
         yield
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_until_answering(
     url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float
 ) -> None:
@@ -92,7 +86,7 @@ def start_moto(
     procs: list[subprocess.Popen[bytes]] = []
 
     def start() -> str:
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         log = tmp_path_factory.mktemp("moto") / "server.log"
         with log.open("wb") as out:
@@ -199,7 +193,7 @@ def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("nothing may run here")
 
-    from pipeline import executor
+    from pipeline import cluster, executor
 
-    monkeypatch.setattr(executor, "connect", refuse)
+    monkeypatch.setattr(cluster, "connect", refuse)
     monkeypatch.setattr(executor, "run_items", refuse)

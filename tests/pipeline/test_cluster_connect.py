@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = REPO / "tests" / "data" / "images" / "brick.png"
@@ -32,12 +33,6 @@ def short_tmp() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _manifest(tmp: Path) -> Path:
@@ -65,7 +60,7 @@ def _assert_refused(code: int, log: str, address: str, tmp: Path) -> None:
 def test_stale_cluster_file_does_not_stop_a_local_run(short_tmp: Path) -> None:
     # What a head killed without `ray stop` leaves: its address, nothing listening there.
     (short_tmp / "ray").mkdir()
-    dead = f"127.0.0.1:{_closed_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     (short_tmp / "ray" / "ray_current_cluster").write_text(dead)
     code, log, _ = _run(short_tmp, {"TMPDIR": str(short_tmp)}, timeout=300)
     assert code == 0, log[-3000:]
@@ -75,7 +70,7 @@ def test_stale_cluster_file_does_not_stop_a_local_run(short_tmp: Path) -> None:
 
 
 def test_closed_ray_address_fails_fast_with_the_address(short_tmp: Path) -> None:
-    address = f"127.0.0.1:{_closed_port()}"
+    address = f"127.0.0.1:{free_port()}"
     code, log, seconds = _run(short_tmp, {"TMPDIR": str(short_tmp), "RAY_ADDRESS": address}, timeout=120)
     _assert_refused(code, log, address, short_tmp)
     assert seconds < 45, seconds

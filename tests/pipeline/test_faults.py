@@ -39,9 +39,12 @@ import pytest
 import ray
 import torch
 from PIL import Image
+from support import free_port as _free_port
+from support import parquet_bytes as _parquet_bytes
+from support import run_main as _run_main
 
 from ingan import checkpoint
-from pipeline import driver, executor, layout
+from pipeline import executor, layout
 from pipeline.config import RunConfig
 from pipeline.storage import Folder, StorageError
 from pipeline.task import Item, Job
@@ -134,23 +137,10 @@ def _check_local_items(out: Path, sources: list[Source], tag: str) -> None:
         _check_complete_item(_local_item_files(folder), done, src.size, str(folder))
 
 
-def _run_main(argv: list[str]) -> tuple[int, str]:
-    buf = io.StringIO()
-    with contextlib.redirect_stderr(buf):
-        code = driver.main(argv)
-    return code, buf.getvalue()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
 
 
 # --------------------------------------------------------------------------- 1. a lost node
@@ -948,3 +938,38 @@ def test_worker_killed_mid_training_resumes_from_its_training_state(local_ray: P
     # The state is gone once the model is written.
     for run in ("interrupted", "uninterrupted"):
         assert not (tmp_path / run / layout.training_state_path("crash-at70-a", tag)).exists()
+
+
+# --------------------------------------------------------------------------- 5. a silent endpoint
+
+
+def test_silent_endpoint_fails_each_image_within_the_policy_bound(local_ray: Path, tmp_path: Path) -> None:
+    """An S3 endpoint that accepts connections and never answers (or, once its backlog is full,
+    drops them): each image fails as ``storage`` within the retry policy's bound, naming the
+    endpoint, instead of botocore's, s3fs's and the pipeline's retries multiplied."""
+    from pipeline.storage import RetryPolicy
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # never accepted, never read
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        manifest = tmp_path / "manifest.parquet"
+        ids = ["a", "b", "c"]
+        pq.write_table(pa.table({"uri": [f"s3://bucket/{i}.png" for i in ids], "id": ids}), manifest)
+        config = tmp_path / "run.yaml"
+        config.write_text("storage_attempts: 2\nstorage_connect_timeout_s: 1\nstorage_read_timeout_s: 1\n")
+        bound = RetryPolicy(attempts=2, connect_timeout_s=1, read_timeout_s=1).bound_s()
+        t0 = time.monotonic()
+        code, log = _run_main([str(manifest), "--output", str(tmp_path / "out"), "--config", str(config),
+                               "--endpoint-url", endpoint, *TINY, "--max-in-flight", "2"])
+        elapsed = time.monotonic() - t0
+    assert code == 1, log
+    rows = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["failed"] * 3
+    for r in rows:
+        assert r["error_kind"] == "storage", r
+        assert endpoint in r["error"] and f"s3://bucket/{r['id']}.png" in r["error"], r["error"]
+        assert "after 2 tries" in r["error"], r["error"]
+        assert r["total_seconds"] <= bound + 1.0, (r["total_seconds"], bound)
+    # Three images, two at a time, each within the bound: the whole run is not stacked retries.
+    assert elapsed < 2 * bound + 30, elapsed

@@ -13,11 +13,9 @@ pixels). See docs/reliability_inputs.md for the table of every input tried.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
-import socket
 import struct
 import time
 import urllib.error
@@ -34,6 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from support import parquet_bytes as _parquet_bytes
+from support import run_main as _run_main
 
 from pipeline import driver, executor, layout
 from pipeline.config import RunConfig
@@ -245,24 +245,10 @@ ODD: dict[str, Odd] = {
 # --------------------------------------------------------------------------- fixtures
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _run_main(argv: list[str]) -> tuple[int, str]:
-    """``driver.main(argv)`` in this process; returns the exit code and the driver's log."""
-    buf = io.StringIO()
-    with contextlib.redirect_stderr(buf):
-        code = driver.main(argv)
-    return code, buf.getvalue()
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
 
 
 def _all_files(root: Path) -> list[Path]:

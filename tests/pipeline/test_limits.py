@@ -7,8 +7,6 @@ See docs/reliability_inputs.md for the table of every input tried and where it i
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -25,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from support import run_main as _run_main
 
 import pipeline.task as task_module
 from ingan import checkpoint
@@ -35,11 +34,6 @@ from pipeline.task import Item, Job, process
 # --------------------------------------------------------------------------- helpers
 
 
-def _run_main(argv: list[str]) -> tuple[int, str]:
-    buf = io.StringIO()
-    with contextlib.redirect_stderr(buf):
-        code = driver.main(argv)
-    return code, buf.getvalue()
 
 
 def _noise(path: Path, size: tuple[int, int] = (48, 48), seed: int = 0) -> Path:
@@ -153,8 +147,8 @@ BAD_FLAGS: dict[str, tuple[list[str], list[str]]] = {
     "ratio_nan": (["--ratios", "nan"], ["ratios: ", "ratio nan must be a positive number"]),
     "ratio_inf": (["--ratios", "inf"], ["ratios: ", "must be a positive number"]),
     "ratio_text": (["--ratios", "wide"], ["cannot parse 'wide'"]),
-    "size_0x10": (["--sizes", "0x10"], ["sizes: ", "'0x10'", "between 8 and 16384 px"]),
-    "size_99999x10": (["--sizes", "99999x10"], ["sizes: ", "'99999x10'", "between 8 and 16384"]),
+    "size_0x10": (["--sizes", "0x10"], ["sizes: ", "'0x10'", "too small: each side must be at least 8 px"]),
+    "size_99999x10": (["--sizes", "99999x10"], ["sizes: ", "'99999x10'", "too large: each side must be at most 16384 px"]),
     "size_text": (["--sizes", "huge"], ["sizes: ", "WIDTHxHEIGHT", "'huge'"]),
     "unknown_preset": (["--preset", "enormous"], ["preset: ", "unknown preset 'enormous'"]),
     "iterations_0": (["--iterations", "0"], ["iterations: "]),
@@ -239,18 +233,18 @@ def test_timeout_gives_a_timeout_record_quickly(tmp_path: Path, one_thread: None
 
 
 def _fake_train(monkeypatch: pytest.MonkeyPatch, failures: int, exc: BaseException) -> list[Any]:
-    """Patch ``pipeline.task.train`` to raise ``exc`` on its first ``failures`` calls and train
-    for real after that; returns the list of train configs it was called with."""
-    real = task_module.train
+    """Patch the task's training to raise ``exc`` on its first ``failures`` calls and train for
+    real after that; returns the list of train configs it was called with."""
+    real = task_module._train
     calls: list[Any] = []
 
-    def fake(image: Any, model_cfg: Any, train_cfg: Any, *args: Any, **kwargs: Any) -> Any:
+    def fake(folder: Any, state_rel: str, source: Any, model_cfg: Any, train_cfg: Any, *args: Any) -> Any:
         calls.append(train_cfg)
         if len(calls) <= failures:
             raise exc
-        return real(image, model_cfg, train_cfg, *args, **kwargs)
+        return real(folder, state_rel, source, model_cfg, train_cfg, *args)
 
-    monkeypatch.setattr(task_module, "train", fake)
+    monkeypatch.setattr(task_module, "_train", fake)
     return calls
 
 

@@ -12,6 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from support import output as _output
+from support import record as _record
 
 from pipeline.report import (
     RESULT_SCHEMA_BASE,
@@ -27,42 +29,8 @@ from pipeline.storage import Folder
 EVIL = "<script>alert(1)</script>"
 
 
-def _output(rel: str, width: int, height: int, **metrics: float | None) -> dict:
-    return {
-        "width": width,
-        "height": height,
-        "ratio": width / height,
-        "uri": f"/out/{rel}",
-        "rel": rel,
-        "completeness": metrics.get("completeness"),
-        "coherence": metrics.get("coherence"),
-        "swd": metrics.get("swd"),
-        "resize_completeness": metrics.get("resize_completeness"),
-        "resize_coherence": metrics.get("resize_coherence"),
-        "resize_swd": metrics.get("resize_swd"),
-        "beats_resize": metrics.get("beats_resize"),
-    }
 
 
-def _record(id_: str, status: str = "ok", **overrides: object) -> dict:
-    record = {
-        "id": id_,
-        "uri": f"s3://bucket/{id_}.jpg",
-        "status": status,
-        "error": None,
-        "error_kind": None,
-        "outputs": [],
-        "source_rel": None,
-        "source_width": None,
-        "source_height": None,
-        "model_uri": None,
-        "train_seconds": None,
-        "total_seconds": None,
-        "attempts": 1,
-        "carried": {},
-    }
-    record.update(overrides)
-    return record
 
 
 def _write_jpeg(folder: Folder, rel: str, size: tuple[int, int], color: str = "red") -> None:

@@ -12,14 +12,12 @@ the others accept, so they do not depend on their order.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,8 +30,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from support import free_port as _free_port
+from support import parquet_bytes as _parquet_bytes
+from support import run_main as _run_main
 
-from pipeline import driver, layout
+from pipeline import layout
 
 pytestmark = pytest.mark.slow
 
@@ -65,10 +66,6 @@ RESULT_COLUMNS = (
 # --------------------------------------------------------------------------- helpers
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _shrunk_images(out_dir: Path) -> dict[str, Path]:
@@ -86,10 +83,6 @@ def _shrunk_images(out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
 
 
 def _split_s3(uri: str) -> tuple[str, str]:
@@ -117,12 +110,6 @@ def _image_size(data: bytes) -> tuple[int, int]:
         return img.size
 
 
-def _run_main(argv: list[str]) -> tuple[int, str]:
-    """``driver.main(argv)`` in this process; returns the exit code and the driver's log."""
-    buf = io.StringIO()
-    with contextlib.redirect_stderr(buf):
-        code = driver.main(argv)
-    return code, buf.getvalue()
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from ingan import files
 from pipeline import storage
 from pipeline.storage import Folder, StorageError, UnsupportedURIError, check_uri, expand, read_uri
 
@@ -127,8 +128,8 @@ def test_local_write_failing_midway_leaves_nothing(
             self._f.flush()
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    # storage calls the builtin ``open``; a module global of that name takes precedence.
-    monkeypatch.setattr(storage, "open", DiskFills, raising=False)
+    # The atomic write calls the builtin ``open``; a module global of that name takes precedence.
+    monkeypatch.setattr(files, "open", DiskFills, raising=False)
     with pytest.raises(StorageError, match="No space left"):
         folder.write_bytes("new.bin", b"x" * 1000)
     with pytest.raises(StorageError, match="No space left"):

@@ -3,6 +3,7 @@ training, and the mapping from exceptions to ``error_kind``."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +118,33 @@ def test_classify_messages_name_the_object() -> None:
     )
     kind, message = classify(RuntimeError("something odd"))
     assert message == "RuntimeError: something odd"
+
+
+@pytest.mark.parametrize("state", [b"", b"garbage" * 100, "other-image"])
+def test_a_damaged_or_foreign_training_state_is_retrained_from_scratch(tmp_path: Path, state: bytes | str) -> None:
+    """A training state that cannot be trusted is ignored: the image trains from the start, ends
+    with the model an untouched run gives, and the state is gone afterwards."""
+    from pipeline import layout
+
+    src = tmp_path / "a.png"
+    Image.fromarray(torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()).save(src)
+    clean = process(Item(0, "img", str(src), {}), _job(tmp_path / "clean"))
+    job = _job(tmp_path / "out")
+    state_path = tmp_path / "out" / layout.training_state_path("img", job.tag)
+    state_path.parent.mkdir(parents=True)
+    if state == "other-image":  # a real state, of another picture under the same settings
+        from ingan.train import Trainer, to_model_input
+
+        model_cfg, train_cfg = job.cfg.model_settings("tiny")
+        train_cfg = dataclasses.replace(train_cfg, seed=layout.item_seed(job.cfg.seed, "img"))  # as the task seeds it
+        other = Trainer(to_model_input(torch.rand(3, 40, 48)), model_cfg, train_cfg, "cpu")
+        other.step()
+        state_path.write_bytes(checkpoint.save_training_state(other))
+    else:
+        state_path.write_bytes(state)
+    rec = process(Item(0, "img", str(src), {}), job)
+    assert rec["status"] == "ok", rec
+    assert not state_path.exists()
+    models = [checkpoint.load(Path(r["model_uri"]).read_bytes()).generator for r in (clean, rec)]
+    for k, v in models[0].items():
+        assert torch.equal(v, models[1][k]), k
