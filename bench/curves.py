@@ -36,9 +36,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ingan import images
 from ingan.config import ModelConfig, TrainConfig, get_preset
+from ingan.images import to_model_input
 from ingan.metrics import score_outputs
 from ingan.retarget import retarget_image
-from ingan.train import Trainer, pick_device, to_model_input
+from ingan.train import Trainer, pick_device
 
 from .common import RESULTS, bench_images, machine, parse_overrides
 from .quality import TARGETS, bicubic, targets

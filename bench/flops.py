@@ -20,8 +20,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ingan.config import get_preset
+from ingan.images import to_model_input
 from ingan.retarget import retarget_image
-from ingan.train import Trainer, to_model_input
+from ingan.train import Trainer
 
 from .common import machine, save
 

@@ -52,7 +52,8 @@ def step_flops(preset_name: str, device: torch.device, samples: int, **overrides
     """Mean training FLOPs of one steady-state iteration at the preset's benchmark crop."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ingan.train import Trainer, to_model_input
+    from ingan.images import to_model_input
+    from ingan.train import Trainer
 
     preset = get_preset(preset_name)
     ch, cw = CROPS[preset_name]
@@ -84,7 +85,8 @@ def speed(device: torch.device, iters: int, samples: int, peak: float | None) ->
 
 
 def _pack_task(iterations: int, device: str) -> dict[str, float]:
-    from ingan.train import Trainer, to_model_input
+    from ingan.images import to_model_input
+    from ingan.train import Trainer
 
     preset = get_preset("fast")
     ch, cw = CROPS["fast"]

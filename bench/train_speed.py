@@ -17,8 +17,9 @@ import torch
 
 from ingan import images
 from ingan.config import get_preset
+from ingan.images import to_model_input
 from ingan.retarget import retarget_image
-from ingan.train import Trainer, pick_device, to_model_input
+from ingan.train import Trainer, pick_device
 
 from .common import IMAGES, machine, save
 

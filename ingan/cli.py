@@ -19,8 +19,9 @@ import torch
 from . import checkpoint, images, metrics, retarget
 from .config import PRESETS, get_preset
 from .files import atomic_write
+from .images import working_resolution
 from .retarget import retarget_image
-from .train import Progress, hms, pick_device, train, working_resolution
+from .train import Progress, hms, pick_device, train
 
 
 class CLIError(Exception):

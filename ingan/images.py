@@ -8,6 +8,7 @@ applied, multi-frame files (GIF, TIFF) give their first frame, alpha is composit
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import numpy as np
@@ -15,7 +16,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-DEFAULT_MAX_PIXELS = 64_000_000  # a 8000x8000 photo; beyond that a declared size is a bomb
+DEFAULT_MAX_PIXELS = 64_000_000
+# The shortest side a working image keeps when a long-side cap shrinks it: the trainer's crops
+# need at least min_out_side + 1 = 17 px (a 2000x30 strip capped at 96 px would be 1 px high).
+MIN_WORKING_SIDE = 17  # a 8000x8000 photo; beyond that a declared size is a bomb
 
 # Pillow's own bomb guard is process-wide and fixed (~179 MP); ``decode`` checks the declared size
 # against the caller's ``max_pixels`` before any pixel is decoded, so that limit is the one in force.
@@ -93,11 +97,25 @@ def to_uint8(x: Tensor) -> Tensor:
 
 def encode(image: Tensor, fmt: str = "png", quality: int = 92) -> bytes:
     """uint8 (3, H, W) -> encoded bytes in ``fmt`` (png, jpeg, webp)."""
-    arr = image.permute(1, 2, 0).contiguous().numpy()  # (H, W, 3)
     buf = io.BytesIO()
     fmt = {"jpg": "jpeg"}.get(fmt.lower(), fmt.lower())
     opts = {"quality": quality} if fmt in ("jpeg", "webp") else {"optimize": False}
-    Image.fromarray(arr, "RGB").save(buf, format=fmt.upper(), **opts)
+    to_pil(image).save(buf, format=fmt.upper(), **opts)
+    return buf.getvalue()
+
+
+def to_pil(image: Tensor) -> Image.Image:
+    """uint8 (3, H, W) -> an RGB Pillow image."""
+    return Image.fromarray(image.permute(1, 2, 0).contiguous().numpy(), "RGB")
+
+
+def thumbnail_jpeg(im: Image.Image, max_side: int, quality: int = 85) -> bytes:
+    """A JPEG of ``im`` shrunk to fit ``max_side`` x ``max_side`` (never enlarged): previews and
+    the report's contact-sheet thumbnails. A JPEG opened for this decodes at reduced scale."""
+    im.draft("RGB", (max_side, max_side))
+    im.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
@@ -106,3 +124,38 @@ def resize(image: Tensor, size: tuple[int, int]) -> Tensor:
     resize that a retargeted output is judged against."""
     y = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bicubic", align_corners=False, antialias=True)[0]
     return y.round().clamp(0, 255).to(torch.uint8)
+
+
+# -- the model's view of an image ------------------------------------------------------------------
+
+
+def to_model_input(image: Tensor) -> Tensor:
+    """uint8 or [0, 1] float (3, H, W) -> float in [-1, 1]."""
+    if image.dtype == torch.uint8:
+        image = image.float() / 255.0
+    return image * 2 - 1
+
+
+def working_resolution(hw: tuple[int, int], max_side: int | None, min_side: int = MIN_WORKING_SIDE) -> tuple[int, int]:
+    """The (H, W) the model trains and retargets at for a source of size ``hw``: the longer side
+    capped at ``max_side``, but never so far that the shorter side drops under ``min_side`` (the
+    cap is raised for long, narrow images), and never upscaled."""
+    h, w = hw
+    if max_side is None or max(h, w) <= max_side:
+        return h, w
+    need = min(min_side, h, w)
+    cap = max(max_side, math.ceil(max(h, w) * need / min(h, w)))
+    if cap >= max(h, w):
+        return h, w
+    s = cap / max(h, w)
+    return max(1, round(h * s)), max(1, round(w * s))
+
+
+def working_image(image: Tensor, max_side: int | None) -> Tensor:
+    """Downscale (3, H, W) to ``working_resolution`` (never upscale)."""
+    size = working_resolution((image.shape[-2], image.shape[-1]), max_side)
+    if size == tuple(image.shape[-2:]):
+        return image
+    # Antialiased area-like downscale for the model's input; the generator's own resize path
+    # (geometry.warp) is for feature maps, not for preparing input images.
+    return torch.nn.functional.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]

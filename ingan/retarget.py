@@ -13,9 +13,8 @@ import torch
 from torch import Tensor
 
 from .geometry import homography, valid_mask
-from .images import to_uint8
+from .images import to_model_input, to_uint8, working_image
 from .networks import Generator
-from .train import to_model_input, working_image
 
 MIN_SIDE = 8
 MAX_SIDE = 16384

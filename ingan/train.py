@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 from . import losses
 from .config import ModelConfig, TrainConfig
 from .geometry import homography
+from .images import to_model_input, working_image
 from .networks import Generator, MultiScaleDiscriminator
 
 
@@ -57,16 +58,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def working_image(image: Tensor, max_side: int | None) -> Tensor:
-    """Downscale (3, H, W) so its longer side is at most ``max_side`` (never upscale)."""
-    size = working_resolution((image.shape[-2], image.shape[-1]), max_side)
-    if size == tuple(image.shape[-2:]):
-        return image
-    # Antialiased area-like downscale for the training data; the generator's own resize path
-    # (geometry.warp) is for feature maps, not for preparing input images.
-    return torch.nn.functional.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
 
 
 @contextlib.contextmanager
@@ -321,13 +312,6 @@ class Trainer:
             self.g_ema.eval()
 
 
-def to_model_input(image: Tensor) -> Tensor:
-    """uint8 or [0, 1] float (3, H, W) -> float in [-1, 1]."""
-    if image.dtype == torch.uint8:
-        image = image.float() / 255.0
-    return image * 2 - 1
-
-
 def train(
     image: Tensor,
     model_cfg: ModelConfig,
@@ -340,13 +324,3 @@ def train(
     trainer = Trainer(to_model_input(image), model_cfg, train_cfg, device)
     trainer.run(progress)
     return trainer
-
-
-def working_resolution(hw: tuple[int, int], max_side: int | None) -> tuple[int, int]:
-    """The (H, W) the model trains on for a source of size ``hw``."""
-    h, w = hw
-    if max_side is None or max(h, w) <= max_side:
-        return h, w
-    s = max_side / max(h, w)
-    return max(1, round(h * s)), max(1, round(w * s))
-

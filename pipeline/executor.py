@@ -78,18 +78,23 @@ def run_items(
         for ref in ready:
             p = pending.pop(ref)
             try:
-                rec = ray.get(ref)
+                _hand_on(p, ray.get(ref), on_record)
             except (TaskCancelledError, GetTimeoutError) as exc:
-                rec = failure(p.item, "timeout", f"cancelled past the time limit: {exc}")
+                _hand_on(p, failure(p.item, "timeout", f"cancelled past the time limit: {exc}"), on_record)
             except RayError as exc:
                 # Lost worker or node (spot reclaim, OOM kill, crash): the task is retried.
                 if p.attempt <= res.retries:
                     submit(p.item, p.attempt + 1)
                     continue
-                rec = failure(p.item, _ray_error_kind(exc), f"{type(exc).__name__} after {p.attempt} attempts: {_first_line(exc)}")
-            rec["attempts"] = p.attempt
-            on_record(p.item, rec)
+                message = f"{type(exc).__name__} after {p.attempt} attempts: {_first_line(exc)}"
+                _hand_on(p, failure(p.item, _ray_error_kind(exc), message), on_record)
         _cancel_overdue(pending, res, on_record)
+
+
+def _hand_on(p: _Pending, rec: Record, on_record: Callable[[Item, Record], None]) -> None:
+    """Every item's one record, with the attempts it took, to the driver."""
+    rec["attempts"] = p.attempt
+    on_record(p.item, rec)
 
 
 def _cancel_overdue(pending: dict[ray.ObjectRef, _Pending], res: Resources, on_record: Callable[[Item, Record], None]) -> None:
@@ -100,9 +105,8 @@ def _cancel_overdue(pending: dict[ray.ObjectRef, _Pending], res: Resources, on_r
         if now - p.submitted > res.timeout_s + _GRACE_S:
             ray.cancel(ref, force=True)
             del pending[ref]
-            rec = failure(p.item, "timeout", f"no result within {res.timeout_s:.0f} s (+{_GRACE_S:.0f} s grace); cancelled")
-            rec["attempts"] = p.attempt
-            on_record(p.item, rec)
+            message = f"no result within {res.timeout_s:.0f} s (+{_GRACE_S:.0f} s grace); cancelled"
+            _hand_on(p, failure(p.item, "timeout", message), on_record)
 
 
 def _ray_error_kind(exc: BaseException) -> str:

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from ingan import images
 from pipeline.storage import Folder
 
 RESULTS_NAME = "results.parquet"
@@ -413,7 +414,7 @@ def _resize_thumbnails(folder: Folder, records: Sequence[Mapping[str, Any]], thu
             im = src.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
             buf = io.BytesIO()
             im.save(buf, format="JPEG", quality=_THUMB_QUALITY)
-            out[_resize_key(rel, w, h)] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+            out[_resize_key(rel, w, h)] = _data_url(buf.getvalue())
         return out
 
     result: dict[str, str | None] = {}
@@ -425,15 +426,16 @@ def _resize_thumbnails(folder: Folder, records: Sequence[Mapping[str, Any]], thu
 
 def _thumbnail(folder: Folder, rel: str, thumb_px: int) -> str | None:
     try:
-        data = folder.read_bytes(rel)
-        with Image.open(io.BytesIO(data)) as img:
-            img.draft("RGB", (thumb_px, thumb_px))  # JPEG: decode at reduced scale, much faster
-            img.thumbnail((thumb_px, thumb_px))
-            out = io.BytesIO()
-            img.convert("RGB").save(out, format="JPEG", quality=_THUMB_QUALITY)
+        with Image.open(io.BytesIO(folder.read_bytes(rel))) as img:
+            jpeg = images.thumbnail_jpeg(img, thumb_px, _THUMB_QUALITY)
     except Exception:  # noqa: BLE001 - the report is best effort: one bad image must not sink it
         return None
-    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
+    return _data_url(jpeg)
+
+
+def _data_url(jpeg: bytes) -> str:
+    """A JPEG inlined in the page: the report is one self-contained file."""
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
 def _record_html(record: Mapping[str, Any], thumbs: Mapping[str, str | None], thumb_px: int) -> str:

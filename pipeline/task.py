@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
 
 from ingan import checkpoint, images
 from ingan import metrics as quality
 from ingan.config import ModelConfig, TrainConfig
+from ingan.images import to_model_input, working_resolution
 from ingan.retarget import retarget_image
-from ingan.train import Progress, Trainer, pick_device, to_model_input, working_resolution
+from ingan.train import Progress, Trainer, pick_device
 
 from . import layout
 from .config import RunConfig
@@ -165,7 +163,7 @@ def _process(item: Item, job: Job, started: float) -> dict[str, Any]:
 
     outputs = [{**written[sizes[t.name]], "ratio": t.ratio, "target": t.name} for t in targets]
     preview_rel = layout.source_preview_path(item.id, job.tag)
-    folder.write_bytes(preview_rel, _preview(source))
+    folder.write_bytes(preview_rel, images.thumbnail_jpeg(images.to_pil(source), 256))
     folder.write_json(layout.metrics_path(item.id, job.tag), {"id": item.id, "outputs": outputs})
     marker = {"version": MARKER_VERSION, "id": item.id, "uri": item.uri, "targets": sorted(sizes),
               "outputs": outputs, "source_width": src_w, "source_height": src_h,
@@ -217,7 +215,7 @@ def _model(folder: Folder, rel: str, source: torch.Tensor, item: Item, job: Job,
         except checkpoint.CheckpointError:
             pass  # a damaged model is retrained, not trusted
     model_cfg, train_cfg = cfg.model_settings(job.preset)
-    train_cfg = _trainable(dataclasses.replace(train_cfg, seed=layout.item_seed(cfg.seed, item.id)), source)
+    train_cfg = dataclasses.replace(train_cfg, seed=layout.item_seed(cfg.seed, item.id))
     t0 = time.perf_counter()
     state_rel = layout.training_state_path(item.id, job.tag)
     try:
@@ -227,7 +225,7 @@ def _model(folder: Folder, rel: str, source: torch.Tensor, item: Item, job: Job,
         # GPU is the usual cause, and a smaller model input fits where the full one did not.
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        train_cfg = _trainable(_smaller(train_cfg, source), source)
+        train_cfg = _smaller(train_cfg, source)
         trainer = _train(folder, state_rel, source, model_cfg, train_cfg, cfg.checkpoint_every_s, deadline)
     seconds = time.perf_counter() - t0
     work_hw = working_resolution(tuple(source.shape[-2:]), train_cfg.max_side)
@@ -263,27 +261,6 @@ def _train(folder: Folder, state_rel: str, source: torch.Tensor, model_cfg: Mode
     return trainer
 
 
-def _trainable(cfg: TrainConfig, source: torch.Tensor) -> TrainConfig:
-    """``cfg`` with ``max_side`` raised where needed so the working image keeps a short side the
-    trainer accepts: downscaling a long, narrow image (2000x30 with tiny's 96 px cap) to the
-    preset's long-side cap would otherwise leave it a pixel or two high."""
-    if cfg.max_side is None:
-        return cfg
-    h, w = source.shape[-2:]
-    need = min(cfg.min_out_side + 1, h, w)
-    if min(working_resolution((h, w), cfg.max_side)) >= need:
-        return cfg
-    return dataclasses.replace(cfg, max_side=min(max(h, w), math.ceil(max(h, w) * need / min(h, w))))
-
-
 def _smaller(cfg: TrainConfig, source: torch.Tensor) -> TrainConfig:
     side = max(source.shape[-2:]) if cfg.max_side is None else cfg.max_side
     return dataclasses.replace(cfg, crop_size=max(32, cfg.crop_size // 2), max_side=max(64, side // 2))
-
-
-def _preview(source: torch.Tensor, max_side: int = 256) -> bytes:
-    im = Image.fromarray(source.permute(1, 2, 0).numpy(), "RGB")
-    im.thumbnail((max_side, max_side))
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=85)
-    return buf.getvalue()

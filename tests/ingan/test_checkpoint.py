@@ -14,8 +14,9 @@ import torch
 from ingan import checkpoint
 from ingan.checkpoint import CheckpointError
 from ingan.config import get_preset
+from ingan.images import to_model_input
 from ingan.retarget import retarget, retarget_image
-from ingan.train import Trainer, build_models, to_model_input
+from ingan.train import Trainer, build_models
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

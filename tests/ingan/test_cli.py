@@ -133,3 +133,31 @@ def test_parse_size_in_process() -> None:
     for bad in ("3x3", "7x64", "64x7", "0x64", "64x", "x64", "abc", "-8x8", "16x16x16", "20000x64"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_size(bad)
+
+
+def test_a_long_narrow_image_trains_and_retargets(workdir: Path) -> None:
+    """2000x30 under tiny's 96 px cap: the working image keeps a 17 px short side (the cap is
+    raised for it) instead of shrinking to 1 px, as the pipeline does it."""
+    strip = workdir / "strip.png"
+    with Image.open(IMAGES / "gravel.png") as im:
+        im.convert("RGB").resize((2000, 30), Image.Resampling.BOX).save(strip)
+    model = workdir / "strip.pt"
+    proc = _run("train", str(strip), "--preset", "tiny", "--iterations", "2", "--out", str(model))
+    assert proc.returncode == 0, proc.stderr
+    assert "working=1134x17" in proc.stderr, proc.stderr
+    out_dir = workdir / "strip-out"
+    proc = _run("retarget", str(model), str(strip), "--size", "1000x30", "--out-dir", str(out_dir))
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(out_dir / "1000x30.png") as im:
+        assert im.size == (1000, 30)
+
+
+@pytest.mark.parametrize(("hw", "cap", "expected"), [
+    ((30, 2000), 96, (17, 1134)), ((2000, 30), 96, (1134, 17)), ((100, 200), 96, (48, 96)),
+    ((10, 500), 96, (10, 500)), ((50, 60), 96, (50, 60)), ((50, 60), None, (50, 60)),
+])
+def test_working_resolution_keeps_the_short_side_trainable(hw: tuple[int, int], cap: int | None,
+                                                           expected: tuple[int, int]) -> None:
+    from ingan.images import working_resolution
+
+    assert working_resolution(hw, cap) == expected

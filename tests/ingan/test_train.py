@@ -13,8 +13,9 @@ from PIL import Image
 
 from ingan import metrics
 from ingan.config import TrainConfig, get_preset
+from ingan.images import to_model_input
 from ingan.retarget import retarget_image
-from ingan.train import Progress, Trainer, to_model_input, train
+from ingan.train import Progress, Trainer, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

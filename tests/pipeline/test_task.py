@@ -133,7 +133,8 @@ def test_a_damaged_or_foreign_training_state_is_retrained_from_scratch(tmp_path:
     state_path = tmp_path / "out" / layout.training_state_path("img", job.tag)
     state_path.parent.mkdir(parents=True)
     if state == "other-image":  # a real state, of another picture under the same settings
-        from ingan.train import Trainer, to_model_input
+        from ingan.images import to_model_input
+        from ingan.train import Trainer
 
         model_cfg, train_cfg = job.cfg.model_settings("tiny")
         train_cfg = dataclasses.replace(train_cfg, seed=layout.item_seed(job.cfg.seed, "img"))  # as the task seeds it
