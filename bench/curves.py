@@ -26,6 +26,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -114,9 +115,15 @@ def summarise(per_image: dict[str, list[dict[str, Any]]], base: dict[str, dict[s
             bmean = {m: statistics.mean(base[n][target][m] for n in names) for m in METRICS}
             bds = mean["completeness"] + mean["coherence"]
             bbds = bmean["completeness"] + bmean["coherence"]
-            row[target] = {**mean, "bds": bds, "bds_vs_bicubic": bds / bbds, "swd_vs_bicubic": mean["swd"] / bmean["swd"]}
+            row[target] = {**mean, "bds": bds, "bds_vs_bicubic": _ratio(bds, bbds), "swd_vs_bicubic": _ratio(mean["swd"], bmean["swd"])}
         rows.append(row)
     return rows
+
+
+def _ratio(value: float, baseline: float) -> float:
+    # A zero baseline: the target is the source's own shape (a square image's square target),
+    # where the resize is the image itself and no ratio means anything.
+    return value / baseline if baseline > 0 else math.nan
 
 
 def table(label: str, rows: list[dict[str, Any]]) -> str:

@@ -1,7 +1,7 @@
 """Which Ray cluster the run uses, and what it offers.
 
 * ``RAY_ADDRESS`` set (``host:port``, ``ray://host:port``): join that cluster. One that does not
-  answer within ``CONNECT_TIMEOUT_S`` stops the run with a message naming the address, instead of
+  answer within ``connect_timeout_s`` (30 s by default) stops the run with a message naming the address, instead of
   Ray's own endless reconnect loop.
 * No ``RAY_ADDRESS`` (or ``auto``): join the cluster running on this machine (``ray start``,
   ``ray submit``) when its processes are alive, else start a local one. A head that died without
@@ -39,7 +39,7 @@ def connect(num_cpus_local: int | None = None, timeout_s: float = CONNECT_TIMEOU
     else:
         deadline = time.monotonic() + timeout_s
         _probe(address, origin, min(deadline, time.monotonic() + _PROBE_S))
-        _init_before(deadline, address, origin, common)
+        _init_before(deadline, timeout_s, address, origin, common)
     ctx = ray.get_runtime_context()
     return f"ray {ray.__version__} at {ctx.gcs_address}"
 
@@ -109,7 +109,7 @@ def _probe(address: str, origin: str, until: float) -> None:
             time.sleep(1.0)
 
 
-def _init_before(deadline: float, address: str, origin: str, options: dict[str, object]) -> None:
+def _init_before(deadline: float, timeout_s: float, address: str, origin: str, options: dict[str, object]) -> None:
     """``ray.init(address)``, given up at ``deadline``: a port that accepts connections but is no
     Ray cluster (or a hung head) would otherwise keep Ray's connect loop going for good."""
     outcome: dict[str, BaseException | None] = {}
@@ -125,7 +125,7 @@ def _init_before(deadline: float, address: str, origin: str, options: dict[str, 
     thread.start()
     thread.join(max(0.0, deadline - time.monotonic()))
     if "error" not in outcome:
-        raise ClusterUnreachable(f"{_advice(address, origin)} (no answer within {CONNECT_TIMEOUT_S:.0f} s)")
+        raise ClusterUnreachable(f"{_advice(address, origin)} (no answer within {timeout_s:g} s)")
     if outcome["error"] is not None:
         raise ClusterUnreachable(f"{_advice(address, origin)} ({outcome['error']})") from outcome["error"]
 

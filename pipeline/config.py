@@ -44,6 +44,7 @@ class RunConfig(BaseModel):
     max_in_flight: int | None = Field(None, ge=1, le=100_000, description="tasks submitted at once; None: auto")
     timeout_s: float | None = Field(6 * 3600, gt=0, description="per-image limit, seconds")
     retries: int = Field(2, ge=0, le=20, description="resubmissions after a lost worker or node")
+    connect_timeout_s: float = Field(30.0, gt=0, le=3600, description="give up on a Ray cluster that does not answer after this long")
     checkpoint_every_s: float = Field(
         300, ge=0, description="save the training state this often (seconds; 0: never), so a retried task resumes")
     resume: Literal["incremental", "overwrite"] = "incremental"

@@ -175,7 +175,7 @@ def run(cfg: RunConfig, manifest_uri: str, dry_run: bool = False) -> int:
         return 0
 
     started = time.time()
-    _log(f"connecting to Ray: {cluster.connect()}")
+    _log(f"connecting to Ray: {cluster.connect(timeout_s=cfg.connect_timeout_s)}")
     gpus_now = cluster.cluster_gpus()
     gpus_expected = gpus_now > 0 or cluster.autoscaler_has_gpus()
     preset = resolve_preset(cfg, 1.0 if gpus_expected else 0.0)
