@@ -23,11 +23,12 @@ from ingan.train import hms
 from . import cluster, executor, report
 from .config import ConfigError, RunConfig, load_config
 from .manifest import ManifestError, load_manifest
+from .records import RESULT_SCHEMA_BASE, Item, Record
 from .results import PARTS_DIR, ResultStream
 from .storage import Folder, StorageError, scheme_of
-from .task import Item, Job
+from .task import Job
 
-_BASE_COLUMNS = set(report.RESULT_SCHEMA_BASE.names)
+_BASE_COLUMNS = set(RESULT_SCHEMA_BASE.names)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,7 +195,7 @@ def run(cfg: RunConfig, manifest_uri: str, dry_run: bool = False) -> int:
     stream = ResultStream(out, carried_schema, keep=cfg.report_max_items)
     progress = ProgressLine(n)
 
-    def on_record(item: Item, rec: dict[str, Any]) -> None:
+    def on_record(item: Item, rec: Record) -> None:
         stream.add(item.index, rec)
         progress.update(rec["status"])
 

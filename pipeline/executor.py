@@ -13,14 +13,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayError, TaskCancelledError
 
-from .task import Item, Job, failure, process
-
-Record = dict[str, Any]
+from .records import Item, Record, failed
+from .task import Job, process
 
 # How long past its own per-image limit a task may run before the driver cancels it: the task
 # checks its deadline between training iterations, so a cancel is only a backstop.
@@ -80,14 +78,14 @@ def run_items(
             try:
                 _hand_on(p, ray.get(ref), on_record)
             except (TaskCancelledError, GetTimeoutError) as exc:
-                _hand_on(p, failure(p.item, "timeout", f"cancelled past the time limit: {exc}"), on_record)
+                _hand_on(p, failed(p.item, "timeout", f"cancelled past the time limit: {exc}"), on_record)
             except RayError as exc:
                 # Lost worker or node (spot reclaim, OOM kill, crash): the task is retried.
                 if p.attempt <= res.retries:
                     submit(p.item, p.attempt + 1)
                     continue
                 message = f"{type(exc).__name__} after {p.attempt} attempts: {_first_line(exc)}"
-                _hand_on(p, failure(p.item, _ray_error_kind(exc), message), on_record)
+                _hand_on(p, failed(p.item, _ray_error_kind(exc), message), on_record)
         _cancel_overdue(pending, res, on_record)
 
 
@@ -106,7 +104,7 @@ def _cancel_overdue(pending: dict[ray.ObjectRef, _Pending], res: Resources, on_r
             ray.cancel(ref, force=True)
             del pending[ref]
             message = f"no result within {res.timeout_s:.0f} s (+{_GRACE_S:.0f} s grace); cancelled"
-            _hand_on(p, failure(p.item, "timeout", message), on_record)
+            _hand_on(p, failed(p.item, "timeout", message), on_record)
 
 
 def _ray_error_kind(exc: BaseException) -> str:

@@ -30,48 +30,13 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from ingan import images
+from pipeline.records import OUTPUT_TYPE, RESULT_SCHEMA_BASE, STATUSES
 from pipeline.storage import Folder
 
 RESULTS_NAME = "results.parquet"
 SUMMARY_NAME = "summary.json"
 REPORT_NAME = "report.html"
-STATUSES = ("ok", "skipped", "failed")
 REDACTED = "***"
-
-OUTPUT_TYPE = pa.struct(
-    [
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("ratio", pa.float64()),
-        ("uri", pa.string()),
-        ("completeness", pa.float64()),
-        ("coherence", pa.float64()),
-        ("swd", pa.float64()),
-        # The same metrics for a bicubic resize of the source to the same size, and whether the
-        # output beats it on both completeness + coherence and patch SWD (null: not scored).
-        ("resize_completeness", pa.float64()),
-        ("resize_coherence", pa.float64()),
-        ("resize_swd", pa.float64()),
-        ("beats_resize", pa.bool_()),
-    ]
-)
-
-RESULT_SCHEMA_BASE = pa.schema(
-    [
-        ("id", pa.string()),
-        ("uri", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("error_kind", pa.string()),
-        ("outputs", pa.list_(OUTPUT_TYPE)),
-        ("train_seconds", pa.float64()),
-        ("total_seconds", pa.float64()),
-        ("attempts", pa.int32()),
-        ("model_uri", pa.string()),
-        ("source_width", pa.int32()),
-        ("source_height", pa.int32()),
-    ]
-)
 
 # Substrings of config keys whose values must never reach summary.json. Deliberately broad
 # ("key" also hits e.g. "sort_key"): masking a harmless value costs little, leaking one a lot.

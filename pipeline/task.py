@@ -23,25 +23,13 @@ from ingan.images import to_model_input, working_resolution
 from ingan.retarget import retarget_image
 from ingan.train import Progress, Trainer, pick_device
 
-from . import layout
+from . import layout, records
 from .config import RunConfig
+from .records import Item, Record
 from .storage import Folder, StorageError, UnsupportedURIError, check_uri, read_uri
 from .targets import Target, TargetError, targets_of
 
 MARKER_VERSION = 1
-# An output's quality fields when metrics are off.
-UNSCORED = {k: None for k in ("completeness", "coherence", "swd", "resize_completeness", "resize_coherence",
-                              "resize_swd", "beats_resize")}
-
-
-@dataclass(frozen=True)
-class Item:
-    index: int  # manifest row
-    id: str
-    uri: str | None
-    carried: dict[str, Any]
-
-
 @dataclass(frozen=True)
 class Job:
     """Everything a task needs besides its item; built once by the driver."""
@@ -71,23 +59,6 @@ class Deadline:
             raise ItemError("timeout", f"exceeded the per-image limit of {self.seconds:g} s")
 
 
-def base_record(item: Item) -> dict[str, Any]:
-    return {
-        "id": item.id, "uri": item.uri, "status": "failed", "error": None, "error_kind": None,
-        "outputs": [], "source_rel": None, "source_width": None, "source_height": None,
-        "model_uri": None, "train_seconds": None, "total_seconds": None, "attempts": 1,
-        "carried": item.carried,
-    }
-
-
-def failure(item: Item, kind: str, message: str, started: float | None = None) -> dict[str, Any]:
-    rec = base_record(item)
-    rec.update(error_kind=kind, error=message)
-    if started is not None:
-        rec["total_seconds"] = time.perf_counter() - started
-    return rec
-
-
 def classify(exc: BaseException) -> tuple[str, str]:
     """(error_kind, message) for an exception raised while processing an image."""
     if isinstance(exc, ItemError):
@@ -111,17 +82,17 @@ def classify(exc: BaseException) -> tuple[str, str]:
     return "internal", f"{type(exc).__name__}: {exc}"
 
 
-def process(item: Item, job: Job) -> dict[str, Any]:
+def process(item: Item, job: Job) -> Record:
     """Run one image end to end and return its record (never raises for a per-image problem)."""
     started = time.perf_counter()
     try:
         return _process(item, job, started)
     except Exception as exc:  # noqa: BLE001 - every per-image failure becomes a failure row
         kind, message = classify(exc)
-        return failure(item, kind, message, started)
+        return records.failed(item, kind, message, started)
 
 
-def _process(item: Item, job: Job, started: float) -> dict[str, Any]:
+def _process(item: Item, job: Job, started: float) -> Record:
     cfg = job.cfg
     folder = Folder(cfg.output, cfg.fs_options(), cfg.storage_policy())
     targets = targets_of(cfg)
@@ -159,7 +130,7 @@ def _process(item: Item, job: Job, started: float) -> dict[str, Any]:
         rel = layout.output_path(item.id, job.tag, w, h, ext)
         written[(w, h)] = {"width": w, "height": h, "rel": rel,
                            "uri": folder.write_bytes(rel, images.encode(out, cfg.image_format)),
-                           **scored.get((w, h), UNSCORED)}
+                           **scored.get((w, h), records.UNSCORED)}
 
     outputs = [{**written[sizes[t.name]], "ratio": t.ratio, "target": t.name} for t in targets]
     preview_rel = layout.source_preview_path(item.id, job.tag)
@@ -170,11 +141,8 @@ def _process(item: Item, job: Job, started: float) -> dict[str, Any]:
               "model_rel": model_rel, "source_rel": preview_rel}
     folder.write_json(marker_rel, marker)  # last: its presence means everything above exists
 
-    rec = base_record(item)
-    rec.update(status="ok", outputs=outputs, source_rel=preview_rel, source_width=src_w, source_height=src_h,
-               model_uri=folder.uri(model_rel), train_seconds=train_seconds,
-               total_seconds=time.perf_counter() - started)
-    return rec
+    return records.ok(item, started, outputs=outputs, source_rel=preview_rel, source_width=src_w,
+                      source_height=src_h, model_uri=folder.uri(model_rel), train_seconds=train_seconds)
 
 
 def _read_marker(folder: Folder, rel: str) -> dict[str, Any] | None:
@@ -191,15 +159,12 @@ def _read_marker(folder: Folder, rel: str) -> dict[str, Any] | None:
     return done
 
 
-def _skipped(item: Item, folder: Folder, done: dict[str, Any], targets: list[Target], started: float) -> dict[str, Any]:
+def _skipped(item: Item, folder: Folder, done: dict[str, Any], targets: list[Target], started: float) -> Record:
     by_target = {o["target"]: o for o in done["outputs"]}
-    rec = base_record(item)
-    rec.update(status="skipped", outputs=[by_target[t.name] for t in targets if t.name in by_target],
-               source_rel=done.get("source_rel"), source_width=done.get("source_width"),
-               source_height=done.get("source_height"), total_seconds=time.perf_counter() - started)
-    if done.get("model_rel"):
-        rec["model_uri"] = folder.uri(done["model_rel"])
-    return rec
+    return records.skipped(item, started, outputs=[by_target[t.name] for t in targets if t.name in by_target],
+                           source_rel=done.get("source_rel"), source_width=done.get("source_width"),
+                           source_height=done.get("source_height"),
+                           model_uri=folder.uri(done["model_rel"]) if done.get("model_rel") else None)
 
 
 def _model(folder: Folder, rel: str, source: torch.Tensor, item: Item, job: Job, deadline: Deadline) -> tuple[checkpoint.Checkpoint, float | None]:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import free_port
+import torch
+from support import free_port, shrunk_photo
 
 # Small CC0 copies of scikit-image sample images, committed with their licences.
 IMAGES_DIR = Path(__file__).resolve().parent / "data" / "images"
@@ -170,20 +171,10 @@ def example_images(tmp_path: Path) -> list[Path]:
 
     The short side, not the long one: multi-scale models need every side at least this big.
     """
-    from PIL import Image
-
     out_dir = tmp_path / "example_images"
-    out_dir.mkdir()
-    paths = []
     for name in EXAMPLE_IMAGES:
-        with Image.open(IMAGES_DIR / name) as img:
-            scale = EXAMPLE_SIZE / min(img.size)
-            size = (round(img.width * scale), round(img.height * scale))
-            small = img.convert("RGB").resize(size, Image.Resampling.LANCZOS)
-            path = out_dir / name
-            small.save(path)
-        paths.append(path)
-    return paths
+        shrunk_photo(name, out_dir / name, EXAMPLE_SIZE)
+    return [out_dir / name for name in EXAMPLE_IMAGES]
 
 
 @pytest.fixture
@@ -197,3 +188,20 @@ def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(cluster, "connect", refuse)
     monkeypatch.setattr(executor, "run_items", refuse)
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """Run a module's torch work on one intra-op thread, restoring the caller's setting after.
+
+    On small shared CPU machines a second OpenMP thread whose core is briefly taken away stalls
+    every parallel op at its barrier (we measured 2-thread matmuls 30-80x slower than 1-thread
+    ones at such moments), so tiny models train in a predictable time on one thread. Results
+    are compared only within one process, so the thread count never changes what is asserted.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -5,10 +5,27 @@ from __future__ import annotations
 import contextlib
 import io
 import socket
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+IMAGES_DIR = Path(__file__).resolve().parent / "data" / "images"
+
+
+def shrunk_photo(name: str, out: Path, short_side: int = 48) -> tuple[int, int]:
+    """A copy of the committed test photo ``name`` at ``out``, its short side ``short_side`` px
+    (the short side: multi-scale models need every side at least that big); returns (W, H)."""
+    from PIL import Image
+
+    with Image.open(IMAGES_DIR / name) as img:
+        scale = short_side / min(img.size)
+        small = img.convert("RGB").resize((round(img.width * scale), round(img.height * scale)),
+                                          Image.Resampling.LANCZOS)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    small.save(out)
+    return small.size
 
 
 def free_port() -> int:

@@ -23,7 +23,6 @@ import os
 import re
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -38,10 +37,12 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from fault_proxy import FaultProxy, Request
 from PIL import Image
 from support import free_port as _free_port
 from support import parquet_bytes as _parquet_bytes
 from support import run_main as _run_main
+from support import shrunk_photo
 
 from ingan import checkpoint
 from pipeline import executor, layout
@@ -73,17 +74,7 @@ class Source:
 
 def _sources(out_dir: Path, n: int) -> list[Source]:
     """``n`` example photos shrunk to SHORT_SIDE px on the short side."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = []
-    for name in NAMES[:n]:
-        with Image.open(IMAGES_DIR / name) as img:
-            scale = SHORT_SIDE / min(img.size)
-            small = img.convert("RGB").resize(
-                (round(img.width * scale), round(img.height * scale)), Image.Resampling.LANCZOS
-            )
-        small.save(out_dir / name)
-        out.append(Source(Path(name).stem, out_dir / name, small.size))
-    return out
+    return [Source(Path(name).stem, out_dir / name, shrunk_photo(name, out_dir / name, SHORT_SIDE)) for name in NAMES[:n]]
 
 
 def _local_manifest(path: Path, sources: list[Source]) -> Path:
@@ -404,161 +395,6 @@ def local_ray(
 
 
 # --------------------------------------------------------------------------- 2. storage faults
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str
-    n: int  # 1-based, over every request the proxy has seen
-
-
-_ERRORS = {
-    500: ("Internal Server Error", "InternalError"),
-    503: ("Service Unavailable", "ServiceUnavailable"),
-}
-_HOP = (b"connection", b"keep-alive", b"expect", b"proxy-connection")
-
-
-class FaultProxy:
-    """An HTTP/1.1 proxy on loopback in front of the S3 server. ``rule`` picks, per request:
-
-    * ``pass``: forward it;
-    * ``500`` / ``503``: answer with an S3 error (InternalError / ServiceUnavailable);
-    * ``reset``: close the connection with a TCP reset, no answer;
-    * ``truncate``: forward, then send half the answer and reset;
-    * ``drop_ack``: forward (a PUT is applied), then reset instead of answering;
-    * ``cut_body``: send the server only the first half of the request body, then reset both
-      connections (an upload that dies mid-body);
-    * ``delay:S``: wait S seconds, then forward;
-    * ``stall:S``: wait S seconds, then close without an answer (the client times out first).
-
-    One request per connection (answers say ``Connection: close``), which aiohttp's keep-alive
-    pool handles by opening another.
-    """
-
-    def __init__(self, upstream: str) -> None:
-        host, port = upstream.split("://", 1)[1].rstrip("/").rsplit(":", 1)
-        self.upstream = (host, int(port))
-        self.rule: Callable[[Request], str] = lambda req: "pass"
-        self.log: list[tuple[Request, str]] = []
-        self._lock = threading.Lock()
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def close(self) -> None:
-        self._server.close()
-
-    def faults(self, method: str | None = None) -> list[tuple[Request, str]]:
-        with self._lock:
-            return [(r, a) for r, a in self.log if a != "pass" and method in (None, r.method)]
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):
-            conn.settimeout(30)
-            got = _read_request(conn)
-            if got is None:
-                return
-            method, path, headers, body = got
-            with self._lock:
-                req = Request(method, path, len(self.log) + 1)
-                action = self.rule(req)
-                self.log.append((req, action))
-            kind, _, arg = action.partition(":")
-            if kind in ("delay", "stall"):
-                time.sleep(float(arg))
-            if kind in ("reset", "stall"):
-                _reset(conn)
-                return
-            if kind == "cut_body":
-                with socket.create_connection(self.upstream, timeout=30) as up:
-                    up.sendall(_head(method, path, headers) + body[: len(body) // 2])
-                    _reset(up)
-                _reset(conn)
-                return
-            if kind in ("500", "503"):
-                reason, code = _ERRORS[int(kind)]
-                xml = (
-                    f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
-                    f"<Message>injected fault</Message><RequestId>fault</RequestId></Error>"
-                ).encode()
-                payload = b"" if method == "HEAD" else xml
-                conn.sendall(
-                    f"HTTP/1.1 {kind} {reason}\r\nContent-Type: application/xml\r\n"
-                    f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
-                    + payload
-                )
-                return
-            answer = self._forward(method, path, headers, body)
-            if kind == "drop_ack":
-                _reset(conn)
-            elif kind == "truncate":
-                body_len = len(answer.partition(b"\r\n\r\n")[2])
-                conn.sendall(answer[: len(answer) - max(1, body_len // 2)])
-                _reset(conn)
-            else:
-                conn.sendall(answer)
-
-    def _forward(self, method: str, path: str, headers: list[bytes], body: bytes) -> bytes:
-        with socket.create_connection(self.upstream, timeout=30) as up:
-            up.sendall(_head(method, path, headers) + body)
-            chunks = []
-            while chunk := up.recv(65536):
-                chunks.append(chunk)
-        rhead, _, rbody = b"".join(chunks).partition(b"\r\n\r\n")
-        status, *lines = rhead.split(b"\r\n")
-        lines = [h for h in lines if h.split(b":", 1)[0].strip().lower() not in _HOP]
-        return b"\r\n".join([status, *lines, b"Connection: close"]) + b"\r\n\r\n" + rbody
-
-
-def _head(method: str, path: str, headers: list[bytes]) -> bytes:
-    keep = [h for h in headers if h.split(b":", 1)[0].strip().lower() not in _HOP]
-    return (
-        b"\r\n".join([f"{method} {path} HTTP/1.1".encode(), *keep, b"Connection: close"])
-        + b"\r\n\r\n"
-    )
-
-
-def _reset(conn: socket.socket) -> None:
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
-def _read_request(conn: socket.socket) -> tuple[str, str, list[bytes], bytes] | None:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return None
-        buf += chunk
-    head, _, body = buf.partition(b"\r\n\r\n")
-    first, *headers = head.split(b"\r\n")
-    method, path, _ = first.decode("latin-1").split(" ", 2)
-    fields = {h.split(b":", 1)[0].strip().lower(): h.split(b":", 1)[1].strip() for h in headers}
-    if fields.get(b"expect", b"").lower() == b"100-continue" and not body:
-        conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-    if b"content-length" in fields:
-        need = int(fields[b"content-length"])
-        while len(body) < need:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return None
-            body += chunk
-    elif fields.get(b"transfer-encoding", b"").lower() == b"chunked":
-        while not body.endswith(b"0\r\n\r\n"):
-            chunk = conn.recv(65536)
-            if not chunk:
-                return None
-            body += chunk
-    return method, path, headers, body
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +52,6 @@ def _job(out: Path, **settings: Any) -> Job:
 
 def _files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Two torch threads on a loaded 2-core machine crawl; training in this process uses one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -215,7 +206,7 @@ def test_missing_config_file_stops_before_anything_runs(
 # --------------------------------------------------------------------------- 5. time and memory
 
 
-def test_timeout_gives_a_timeout_record_quickly(tmp_path: Path, one_thread: None) -> None:
+def test_timeout_gives_a_timeout_record_quickly(tmp_path: Path, single_thread: None) -> None:
     # Small, so the 50 iterations between two deadline checks are quick.
     src = _noise(tmp_path / "a.png", (32, 32))
     out = tmp_path / "out"
@@ -249,7 +240,7 @@ def _fake_train(monkeypatch: pytest.MonkeyPatch, failures: int, exc: BaseExcepti
 
 
 def test_oom_once_retries_smaller_and_succeeds(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, single_thread: None
 ) -> None:
     calls = _fake_train(monkeypatch, 1, torch.OutOfMemoryError("CUDA out of memory (test)"))
     src = _noise(tmp_path / "a.png", (120, 100))  # larger than tiny's 96 px working side
@@ -274,7 +265,7 @@ def test_oom_once_retries_smaller_and_succeeds(
 
 
 def test_oom_twice_is_an_oom_failure(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, single_thread: None
 ) -> None:
     calls = _fake_train(monkeypatch, 2, torch.OutOfMemoryError("CUDA out of memory (test)"))
     src = _noise(tmp_path / "a.png")

@@ -15,8 +15,8 @@ from PIL import Image
 from support import output as _output
 from support import record as _record
 
+from pipeline.records import RESULT_SCHEMA_BASE
 from pipeline.report import (
-    RESULT_SCHEMA_BASE,
     render_report,
     results_table,
     summarize,

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from support import record as _record
 
-from pipeline.report import RESULT_SCHEMA_BASE
+from pipeline.records import RESULT_SCHEMA_BASE
 from pipeline.results import PARTS_DIR, ResultStream
 from pipeline.storage import Folder, StorageError
 

@@ -33,6 +33,7 @@ from PIL import Image
 from support import free_port as _free_port
 from support import parquet_bytes as _parquet_bytes
 from support import run_main as _run_main
+from support import shrunk_photo
 
 from pipeline import layout
 
@@ -70,19 +71,9 @@ RESULT_COLUMNS = (
 
 def _shrunk_images(out_dir: Path) -> dict[str, Path]:
     """id -> a copy of the example photo with its short side at SHORT_SIDE px."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for item_id, name in SOURCES.items():
-        with Image.open(IMAGES_DIR / name) as img:
-            scale = SHORT_SIDE / min(img.size)
-            small = img.convert("RGB").resize(
-                (round(img.width * scale), round(img.height * scale)), Image.Resampling.LANCZOS
-            )
-        small.save(out_dir / name)
-        paths[item_id] = out_dir / name
-    return paths
-
-
+    for name in SOURCES.values():
+        shrunk_photo(name, out_dir / name, SHORT_SIDE)
+    return {item_id: out_dir / name for item_id, name in SOURCES.items()}
 
 
 def _split_s3(uri: str) -> tuple[str, str]:

@@ -1,0 +1,130 @@
+"""One result record per manifest row: the item it is for, its fields, its constructors and the
+Arrow schema it is stored with, side by side, so a field is added in one place.
+
+A record is a plain dict (typed here as a ``TypedDict``): it crosses Ray, is filled in by the
+task, gets its ``attempts`` from the executor, and is read by the results stream, the summary and
+the report. ``rel`` and ``source_rel`` are layout details of the output folder for the report;
+they are not stored in the table.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+import pyarrow as pa
+
+STATUSES = ("ok", "skipped", "failed")
+
+OUTPUT_TYPE = pa.struct(
+    [
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("ratio", pa.float64()),
+        ("uri", pa.string()),
+        ("completeness", pa.float64()),
+        ("coherence", pa.float64()),
+        ("swd", pa.float64()),
+        # The same metrics for a bicubic resize of the source to the same size, and whether the
+        # output beats it on both completeness + coherence and patch SWD (null: not scored).
+        ("resize_completeness", pa.float64()),
+        ("resize_coherence", pa.float64()),
+        ("resize_swd", pa.float64()),
+        ("beats_resize", pa.bool_()),
+    ]
+)
+
+RESULT_SCHEMA_BASE = pa.schema(
+    [
+        ("id", pa.string()),
+        ("uri", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("error_kind", pa.string()),
+        ("outputs", pa.list_(OUTPUT_TYPE)),
+        ("train_seconds", pa.float64()),
+        ("total_seconds", pa.float64()),
+        ("attempts", pa.int32()),
+        ("model_uri", pa.string()),
+        ("source_width", pa.int32()),
+        ("source_height", pa.int32()),
+    ]
+)
+
+# An output's quality fields when metrics are off.
+UNSCORED: dict[str, None] = {name: None for name in OUTPUT_TYPE.names
+                             if name not in ("width", "height", "ratio", "uri")}
+
+
+@dataclass(frozen=True)
+class Item:
+    index: int  # manifest row
+    id: str
+    uri: str | None
+    carried: dict[str, Any]
+
+
+class Output(TypedDict, total=False):
+    width: int
+    height: int
+    ratio: float | None
+    uri: str
+    rel: str
+    target: str
+    completeness: float | None
+    coherence: float | None
+    swd: float | None
+    resize_completeness: float | None
+    resize_coherence: float | None
+    resize_swd: float | None
+    beats_resize: bool | None
+
+
+class Record(TypedDict):
+    id: str
+    uri: str | None
+    status: str  # one of STATUSES
+    error: str | None
+    error_kind: str | None
+    outputs: list[Output]
+    source_rel: str | None
+    source_width: int | None
+    source_height: int | None
+    model_uri: str | None
+    train_seconds: float | None
+    total_seconds: float | None
+    attempts: int
+    carried: dict[str, Any]
+
+
+def _record(item: Item, status: str, started: float | None, **fields: Any) -> Record:
+    rec: Record = {
+        "id": item.id, "uri": item.uri, "status": status, "error": None, "error_kind": None,
+        "outputs": [], "source_rel": None, "source_width": None, "source_height": None,
+        "model_uri": None, "train_seconds": None, "total_seconds": None, "attempts": 1,
+        "carried": item.carried,
+    }
+    rec.update(fields)  # type: ignore[typeddict-item]
+    if started is not None:
+        rec["total_seconds"] = time.perf_counter() - started
+    return rec
+
+
+def ok(item: Item, started: float, *, outputs: list[Output], source_rel: str, source_width: int,
+       source_height: int, model_uri: str, train_seconds: float | None) -> Record:
+    """The image is done in this run (``train_seconds`` None: its saved model was reused)."""
+    return _record(item, "ok", started, outputs=outputs, source_rel=source_rel, source_width=source_width,
+                   source_height=source_height, model_uri=model_uri, train_seconds=train_seconds)
+
+
+def skipped(item: Item, started: float, *, outputs: list[Output], source_rel: str | None,
+            source_width: int | None, source_height: int | None, model_uri: str | None) -> Record:
+    """An earlier run finished the image; the record repeats what its marker says."""
+    return _record(item, "skipped", started, outputs=outputs, source_rel=source_rel, source_width=source_width,
+                   source_height=source_height, model_uri=model_uri)
+
+
+def failed(item: Item, kind: str, message: str, started: float | None = None) -> Record:
+    """The image failed: ``kind`` is the machine-readable ``error_kind``, ``message`` for people."""
+    return _record(item, "failed", started, error_kind=kind, error=message)
