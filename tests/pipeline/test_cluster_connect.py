@@ -57,6 +57,7 @@ def _assert_refused(code: int, log: str, address: str, tmp: Path) -> None:
     assert not (tmp / "out" / "results.parquet").exists()
 
 
+@pytest.mark.slow
 def test_stale_cluster_file_does_not_stop_a_local_run(short_tmp: Path) -> None:
     # What a head killed without `ray stop` leaves: its address, nothing listening there.
     (short_tmp / "ray").mkdir()
@@ -69,6 +70,7 @@ def test_stale_cluster_file_does_not_stop_a_local_run(short_tmp: Path) -> None:
     assert pq.read_table(short_tmp / "out" / "results.parquet").column("status").to_pylist() == ["ok"]
 
 
+@pytest.mark.slow
 def test_closed_ray_address_fails_fast_with_the_address(short_tmp: Path) -> None:
     address = f"127.0.0.1:{free_port()}"
     code, log, seconds = _run(short_tmp, {"TMPDIR": str(short_tmp), "RAY_ADDRESS": address}, timeout=120)
@@ -76,6 +78,7 @@ def test_closed_ray_address_fails_fast_with_the_address(short_tmp: Path) -> None
     assert seconds < 45, seconds
 
 
+@pytest.mark.slow
 def test_silent_ray_address_fails_within_the_bound(short_tmp: Path) -> None:
     """A port that accepts connections and never answers: Ray alone would wait forever. The
     bound is the config's (30 s by default; 8 s here, to keep the suite short)."""

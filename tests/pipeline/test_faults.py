@@ -50,8 +50,6 @@ from pipeline.config import RunConfig
 from pipeline.storage import Folder, StorageError
 from pipeline.task import Item, Job
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[2]
 IMAGES_DIR = Path(__file__).resolve().parents[1] / "data" / "images"
 # Distinct photos, so no two items train in lockstep and finish at the same instant.
@@ -174,6 +172,7 @@ def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, list[Any]]]:
         c.shutdown()
 
 
+@pytest.mark.slow
 def test_node_loss_mid_training_is_retried(cluster: tuple[Any, list[Any]], tmp_path: Path) -> None:
     c, workers = cluster
     sources = _sources(tmp_path / "images", 6)
@@ -239,6 +238,7 @@ def _session_members(sid: int) -> list[tuple[int, str]]:
     return [(pid, cmd) for pid, session, cmd in _processes() if session == sid]
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_without_retraining(tmp_path: Path) -> None:
     sources = _sources(tmp_path / "images", 4)
     manifest = _local_manifest(tmp_path / "manifest.parquet", sources)
@@ -503,6 +503,7 @@ def test_s3fs_translated_errors_are_classified(code: str, status: int, transient
     assert storage._is_transient(translate_boto_error(err)) is transient
 
 
+@pytest.mark.slow
 def test_transient_storage_faults_are_survived(
     local_ray: Path, proxy: FaultProxy, s3_client: Any, s3_bucket: str, tmp_path: Path
 ) -> None:
@@ -589,6 +590,7 @@ def test_dead_endpoint_fails_rows_not_the_run(
     assert len(proxy.faults()) >= 2 * 5  # each source read was tried again before giving up
 
 
+@pytest.mark.slow
 def test_failing_writes_leave_no_false_completion(
     local_ray: Path, proxy: FaultProxy, s3_client: Any, s3_bucket: str, tmp_path: Path
 ) -> None:
@@ -741,6 +743,7 @@ def test_crashed_worker_without_retries_fails(local_ray: Path, tmp_path: Path) -
     assert not list((tmp_path / "out").glob("items/**/done.json"))
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_training_resumes_from_its_training_state(local_ray: Path, tmp_path: Path) -> None:
     """A worker killed at 70% of an image's training: the retried task continues from the last
     saved training state, and ends with the model an uninterrupted training gives."""
@@ -779,6 +782,7 @@ def test_worker_killed_mid_training_resumes_from_its_training_state(local_ray: P
 # --------------------------------------------------------------------------- 5. a silent endpoint
 
 
+@pytest.mark.slow
 def test_silent_endpoint_fails_each_image_within_the_policy_bound(local_ray: Path, tmp_path: Path) -> None:
     """An S3 endpoint that accepts connections and never answers (or, once its backlog is full,
     drops them): each image fails as ``storage`` within the retry policy's bound, naming the

@@ -40,8 +40,6 @@ from pipeline.config import RunConfig
 from pipeline.storage import Folder
 from pipeline.task import Item, Job
 
-pytestmark = pytest.mark.slow
-
 SIZE = (40, 30)  # the one explicit size every run asks for, besides ratio 1
 BASE_FLAGS = ["--preset", "tiny", "--iterations", "2", "--seed", "3", "--no-metrics"]
 
@@ -369,6 +367,7 @@ def _preview(row: dict[str, Any]) -> np.ndarray:
 # --------------------------------------------------------------------------- 1. broken inputs
 
 
+@pytest.mark.slow
 def test_one_run_keeps_every_row_and_exits_1(inputs_run: InputsRun) -> None:
     run = inputs_run
     assert run.code == 1, run.log

@@ -37,8 +37,6 @@ from support import shrunk_photo
 
 from pipeline import layout
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[2]
 IMAGES_DIR = Path(__file__).resolve().parents[1] / "data" / "images"
 SOURCES = {"astronaut": "astronaut.png", "chelsea": "chelsea.png", "rocket": "rocket.jpg"}
@@ -220,6 +218,7 @@ def _expected_size(ratio: float | None, src: tuple[int, int]) -> tuple[int, int]
 # --------------------------------------------------------------------------- 1. first run
 
 
+@pytest.mark.slow
 def test_s3_manifest_to_s3_outputs(trained: S3Run) -> None:
     run = trained
     assert run.first_code == 0, run.first_log
@@ -502,6 +501,7 @@ def _stop_head(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+@pytest.mark.slow
 def test_run_py_joins_a_started_cluster(tmp_path: Path, example_images: list[Path]) -> None:
     # The data: a manifest with relative URIs, next to its images.
     data = tmp_path / "data"
