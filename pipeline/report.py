@@ -26,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from ingan import images
@@ -87,23 +86,6 @@ def _output_row(output: Mapping[str, Any]) -> dict[str, Any]:
 def _carried_column(records: Sequence[Mapping[str, Any]], field: pa.Field) -> pa.Array:
     values = [(r.get("carried") or {}).get(field.name) for r in records]
     return pa.array(values, type=field.type)
-
-
-def results_bytes(records: Sequence[Mapping[str, Any]], carried_schema: pa.Schema | None) -> bytes:
-    """The results table as Parquet bytes."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(results_table(records, carried_schema), sink)
-    return sink.getvalue().to_pybytes()
-
-
-def write_results(
-    folder: Folder,
-    records: Sequence[Mapping[str, Any]],
-    carried_schema: pa.Schema | None,
-    name: str = RESULTS_NAME,
-) -> str:
-    """Write ``results.parquet`` in one put (never a partial file) and return its URI."""
-    return folder.write_bytes(name, results_bytes(records, carried_schema))
 
 
 # --------------------------------------------------------------------------- summary.json
@@ -171,28 +153,6 @@ def tally(records: Iterable[Mapping[str, Any]]) -> Tally:
     for r in records:
         t.add(r)
     return t
-
-
-def summarize(
-    records: Iterable[Mapping[str, Any]],
-    *,
-    config: Mapping[str, Any],
-    started: float,
-    finished: float,
-    versions: Mapping[str, str],
-) -> dict[str, Any]:
-    """Counts, latency percentiles and throughput of a run, with its (redacted) config."""
-    return tally(records).summary(config=config, started=started, finished=finished, versions=versions)
-
-
-def verdict_counts(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
-    """Outputs of ok and skipped rows that beat their bicubic resize, that do not, and unscored."""
-    return dict(tally(records).verdicts)
-
-
-def status_counts(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
-    """Records per status; the three known statuses are always present, even at zero."""
-    return tally(records).status_counts()
 
 
 def _percentiles(values: Iterable[float | None]) -> dict[str, float | None]:

@@ -7,6 +7,7 @@ import datetime as dt
 import io
 import json
 import re
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,11 +20,11 @@ from pipeline.records import RESULT_SCHEMA_BASE
 from pipeline.report import (
     render_report,
     results_table,
-    summarize,
+    tally,
     write_report,
-    write_results,
     write_summary,
 )
+from pipeline.results import ResultStream
 from pipeline.storage import Folder
 
 EVIL = "<script>alert(1)</script>"
@@ -37,6 +38,18 @@ def _write_jpeg(folder: Folder, rel: str, size: tuple[int, int], color: str = "r
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="JPEG")
     folder.write_bytes(rel, buf.getvalue())
+
+
+def write_results(folder: Folder, records: list[dict], carried_schema: pa.Schema | None) -> str:
+    """Through the stream the driver writes with, as one run would."""
+    stream = ResultStream(folder, carried_schema)
+    for i, rec in enumerate(records):
+        stream.add(i, rec)
+    return stream.finish()
+
+
+def _summarize(records: list[dict], **run: Any) -> dict[str, Any]:
+    return tally(records).summary(**run)
 
 
 @pytest.fixture
@@ -141,7 +154,7 @@ def _summary_records() -> list[dict]:
 
 
 def test_summarize_counts_and_percentiles() -> None:
-    summary = summarize(
+    summary = _summarize(
         _summary_records(),
         config={"steps": 10},
         started=100.0,
@@ -163,8 +176,7 @@ def test_summarize_counts_and_percentiles() -> None:
 
 
 def test_summarize_without_durations_gives_none() -> None:
-    summary = summarize(
-        [_record("s", "skipped")], config={}, started=5.0, finished=5.0, versions={}
+    summary = _summarize([_record("s", "skipped")], config={}, started=5.0, finished=5.0, versions={}
     )
     assert summary["durations"]["total_seconds"] == {"p50": None, "p95": None}
     assert summary["durations"]["train_seconds"] == {"p50": None, "p95": None}
@@ -182,7 +194,7 @@ def test_summarize_redacts_nested_secrets(folder: Folder) -> None:
         "sinks": [{"name": "hook", "api_token": "tok"}],
         "db": {"Password": "pw", "credentials": {"user": "u"}},
     }
-    summary = summarize([], config=config, started=0.0, finished=1.0, versions={})
+    summary = _summarize([], config=config, started=0.0, finished=1.0, versions={})
     redacted = summary["config"]
     assert redacted["storage_options"] == {
         "key": "***",
@@ -297,7 +309,7 @@ def test_summarize_counts_verdicts() -> None:
     verdicts = [True, True, False, None]
     outputs = [_output(f"v/{i}.png", 32, 16, beats_resize=v) for i, v in enumerate(verdicts)]
     records = [_record("v", outputs=outputs), _record("w", "skipped", outputs=outputs[:1]), _record("f", "failed")]
-    summary = summarize(records, config={}, started=0.0, finished=1.0, versions={})
+    summary = _summarize(records, config={}, started=0.0, finished=1.0, versions={})
     assert summary["verdicts"] == {"beats_resize": 3, "loses_to_resize": 1, "unscored": 1}
 
 
