@@ -55,6 +55,7 @@ class ModelConfig:
 class TrainConfig:
     iterations: int = 75_000
     crop_size: int = 256  # training crop side (clipped to the image minus one pixel)
+    crops_per_step: int = 1  # random crops per iteration, as one batch (all mapped to the same shape)
     max_side: int | None = None  # downscale the image so its longer side is at most this
     lr: float = 5e-5
     beta1: float = 0.5

@@ -222,11 +222,15 @@ class Trainer:
         return out_hw, matrix
 
     def random_crop(self) -> Tensor:
+        """(crops_per_step, 3, ch, cw) crops at random places of the working image."""
         h, w = self.image.shape[-2:]
         ch, cw = self.crop_hw
-        top = int(torch.randint(0, h - ch + 1, (), generator=self.rng))
-        left = int(torch.randint(0, w - cw + 1, (), generator=self.rng))
-        return self.image[None, :, top:top + ch, left:left + cw]  # (1, 3, ch, cw)
+        crops = []
+        for _ in range(self.cfg.crops_per_step):
+            top = int(torch.randint(0, h - ch + 1, (), generator=self.rng))
+            left = int(torch.randint(0, w - cw + 1, (), generator=self.rng))
+            crops.append(self.image[None, :, top:top + ch, left:left + cw])
+        return crops[0] if len(crops) == 1 else torch.cat(crops)
 
     def _noisy(self, x: Tensor) -> Tensor:
         n = torch.rand(x.shape, generator=self.noise_rng, device=x.device, dtype=x.dtype)

@@ -22,6 +22,9 @@ from ingan.retarget import parse_size
 from .storage import RetryPolicy
 
 
+_TAG_NEW_DEFAULTS = {"crops_per_step": 1}
+
+
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the field."""
 
@@ -130,6 +133,11 @@ class RunConfig(BaseModel):
         never overwrite each other and a rerun with the same ones finds its models."""
         model, train = self.model_settings(preset)
         learn = {k: v for k, v in dataclasses.asdict(train).items() if k not in ("log_every", "seed")}
+        # Settings added after tags were first written name the model only when they differ from
+        # their default, so an upgrade does not send every saved model back to training.
+        for name, default in _TAG_NEW_DEFAULTS.items():
+            if learn.get(name) == default:
+                del learn[name]
         blob = json.dumps([dataclasses.asdict(model), learn, self.seed], sort_keys=True)
         return f"{preset}-{train.iterations}it-seed{self.seed}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 

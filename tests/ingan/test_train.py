@@ -198,3 +198,14 @@ def test_image_skip_starts_as_a_resize_of_the_input(small: torch.Tensor) -> None
     assert (out.float() - stretched).abs().mean() < 3.0
     with pytest.raises(ValueError, match="image="):
         g.decode(g.features(t.image[None]), (40, 80))
+
+
+def test_several_crops_per_step_train_as_one_batch(small: torch.Tensor) -> None:
+    t = Trainer(to_model_input(small), TINY.model, _cfg(3, crops_per_step=3), "cpu")
+    crops = t.random_crop()
+    assert crops.shape == (3, 3, *t.crop_hw)
+    assert not torch.equal(crops[0], crops[1])  # drawn at different places
+    t.run()
+    assert t.iteration == 3
+    one = Trainer(to_model_input(small), TINY.model, _cfg(3), "cpu")
+    assert one.random_crop().shape == (1, 3, *one.crop_hw)

@@ -247,3 +247,12 @@ def test_auto_preset_is_cpu_without_gpus_and_fast_with_them() -> None:
     assert resolve_preset(auto, 0.0) == "cpu"
     assert resolve_preset(auto, 1.0) == "fast"
     assert resolve_preset(RunConfig(output="/tmp/out", preset="tiny"), 1.0) == "tiny"
+
+
+def test_model_tags_do_not_change_when_a_setting_is_added_at_its_default() -> None:
+    """Saved models are found by their tag: a release that adds a training setting (at its
+    default) must still find the models an earlier one trained."""
+    from pipeline.config import RunConfig
+
+    assert RunConfig().model_tag("cpu") == "cpu-1200it-seed0-165fbdcb"
+    assert RunConfig(seed=3, iterations=50).model_tag("tiny").startswith("tiny-50it-seed3-")
