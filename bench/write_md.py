@@ -12,7 +12,7 @@ from .common import RESULTS, ROOT
 
 # The quality-against-compute runs, in the order they were made (bench/results/curves/).
 CURVE_RUNS = ["c128", "c128_ema", "c64", "c96", "c128_cal_ema", "c128_cal_ema_fastsched", "c128_skip",
-              "cpu_base", "cpu_no2g", "cpu_2g_late", "cpu_dmin32", "cpu_res4", "cpu_w24"]
+              "cpu_base", "cpu_no2g", "cpu_2g_late", "cpu_dmin32", "cpu_res4", "cpu_w24", "cpu_crops2"]
 
 REFERENCE_S_PER_ITER = 4.4  # the reference implementation at a 216x256 crop on this 2-core CPU
 
