@@ -21,7 +21,6 @@ from ingan.retarget import parse_size
 
 from .storage import RetryPolicy
 
-
 _TAG_NEW_DEFAULTS = {"crops_per_step": 1}
 
 

@@ -99,3 +99,19 @@ def test_a_failed_part_write_keeps_its_rows_for_the_next(tmp_path: Path) -> None
     for i in range(6, 9):
         stream.add(i, _rec(i))
     assert pq.read_table(stream.finish()).column("id").to_pylist() == [f"img-{i:04d}" for i in range(9)]
+
+
+def test_the_merge_keeps_manifest_order_across_chunks_and_evicted_parts(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small merge chunks and only two decoded parts at a time: rows finishing far out of order
+    still end in manifest order."""
+    from pipeline import results
+
+    monkeypatch.setattr(results, "_MERGE_ROWS", 7)
+    monkeypatch.setattr(results, "_OPEN_PARTS", 2)
+    stream = ResultStream(Folder(str(tmp_path)), CARRIED, flush_rows=5, flush_s=3600)
+    for i in _shuffled(83, seed=3):
+        stream.add(i, _rec(i))
+    table = pq.read_table(stream.finish())
+    assert table.column("id").to_pylist() == [f"img-{i:04d}" for i in range(83)]
+    assert table.column("label").to_pylist() == [f"L{i}" for i in range(83)]
