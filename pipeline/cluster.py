@@ -3,10 +3,12 @@
 * ``RAY_ADDRESS`` set (``host:port``, ``ray://host:port``): join that cluster. One that does not
   answer within ``connect_timeout_s`` (30 s by default) stops the run with a message naming the address, instead of
   Ray's own endless reconnect loop.
-* No ``RAY_ADDRESS`` (or ``auto``): join the cluster running on this machine (``ray start``,
-  ``ray submit``) when its processes are alive, else start a local one. A head that died without
+* No ``RAY_ADDRESS``: join the cluster ``ray start`` recorded on this machine (``ray up``,
+  ``ray submit``) while it is there, else start a local one. A head that died without
   ``ray stop`` leaves its address in ``/tmp/ray/ray_current_cluster``; Ray would try that dead
-  address forever, so the file is trusted only while a GCS process on this machine serves it.
+  address forever, so the file is trusted only while a GCS process on this machine serves it or
+  its port answers. Local Rays other processes started for themselves are never joined.
+* ``RAY_ADDRESS=auto``: the recorded cluster, else any running on this machine.
 * ``RAY_ADDRESS=local``: always a fresh local Ray.
 """
 
@@ -51,14 +53,28 @@ def _address_to_join() -> tuple[str | None, str]:
         return None, "RAY_ADDRESS"
     if env and env != "auto":
         return env, "RAY_ADDRESS"
-    live = _live_gcs_addresses()
-    if not live:
-        if env == "auto":
-            raise ClusterUnreachable("RAY_ADDRESS=auto, but no Ray cluster runs on this machine: "
-                                     "start one (ray start --head) or unset RAY_ADDRESS to run on a local Ray")
-        return None, "none"
     recorded = _recorded_address()
-    return (recorded if recorded in live else sorted(live)[0]), "a Ray cluster running on this machine"
+    if env == "auto":
+        live = _live_gcs_addresses()
+        if recorded in live or (recorded and not live):
+            return recorded, "RAY_ADDRESS=auto"
+        if live:
+            return sorted(live)[0], "RAY_ADDRESS=auto"
+        raise ClusterUnreachable("RAY_ADDRESS=auto, but no Ray cluster runs on this machine: "
+                                 "start one (ray start --head) or unset RAY_ADDRESS to run on a local Ray")
+    # No address given: only the cluster `ray start` recorded (``ray up`` / ``ray submit`` heads),
+    # and only while it is there. Other processes' own local Rays are never joined.
+    if recorded and (recorded in _live_gcs_addresses() or _answers(recorded)):
+        return recorded, "the Ray cluster `ray start` left running on this machine"
+    return None, "none"
+
+
+def _answers(address: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with socket.create_connection(_host_port(address), timeout=timeout_s):
+            return True
+    except (OSError, ClusterUnreachable):
+        return False
 
 
 def _live_gcs_addresses() -> set[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -93,3 +94,22 @@ def test_silent_ray_address_fails_within_the_bound(short_tmp: Path) -> None:
     _assert_refused(code, log, address, short_tmp)
     assert "no answer within 8 s" in log
     assert seconds < 30, seconds
+
+
+@pytest.mark.slow
+def test_another_process_s_local_ray_is_not_joined(short_tmp: Path) -> None:
+    """A local Ray some other program started for itself (no `ray start`, so no address file) is
+    not this run's cluster: the run starts its own instead of failing to join it."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import ray, time; ray.init(include_dashboard=False); print('up', flush=True); time.sleep(600)"],
+        env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "TMPDIR": str(short_tmp)},
+        stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "up"
+        code, log, _ = _run(short_tmp, {"TMPDIR": str(short_tmp)}, timeout=300)
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert code == 0, log[-3000:]
+    assert "does not answer" not in log
+    assert pq.read_table(short_tmp / "out" / "results.parquet").column("status").to_pylist() == ["ok"]
