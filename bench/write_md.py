@@ -154,10 +154,12 @@ def _orchestration(runs: list[dict[str, Any]]) -> list[str]:
            f"Machine: {_machine(runs[0]['machine'])}.",
            "Command: `python -m bench.orchestration --rows N --iterations 1` (local Ray, `tiny` preset cut to one "
            "iteration, 48 px images, one output each, no metrics).", "",
-           "| rows | ok | failed | wall s | images / s | driver RSS start | peak | end |", "|---|---|---|---|---|---|---|---|"]
+           "| rows | commit | ok | failed | wall s | images / s | driver RSS start | peak | end |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for d in sorted(runs, key=lambda r: r["rows"]):
-        out.append(f"| {d['rows']:,} | {d['ok']:,} | {d['failed']} | {d['wall_seconds']:.1f} | {d['images_per_second']:.2f} "
-                   f"| {d['driver_rss_start_mib']:.0f} MiB | {d['driver_rss_peak_mib']:.0f} MiB | {d['driver_rss_end_mib']:.0f} MiB |")
+        out.append(f"| {d['rows']:,} | {d['machine'].get('commit', '?')} | {d['ok']:,} | {d['failed']} | {d['wall_seconds']:.1f} "
+                   f"| {d['images_per_second']:.2f} | {d['driver_rss_start_mib']:.0f} MiB | {d['driver_rss_peak_mib']:.1f} MiB "
+                   f"| {d['driver_rss_end_mib']:.0f} MiB |")
     return out + [""]
 
 
