@@ -50,6 +50,17 @@ def _speed(data: dict[str, Any], device: str) -> list[str]:
     return out + [""]
 
 
+def _wins(data: dict[str, Any], method: str, target: str) -> str:
+    """'n/N': of ``method``'s outputs for ``target``, those beating the bicubic resize of the same
+    image on both C+C and patch SWD."""
+    rows = [r for r in data["rows"] if r["target"] == target]
+    ours = {r["image"]: r for r in rows if r["method"] == method}
+    base = {r["image"]: r for r in rows if r["method"] == "bicubic"}
+    n = sum(1 for i in ours if ours[i]["completeness"] + ours[i]["coherence"]
+            < base[i]["completeness"] + base[i]["coherence"] and ours[i]["swd"] < base[i]["swd"])
+    return f"{n}/{len(ours)}"
+
+
 def _quality(data: dict[str, Any]) -> list[str]:
     presets = data["presets"]
     its = ", ".join(f"`{p}` {n:,} iterations" for p, n in data["iterations"].items())
@@ -68,14 +79,7 @@ def _quality(data: dict[str, Any]) -> list[str]:
         out.append(f"| {r['target']} | {name} | {r['completeness'] * 1e3:.2f} | {r['coherence'] * 1e3:.2f} "
                    f"| {r['bds'] * 1e3:.2f} | {r['swd']:.3f} |")
     for preset in presets:
-        wins = []
-        for t in ("width x2", "width x0.5", "square"):
-            rows = [r for r in data["rows"] if r["target"] == t]
-            ours = {r["image"]: r for r in rows if r["method"] == preset}
-            base = {r["image"]: r for r in rows if r["method"] == "bicubic"}
-            n = sum(1 for i in ours if ours[i]["completeness"] + ours[i]["coherence"] < base[i]["completeness"] + base[i]["coherence"]
-                    and ours[i]["swd"] < base[i]["swd"])
-            wins.append(f"{t} {n}/{len(ours)}")
+        wins = [f"{t} {_wins(data, preset, t)}" for t in ("width x2", "width x0.5", "square")]
         out += ["", f"`{preset}` outputs that beat the bicubic resize on both C+C and SWD, per image: {'; '.join(wins)}."]
         timing = data.get("timing", {}).get(preset)
         if timing:
@@ -149,6 +153,50 @@ def _gpu(data: dict[str, Any]) -> list[str]:
     return out + [""]
 
 
+def _versus(title: str, before: tuple[str, str], after: tuple[str, str]) -> list[str]:
+    """Two InGAN variants from two quality runs, side by side on the same images and targets,
+    with the bicubic resize for scale: (result file, method) each."""
+    a, b = _load(before[0]), _load(after[0])
+    if a is None or b is None:
+        return []
+    out = [f"### {title}", "", f"`{before[1]}` (`{before[0]}.json`) against `{after[1]}` (`{after[0]}.json`), "
+           "means over the same images; lower is better. Per image: outputs that beat the bicubic resize on both counts.", "",
+           f"| target | bicubic C+C x1000 / SWD | `{before[1]}` C+C / SWD | `{after[1]}` C+C / SWD | beats resize, before -> after |",
+           "|---|---|---|---|---|"]
+    for t in ("width x2", "width x0.5", "square"):
+        bic, x, y = (next(r for r in d["mean"] if r["target"] == t and r["method"] == m)
+                     for d, m in ((a, "bicubic"), (a, before[1]), (b, after[1])))
+        out.append(f"| {t} | {bic['bds'] * 1e3:.2f} / {bic['swd']:.3f} | {x['bds'] * 1e3:.2f} / {x['swd']:.3f} "
+                   f"| {y['bds'] * 1e3:.2f} / {y['swd']:.3f} | {_wins(a, before[1], t)} -> {_wins(b, after[1], t)} |")
+    return out + [""]
+
+
+def _shapes(data: dict[str, Any]) -> list[str]:
+    out = ["### Shaped outputs: training with top-corner shifts", "",
+           f"Machine: {_machine(data['machine'])}. Command: `python -m bench.shapes --preset {data['preset']} "
+           f"--max-shift {data['max_shift']:g} --images {','.join(p.rsplit('.', 1)[0] for p in data['images'])} "
+           f"--jobs {data['jobs']}`.",
+           "Each image trained twice with the same seed, without and with shifts; both models retargeted to two "
+           "rectangles and two shapes (trapezoid x1.5: width x1.5 with the top corners moved in by 0.3 each; slant: the "
+           "source's size with the top-left corner moved right by 0.4). A shape is scored inside its frame against a "
+           "bicubic resize put through the same frame. Means over the images (C+C x1000); lower is better.", "",
+           "| target | model | C+C | resize C+C | patch SWD | resize SWD | beat the resize on both |",
+           "|---|---|---|---|---|---|---|"]
+    for r in data["mean"]:
+        out.append(f"| {r['target']} | `{r['variant']}` | {r['bds'] * 1e3:.2f} | {r['resize_bds'] * 1e3:.2f} | {r['swd']:.3f} "
+                   f"| {r['resize_swd']:.3f} | {r['beats_resize']}/{r['images']} |")
+    secs = data.get("train_seconds", {})
+    if secs:
+        out += ["", "Training minutes per image, two at once: " + "; ".join(
+            f"`{v}` {min(t.values()) / 60:.1f}-{max(t.values()) / 60:.1f}" for v, t in secs.items() if t) + "."]
+    sheet = RESULTS / f"shapes_{data['preset']}.png"
+    if sheet.exists():
+        out += ["", "Per image: the source, then for the trapezoid and then the slant: the resize in the frame, the model "
+                    "trained without shifts, the model trained with them (checkerboard: transparent).", "",
+                f"![shapes](bench/results/{sheet.name})"]
+    return out + [""]
+
+
 def _orchestration(runs: list[dict[str, Any]]) -> list[str]:
     out = ["### Orchestration overhead", "",
            f"Machine: {_machine(runs[0]['machine'])}.",
@@ -175,6 +223,11 @@ def main() -> None:
         data = _load(name)
         if data is not None:
             lines += render(data)
+    lines += _versus("What training with top-corner shifts costs on rectangles",
+                     ("quality_cpu_skip", "cpu+skip"), ("quality_cpu_shift03", "cpu+shift03"))
+    shapes = _load("shapes_cpu")
+    if shapes is not None:
+        lines += _shapes(shapes)
     lines += _curves(CURVE_RUNS, {})
     runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("orchestration_*.json"))]
     if runs:

@@ -2,6 +2,7 @@
 
     python -m ingan train IMAGE --preset tiny --out model.pt
     python -m ingan retarget model.pt IMAGE --size 256x128 --size 64x64 --out-dir out/
+    python -m ingan retarget model.pt IMAGE --size 256x128@0.3,-0.3 --out-dir out/   (shaped)
     python -m ingan score SOURCE OUTPUT
 """
 
@@ -28,13 +29,14 @@ class CLIError(Exception):
     """An expected failure: printed as one line, exit code 2."""
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'WxH' -> (H, W), the order the model takes sizes in."""
+def parse_size(text: str) -> tuple[int, int, retarget.Shifts | None]:
+    """'WxH' or 'WxH@LEFT,RIGHT' -> (H, W, shifts), sizes in the order the model takes them."""
     try:
-        w, h = retarget.parse_size(text)
+        base, shifts = retarget.parse_shape(text)
+        w, h = retarget.parse_size(base)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    return h, w
+    return h, w, shifts
 
 
 def _print_progress(p: Progress) -> None:
@@ -45,7 +47,8 @@ def _print_progress(p: Progress) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     preset = get_preset(args.preset)
-    train_cfg = preset.train.with_overrides(iterations=args.iterations, seed=args.seed, crop_size=args.crop_size, bf16=args.bf16)
+    train_cfg = preset.train.with_overrides(iterations=args.iterations, seed=args.seed, crop_size=args.crop_size,
+                                            bf16=args.bf16, max_shift=args.max_shift)
     if args.max_side is not None:
         train_cfg = dataclasses.replace(train_cfg, max_side=args.max_side or None)
     if train_cfg.iterations < 1:
@@ -83,11 +86,19 @@ def cmd_retarget(args: argparse.Namespace) -> int:
     g = ckpt.build_generator(device)
     os.makedirs(args.out_dir, exist_ok=True)
     start = time.perf_counter()
-    outs = retarget_image(g, image, args.size, ckpt.train.max_side)
-    for (h, w), out in zip(args.size, outs, strict=True):
-        path = os.path.join(args.out_dir, f"{w}x{h}.png")
-        atomic_write(path, images.encode(out, "png"))
-        print(path)
+    sizes = [(h, w) for h, w, _ in args.size]
+    shifts = [sh for _, _, sh in args.size]
+    outs = retarget_image(g, image, sizes, ckpt.train.max_side, shifts)
+    ext = {"jpeg": "jpg"}.get(args.format, args.format)
+    for (h, w), sh, out in zip(sizes, shifts, outs, strict=True):
+        stem = os.path.join(args.out_dir, retarget.output_stem(w, h, sh))
+        mask = None if sh is None else retarget.retarget_mask((h, w), sh)
+        atomic_write(f"{stem}.{ext}", images.encode(out, args.format, mask=mask))
+        print(f"{stem}.{ext}")
+        if mask is not None and args.format == "jpeg":
+            # JPEG has no alpha: the frame goes beside it, the outside painted white.
+            atomic_write(f"{stem}.mask.png", images.encode_mask(mask))
+            print(f"{stem}.mask.png")
     print(f"{len(outs)} outputs in {time.perf_counter() - start:.2f} s", file=sys.stderr)
     return 0
 
@@ -110,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--crop-size", type=int)
     t.add_argument("--max-side", type=int, help="working-image longer side; 0 keeps the full image")
+    t.add_argument("--max-shift", type=float, metavar="M",
+                   help="train for shaped outputs too: top-corner shifts up to +-M (0..0.9; 0: rectangles only)")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast for convolutions (faster on recent CPUs and GPUs)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -120,7 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("retarget", help="retarget an image with a trained model")
     r.add_argument("model")
     r.add_argument("image")
-    r.add_argument("--size", type=parse_size, action="append", required=True, metavar="WxH")
+    r.add_argument("--size", type=parse_size, action="append", required=True, metavar="WxH[@LEFT,RIGHT]",
+                   help="output size, repeatable; @LEFT,RIGHT shifts the top corners (normalised units, "
+                        "-0.9..0.9) for a shaped output, transparent outside its frame")
+    r.add_argument("--format", default="png", choices=["png", "webp", "jpeg"],
+                   help="png and webp keep a shaped output's frame as alpha; jpeg paints the outside "
+                        "white and writes NAME.mask.png beside it")
     r.add_argument("--out-dir", required=True)
     r.add_argument("--device", default="auto")
     r.set_defaults(fn=cmd_retarget)

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .geometry import MAX_SHIFT
+
 MAX_G_WIDTH = 2048  # the paper's network is 512 wide at its deepest
 
 
@@ -80,6 +82,10 @@ class TrainConfig:
     ema: float = 0.0  # decay of an exponential moving average of G's weights (0 = off); the
     # average, not the last iterate, is then the trained generator
     log_every: int = 100
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_shift <= MAX_SHIFT:
+            raise ValueError(f"max_shift {self.max_shift} must be within 0..{MAX_SHIFT} (normalised units)")
 
     def with_overrides(self, **kw: Any) -> TrainConfig:
         return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})

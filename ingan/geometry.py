@@ -14,6 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# Top-corner shifts are in normalised units (2 = the frame's width). Past 0.9 a corner pair can
+# leave a top edge a tenth of the width or less, where no patch of the source fits.
+MAX_SHIFT = 0.9
+
 _SQUARE = ((-1.0, -1.0), (1.0, -1.0), (-1.0, 1.0), (1.0, 1.0))  # TL, TR, BL, BR
 
 

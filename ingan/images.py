@@ -16,6 +16,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
+from .geometry import homography, valid_mask, warp
+
 DEFAULT_MAX_PIXELS = 64_000_000
 # The shortest side a working image keeps when a long-side cap shrinks it: the trainer's crops
 # need at least min_out_side + 1 = 17 px (a 2000x30 strip capped at 96 px would be 1 px high).
@@ -56,10 +58,11 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tensor:
         raise ImageDecodeError(f"decompression bomb: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from None
-    return _to_rgb_tensor(im)
+    return from_pil(im)
 
 
-def _to_rgb_tensor(im: Image.Image) -> Tensor:
+def from_pil(im: Image.Image) -> Tensor:
+    """Any Pillow image -> uint8 (3, H, W) RGB, normalised as :func:`decode` describes."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         if im.mode.startswith("I;16") or arr.max() > 255:
@@ -95,18 +98,56 @@ def to_uint8(x: Tensor) -> Tensor:
     return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def encode(image: Tensor, fmt: str = "png", quality: int = 92) -> bytes:
-    """uint8 (3, H, W) -> encoded bytes in ``fmt`` (png, jpeg, webp)."""
+def encode(image: Tensor, fmt: str = "png", quality: int = 92, mask: Tensor | None = None,
+           fill: tuple[int, int, int] = (255, 255, 255)) -> bytes:
+    """uint8 (3, H, W) -> encoded bytes in ``fmt`` (png, jpeg, webp).
+
+    ``mask`` (H, W) bool marks the pixels that belong to the image (a shaped output's frame):
+    PNG and WebP get it as their alpha channel, transparent outside; JPEG has no alpha, so the
+    pixels outside are painted ``fill`` (the mask goes in a file of its own: :func:`encode_mask`).
+    """
     buf = io.BytesIO()
     fmt = {"jpg": "jpeg"}.get(fmt.lower(), fmt.lower())
     opts = {"quality": quality} if fmt in ("jpeg", "webp") else {"optimize": False}
-    to_pil(image).save(buf, format=fmt.upper(), **opts)
+    im = to_pil(image)
+    if mask is not None:
+        alpha = Image.fromarray(mask.to(torch.uint8).mul(255).cpu().numpy(), "L")
+        if fmt == "jpeg":
+            im = Image.composite(im, Image.new("RGB", im.size, fill), alpha)
+        else:
+            im.putalpha(alpha)
+            if fmt == "webp":
+                opts["exact"] = False  # transparent pixels' colours are not kept: smaller files
+    im.save(buf, format=fmt.upper(), **opts)
+    return buf.getvalue()
+
+
+def encode_mask(mask: Tensor) -> bytes:
+    """(H, W) bool -> a one-channel PNG, 255 inside the frame and 0 outside."""
+    buf = io.BytesIO()
+    Image.fromarray(mask.to(torch.uint8).mul(255).cpu().numpy(), "L").save(buf, format="PNG")
     return buf.getvalue()
 
 
 def to_pil(image: Tensor) -> Image.Image:
     """uint8 (3, H, W) -> an RGB Pillow image."""
     return Image.fromarray(image.permute(1, 2, 0).contiguous().numpy(), "RGB")
+
+
+def has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+
+
+def thumbnail(im: Image.Image, max_side: int, quality: int = 85) -> tuple[bytes, str]:
+    """(bytes, MIME type) of ``im`` shrunk to fit ``max_side`` x ``max_side``: a JPEG, or a PNG
+    when ``im`` has transparency, so a shaped output keeps its frame in a preview."""
+    if not has_alpha(im):
+        return thumbnail_jpeg(im, max_side, quality), "image/jpeg"
+    im = im.convert("RGBA")
+    im.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    return buf.getvalue(), "image/png"
 
 
 def thumbnail_jpeg(im: Image.Image, max_side: int, quality: int = 85) -> bytes:
@@ -124,6 +165,18 @@ def resize(image: Tensor, size: tuple[int, int]) -> Tensor:
     resize that a retargeted output is judged against."""
     y = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bicubic", align_corners=False, antialias=True)[0]
     return y.round().clamp(0, 255).to(torch.uint8)
+
+
+def shaped_resize(image: Tensor, size: tuple[int, int], shifts: tuple[float, float] | None) -> Tensor:
+    """:func:`resize`, then put through the top-corner homography of ``shifts`` at that size,
+    black outside the frame: the plain warp a shaped output is judged against. None: a resize."""
+    y = resize(image, size)
+    if shifts is None:
+        return y
+    matrix = homography(shifts)
+    warped = warp(y[None].float(), size, matrix)[0]
+    warped = torch.where(valid_mask(size, matrix, warped.device), warped, warped.new_zeros(()))
+    return warped.round().clamp(0, 255).to(torch.uint8)
 
 
 # -- the model's view of an image ------------------------------------------------------------------

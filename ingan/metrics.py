@@ -26,6 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .geometry import homography, valid_mask
+
 __all__ = [
     "DEFAULT_CHUNK_FLOATS",
     "DEFAULT_MAX_PATCHES",
@@ -56,6 +58,9 @@ _MIN_PYRAMID_SIDE = 16
 # Floor on the source's per-dimension std in SWD: a flat source band would otherwise divide by
 # ~0 and blow any difference up to astronomic numbers.
 _STD_FLOOR = 1e-3
+# Pixels a masked output's patch keeps from its frame's edge at each pyramid level: the 5x5
+# blur of one down and one up step carries the fill outside about this far into a band.
+_BAND_MARGIN = 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,6 +112,14 @@ def _prepare(
     return src, out
 
 
+def _check_mask(mask: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if mask.dim() != 2 or tuple(mask.shape) != tuple(out.shape[-2:]):
+        raise ValueError(f"mask must be (H, W) = {tuple(out.shape[-2:])} like the output, got {tuple(mask.shape)}")
+    return mask.to(device=out.device, dtype=torch.bool)
+
+
 def _check_positive(name: str, value: int) -> None:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
@@ -135,6 +148,38 @@ def _subsample(patches: torch.Tensor, max_patches: int, generator: torch.Generat
     # randperm on the CPU generator, so the same seed picks the same rows on any device.
     idx = torch.randperm(n, generator=generator)[:max_patches]
     return patches[idx.to(patches.device)]  # (max_patches, D)
+
+
+def _inside(mask: torch.Tensor | None, size: tuple[int, int], patch_size: int, margin: int = 0) -> torch.Tensor | None:
+    """For an output whose frame is ``mask`` (H, W) bool, seen at ``size``: (N,) bool over its
+    patch positions in :func:`extract_patches` order, true where the patch and ``margin`` pixels
+    around it lie wholly inside the frame. None without a mask (every patch counts)."""
+    if mask is None:
+        return None
+    m = mask.to(torch.float32)[None, None]  # (1, 1, H, W)
+    if tuple(m.shape[-2:]) != tuple(size):
+        m = F.interpolate(m, size=size, mode="area")
+    m = (m >= 1 - 1e-6).to(torch.float32)  # a pixel partly outside the frame is outside
+    k = patch_size + 2 * margin
+    # Max-pool pads with -inf, so the image's own border never counts as outside the frame.
+    inside = -F.max_pool2d(-m, k, stride=1, padding=margin) if margin else -F.max_pool2d(-m, k, stride=1)
+    return inside.flatten() > 0.5
+
+
+def _output_patches(img: torch.Tensor, mask: torch.Tensor | None, patch_size: int, margin: int,
+                    finest: bool) -> torch.Tensor | None:
+    """The patches of an output (1, C, h, w) that count: all of them, or with a frame those inside
+    it. None when none are inside at a coarser scale (still coarser ones have fewer: the caller
+    stops there); none inside at the finest scale is an error."""
+    patches = extract_patches(img, patch_size)
+    keep = _inside(mask, tuple(img.shape[-2:]), patch_size, margin)
+    if keep is None:
+        return patches
+    if keep.any():
+        return patches[keep]
+    if finest:
+        raise ValueError("no whole patch of the output lies inside its frame")
+    return None
 
 
 @torch.no_grad()
@@ -213,6 +258,7 @@ def bidirectional_similarity(
     max_patches: int | None = DEFAULT_MAX_PATCHES,
     seed: int = 0,
     chunk_floats: int = DEFAULT_CHUNK_FLOATS,
+    mask: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Completeness and coherence of ``output`` against ``source`` (Simakov et al. 2008).
 
@@ -234,9 +280,11 @@ def bidirectional_similarity(
     ``max_patches=None`` uses every patch (exact, but O(N * M) time).
 
     Inputs: float (3, H, W) or (1, 3, H, W) tensors in [0, 1] on one device; (1, H, W)
-    grayscale is repeated to 3 channels. Sizes may differ.
+    grayscale is repeated to 3 channels. Sizes may differ. ``mask`` (H, W) bool, the frame of a
+    shaped output: only output patches wholly inside it count, in both directions.
     """
     src, out = _prepare(source, output, patch_size)
+    mask = _check_mask(mask, out)
     if max_patches is not None:
         _check_positive("max_patches", max_patches)
     dim = 3 * patch_size * patch_size
@@ -248,7 +296,9 @@ def bidirectional_similarity(
         if factor > 1 and min_side / factor < 2 * patch_size:
             break
         s_patches = extract_patches(_downscale(src, factor), patch_size)  # (Ns, D)
-        o_patches = extract_patches(_downscale(out, factor), patch_size)  # (No, D)
+        o_patches = _output_patches(_downscale(out, factor), mask, patch_size, 0, finest=factor == 1)  # (No, D)
+        if o_patches is None:
+            break
         # A fresh generator per scale and direction: results do not depend on call order.
         coh_q, comp_q = o_patches, s_patches
         if max_patches is not None:
@@ -339,6 +389,7 @@ def sliced_wasserstein(
     n_directions: int = 128,
     max_patches: int | None = DEFAULT_MAX_PATCHES,
     seed: int = 0,
+    mask: torch.Tensor | None = None,
 ) -> float:
     """Sliced Wasserstein distance between the patch distributions of two images (Karras 2018).
 
@@ -353,9 +404,12 @@ def sliced_wasserstein(
     Returns the mean absolute difference of the matched projections, averaged over directions
     and levels: a 1-D Wasserstein-1 distance in units of the source's per-dimension std (so
     around 1 means the distributions are about one standard deviation apart). 0 for identical
-    images. Input conventions as in :func:`bidirectional_similarity`.
+    images. Input conventions as in :func:`bidirectional_similarity`; with ``mask`` only output
+    patches at least ``_BAND_MARGIN`` pixels inside the frame at their level count, so the fill
+    outside does not reach the compared detail through the pyramid's blur.
     """
     src, out = _prepare(source, output, patch_size)
+    mask = _check_mask(mask, out)
     _check_positive("n_directions", n_directions)
     if max_patches is not None:
         _check_positive("max_patches", max_patches)
@@ -363,12 +417,14 @@ def sliced_wasserstein(
     dim = 3 * patch_size * patch_size
     dir_gen = _generator(seed, -1)
 
-    total = 0.0
+    total, used = 0.0, 0
     src_pyr = _laplacian_pyramid(src, levels)
     out_pyr = _laplacian_pyramid(out, levels)
     for level, (s_band, o_band) in enumerate(zip(src_pyr, out_pyr, strict=True)):
         s = extract_patches(s_band, patch_size)  # (Ns, D)
-        o = extract_patches(o_band, patch_size)  # (No, D)
+        o = _output_patches(o_band, mask, patch_size, _BAND_MARGIN, finest=level == 0)  # (No, D)
+        if o is None:
+            break
         if max_patches is not None:
             # The same stream for both images: identical images pick identical patches.
             s = _subsample(s, max_patches, _generator(seed, level))
@@ -385,7 +441,8 @@ def sliced_wasserstein(
         k = max(s_proj.shape[0], o_proj.shape[0])
         diff = _resample_sorted(s_proj, k) - _resample_sorted(o_proj, k)  # (k, P)
         total += diff.abs().mean().item()
-    return total / levels
+        used += 1
+    return total / used
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,15 +457,17 @@ def score(
     *,
     seed: int = 0,
     max_patches: int | None = DEFAULT_MAX_PATCHES,
+    mask: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """``{"completeness", "coherence", "swd"}`` of ``output`` against ``source``; lower is better.
 
     See :func:`bidirectional_similarity` (mean squared difference per patch element) and
     :func:`sliced_wasserstein` (in source-std units) for the units. Deterministic for a given
-    ``seed``; ``max_patches`` bounds the patches sampled per scale / pyramid level.
+    ``seed``; ``max_patches`` bounds the patches sampled per scale / pyramid level. ``mask``: the
+    frame of a shaped output, (H, W) bool; only what lies inside it is scored.
     """
-    result = bidirectional_similarity(source, output, max_patches=max_patches, seed=seed)
-    result["swd"] = sliced_wasserstein(source, output, max_patches=max_patches, seed=seed)
+    result = bidirectional_similarity(source, output, max_patches=max_patches, seed=seed, mask=mask)
+    result["swd"] = sliced_wasserstein(source, output, max_patches=max_patches, seed=seed, mask=mask)
     return result
 
 
@@ -423,20 +482,35 @@ def _downscaled(image: torch.Tensor, max_side: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(x[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
 
 
+# An output is keyed by its (W, H), or by (W, H, shifts) when it may be shaped (shifts None: a
+# rectangle).
+OutputKey = tuple[int, int] | tuple[int, int, tuple[float, float] | None]
+
+
+def _shifts_of(key: OutputKey) -> tuple[float, float] | None:
+    return key[2] if len(key) > 2 else None  # type: ignore[misc]
+
+
 def score_outputs(
-    source: torch.Tensor, outs: dict[tuple[int, int], torch.Tensor], max_side: int = 192
-) -> dict[tuple[int, int], dict[str, float]]:
-    """Metrics of each uint8 output (keyed by its (W, H)) against its uint8 source, both
-    scaled by the one factor that brings the source's longer side to at most ``max_side``: the
-    patches compare like with like and the cost stays bounded. The pipeline and the benchmarks
-    both score through here, so their figures are comparable."""
+    source: torch.Tensor, outs: dict[OutputKey, torch.Tensor], max_side: int = 192
+) -> dict[OutputKey, dict[str, float]]:
+    """Metrics of each uint8 output against its uint8 source, both scaled by the one factor that
+    brings the source's longer side to at most ``max_side``: the patches compare like with like
+    and the cost stays bounded. A shaped output is scored inside its frame only. The pipeline
+    and the benchmarks both score through here, so their figures are comparable."""
     h, w = source.shape[-2:]
     scale = min(1.0, max_side / max(h, w))
     src = _downscaled(source, round(max(h, w) * scale))
     result = {}
-    for (ow, oh), out in outs.items():
+    for key, out in outs.items():
+        ow, oh = key[0], key[1]
         small = _downscaled(out, max(8, round(max(ow, oh) * scale)))
-        result[(ow, oh)] = {k: float(v) for k, v in score(src, small).items()}
+        shifts = _shifts_of(key)
+        mask = None
+        if shifts is not None:
+            size = tuple(small.shape[-2:])
+            mask = valid_mask(size, homography(shifts), small.device)  # type: ignore[arg-type]
+        result[key] = {k: float(v) for k, v in score(src, small, mask=mask).items()}
     return result
 
 
@@ -448,15 +522,16 @@ def beats(output: dict[str, float], baseline: dict[str, float]) -> bool:
 
 
 def score_against_resize(
-    source: torch.Tensor, outs: dict[tuple[int, int], torch.Tensor], max_side: int = 192
-) -> dict[tuple[int, int], dict[str, float | bool]]:
+    source: torch.Tensor, outs: dict[OutputKey, torch.Tensor], max_side: int = 192
+) -> dict[OutputKey, dict[str, float | bool]]:
     """:func:`score_outputs`, plus for each output the same metrics of a bicubic resize of the
     source to the same (W, H), computed the same way (``resize_completeness``, ``resize_coherence``,
-    ``resize_swd``), and ``beats_resize``: whether the output earns its place over that resize."""
-    from .images import resize
+    ``resize_swd``), and ``beats_resize``: whether the output earns its place over that resize.
+    A shaped output's resize is put through the same homography (:func:`images.shaped_resize`)."""
+    from .images import shaped_resize
 
-    resized = {(w, h): resize(source, (h, w)) for w, h in outs}
+    resized = {key: shaped_resize(source, (key[1], key[0]), _shifts_of(key)) for key in outs}
     ours = score_outputs(source, outs, max_side)
     theirs = score_outputs(source, resized, max_side)
-    return {size: {**ours[size], **{f"resize_{k}": v for k, v in theirs[size].items()},
-                   "beats_resize": beats(ours[size], theirs[size])} for size in outs}
+    return {key: {**ours[key], **{f"resize_{k}": v for k, v in theirs[key].items()},
+                  "beats_resize": beats(ours[key], theirs[key])} for key in outs}

@@ -17,7 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ingan.config import PRESETS, ModelConfig, TrainConfig, get_preset
-from ingan.retarget import parse_size
+from ingan.geometry import MAX_SHIFT
+from ingan.retarget import parse_shape, parse_size, shape_name
 
 from .storage import RetryPolicy
 
@@ -38,6 +39,18 @@ class RunConfig(BaseModel):
     ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0], description="output width/height ratios")
     ratio_policy: Literal["keep_height", "keep_width", "keep_area"] = "keep_height"
     sizes: list[str] = Field(default_factory=list, description="explicit output sizes, WxH")
+    shapes: list[str] = Field(
+        default_factory=list,
+        description="shaped outputs: a ratio or WxH with top-corner shifts, e.g. 2@0.3,-0.3 or 256x256@0.2,0.2")
+    max_shift: float | None = Field(
+        None, ge=0, le=MAX_SHIFT, description="train with top-corner shifts up to this (0..0.9); None: the preset's")
+    fill_color: tuple[int, int, int] = Field(
+        (255, 255, 255), description="JPEG only: colour outside a shaped output's frame (its mask is a file beside it)")
+    augment: int = Field(0, ge=0, le=1000, description="random variants per image per run, from its one model")
+    augment_salt: str = Field("", max_length=200, description="per-run text mixed into the variants' seeds (a date)")
+    augment_ratios: tuple[float, float] = Field((0.5, 2.0), description="variants' width/height range (log-uniform)")
+    augment_scales: tuple[float, float] = Field((0.75, 1.25), description="variants' size range against the ratio's size")
+    augment_shift: float = Field(0.0, ge=0, le=MAX_SHIFT, description="variants' top-corner shift range, +-; 0: rectangles")
     image_format: Literal["png", "jpeg", "webp"] = "png"
     metrics: bool = Field(True, description="score every output against its source")
     metrics_max_side: int = Field(192, ge=16, description="images are scored at most this large")
@@ -76,13 +89,39 @@ class RunConfig(BaseModel):
     @classmethod
     def _sane_ratios(cls, v: list[float]) -> list[float]:
         for r in v:
-            if not math.isfinite(r) or r <= 0:
-                raise ValueError(f"ratio {r} must be a positive number")
-            if not 1 / 32 <= r <= 32:
-                raise ValueError(f"ratio {r} is absurd: keep width/height between 1/32 and 32")
+            check_ratio(r)
         if len(set(v)) != len(v):
             raise ValueError(f"duplicate ratios in {v}")
         return v
+
+    @field_validator("shapes")
+    @classmethod
+    def _sane_shapes(cls, v: list[str]) -> list[str]:
+        out = [canonical_shape(s) for s in v]
+        if len(set(out)) != len(out):
+            raise ValueError(f"duplicate shapes in {v}")
+        return out
+
+    @field_validator("fill_color")
+    @classmethod
+    def _rgb(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(not 0 <= c <= 255 for c in v):
+            raise ValueError(f"fill_color {list(v)} must be three values 0..255 (R, G, B)")
+        return v
+
+    @field_validator("augment_ratios")
+    @classmethod
+    def _ratio_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        for r in v:
+            check_ratio(r)
+        return _ordered("augment_ratios", v)
+
+    @field_validator("augment_scales")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if any(not math.isfinite(x) or not 1 / 16 <= x <= 16 for x in v):
+            raise ValueError(f"augment_scales {list(v)}: each scale must be within 1/16..16")
+        return _ordered("augment_scales", v)
 
     @field_validator("sizes")
     @classmethod
@@ -102,8 +141,8 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _some_target(self) -> RunConfig:
-        if not self.ratios and not self.sizes:
-            raise ValueError("nothing to produce: give at least one ratio or size")
+        if not self.ratios and not self.sizes and not self.shapes and not self.augment:
+            raise ValueError("nothing to produce: give at least one ratio, size or shape, or augment")
         return self
 
     # -- derived ---------------------------------------------------------------------------------
@@ -125,7 +164,7 @@ class RunConfig(BaseModel):
 
     def model_settings(self, preset: str) -> tuple[ModelConfig, TrainConfig]:
         p = get_preset(preset)
-        return p.model, p.train.with_overrides(iterations=self.iterations)
+        return p.model, p.train.with_overrides(iterations=self.iterations, max_shift=self.max_shift)
 
     def model_tag(self, preset: str) -> str:
         """Names the settings that change what a model learns, so outputs of different settings
@@ -139,6 +178,35 @@ class RunConfig(BaseModel):
                 del learn[name]
         blob = json.dumps([dataclasses.asdict(model), learn, self.seed], sort_keys=True)
         return f"{preset}-{train.iterations}it-seed{self.seed}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+
+def check_ratio(r: float) -> float:
+    if not math.isfinite(r) or r <= 0:
+        raise ValueError(f"ratio {r} must be a positive number")
+    if not 1 / 32 <= r <= 32:
+        raise ValueError(f"ratio {r} is absurd: keep width/height between 1/32 and 32")
+    return r
+
+
+def canonical_shape(text: str) -> str:
+    """A shape as given ('2@0.3,-0.3', '256x128@0,0.2') checked and spelled one way."""
+    base, shifts = parse_shape(text)
+    if "x" in base.lower():
+        w, h = parse_size(base)
+        base = f"{w}x{h}"
+    else:
+        try:
+            base = repr(check_ratio(float(base)))
+        except ValueError as exc:
+            raise ValueError(f"shape {text!r}: {exc}" if "ratio" in str(exc) else
+                             f"shape {text!r} must start with a ratio or WxH, e.g. 2@0.3,-0.3") from None
+    return shape_name(base, shifts)
+
+
+def _ordered(name: str, v: tuple[float, float]) -> tuple[float, float]:
+    if v[0] > v[1]:
+        raise ValueError(f"{name} {list(v)}: the low end comes first")
+    return v
 
 
 def load_config(path: str | None, overrides: dict[str, Any]) -> RunConfig:

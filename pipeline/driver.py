@@ -42,7 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="paper, fast, cpu, tiny or auto (default: fast with GPUs, cpu without)")
     p.add_argument("--ratios", help="comma-separated output width/height ratios, e.g. 0.5,1,2")
     p.add_argument("--sizes", help="comma-separated explicit sizes WxH, e.g. 256x256,128x64")
+    p.add_argument("--shape", dest="shapes", action="append", metavar="RATIO_OR_WxH@LEFT,RIGHT",
+                   help="a shaped output, repeatable: top corners shifted by LEFT and RIGHT (normalised units, "
+                        "-0.9..0.9), transparent outside its frame; e.g. --shape 2@0.3,-0.3 --shape 256x256@0,0.2")
     p.add_argument("--ratio-policy", choices=["keep_height", "keep_width", "keep_area"])
+    p.add_argument("--max-shift", type=float, metavar="M",
+                   help="train for shaped outputs: top-corner shifts up to +-M during training (0..0.9)")
+    p.add_argument("--augment", type=int, metavar="N",
+                   help="N random variants per image (ratio, scale and, with --augment-shift, shape), "
+                        "all from the image's one model: a trained image is only retargeted")
+    p.add_argument("--augment-salt", metavar="TEXT",
+                   help="mixed into the variants' seeds, e.g. a date: each night new variants, a rerun the same")
+    p.add_argument("--augment-shift", type=float, metavar="M", help="variants' top-corner shifts up to +-M (0: rectangles)")
     p.add_argument("--iterations", type=int, help="override the preset's training iterations")
     p.add_argument("--seed", type=int)
     p.add_argument("--format", dest="image_format", choices=["png", "jpeg", "webp"])
@@ -73,7 +84,8 @@ def _split(text: str | None, cast: Any) -> list[Any] | None:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     overrides = {k: getattr(args, k) for k in (
         "output", "preset", "ratio_policy", "iterations", "seed", "image_format", "num_gpus", "num_cpus",
-        "max_in_flight", "timeout_s", "retries", "checkpoint_every_s", "resume", "retarget_only", "metrics", "endpoint_url")}
+        "max_in_flight", "timeout_s", "retries", "checkpoint_every_s", "resume", "retarget_only", "metrics", "endpoint_url",
+        "shapes", "max_shift", "augment", "augment_salt", "augment_shift")}
     overrides["ratios"] = _split(args.ratios, float)
     overrides["sizes"] = _split(args.sizes, str)
     return load_config(args.config, overrides)
@@ -170,7 +182,11 @@ def run(cfg: RunConfig, manifest_uri: str, dry_run: bool = False) -> int:
     if dry_run:
         preset = cfg.preset if cfg.preset != "auto" else "auto (fast with GPUs, cpu without)"
         _log(f"dry run: {n} images from {manifest_uri} -> {out.uri('')}")
-        _log(f"preset {preset}; ratios {cfg.ratios} ({cfg.ratio_policy}); sizes {cfg.sizes}; format {cfg.image_format}")
+        _log(f"preset {preset}; ratios {cfg.ratios} ({cfg.ratio_policy}); sizes {cfg.sizes}; shapes {cfg.shapes}; "
+             f"format {cfg.image_format}")
+        if cfg.augment:
+            _log(f"augment: {cfg.augment} variants per image, salt {cfg.augment_salt!r}, ratios {list(cfg.augment_ratios)}, "
+                 f"scales {list(cfg.augment_scales)}, shifts up to +-{cfg.augment_shift:g}")
         _log(f"resume {cfg.resume}; retries {cfg.retries}; timeout {cfg.timeout_s} s; carried columns {[c[1] for c in carried]}")
         _log(json.dumps(cfg.public_dict(), indent=2, default=str))
         return 0

@@ -9,6 +9,8 @@
     {output}/items/{key}/{tag}/training.pt   training state while training; removed once model.pt exists
     {output}/items/{key}/{tag}/source.jpg    preview of the decoded source
     {output}/items/{key}/{tag}/outputs/{W}x{H}.{ext}
+    {output}/items/{key}/{tag}/outputs/{W}x{H}_tl{L}_tr{R}.{ext}   a shaped output (top-corner shifts)
+    {output}/items/{key}/{tag}/outputs/{W}x{H}_tl{L}_tr{R}.mask.png   its frame, for JPEG outputs
     {output}/items/{key}/{tag}/metrics.json  per-output metrics
     {output}/items/{key}/{tag}/done.json     completion marker, written last
 
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+
+from ingan.retarget import Shifts, output_stem
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _SLUG_MAX = 48
@@ -48,8 +52,12 @@ def source_preview_path(item_id: str, tag: str) -> str:
     return f"{item_dir(item_id, tag)}/source.jpg"
 
 
-def output_path(item_id: str, tag: str, width: int, height: int, ext: str) -> str:
-    return f"{item_dir(item_id, tag)}/outputs/{width}x{height}.{ext}"
+def output_path(item_id: str, tag: str, width: int, height: int, ext: str, shifts: Shifts | None = None) -> str:
+    return f"{item_dir(item_id, tag)}/outputs/{output_stem(width, height, shifts)}.{ext}"
+
+
+def mask_path(item_id: str, tag: str, width: int, height: int, shifts: Shifts) -> str:
+    return f"{item_dir(item_id, tag)}/outputs/{output_stem(width, height, shifts)}.mask.png"
 
 
 def metrics_path(item_id: str, tag: str) -> str:
@@ -60,7 +68,8 @@ def marker_path(item_id: str, tag: str) -> str:
     return f"{item_dir(item_id, tag)}/done.json"
 
 
-def item_seed(run_seed: int, item_id: str) -> int:
+def item_seed(run_seed: int, item_id: str, *more: object) -> int:
     """Each image's training seed: fixed by the run seed and the id, so a retried or resumed task
-    trains the same weights."""
-    return int.from_bytes(hashlib.sha256(f"{run_seed}\0{item_id}".encode("utf-8", "surrogatepass")).digest()[:4], "big")
+    trains the same weights. ``more`` (a variant's index and salt) derives further seeds."""
+    text = "\0".join([str(run_seed), item_id, *(str(m) for m in more)])
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:4], "big")

@@ -23,6 +23,17 @@ OUTPUT_TYPE = pa.struct(
         ("height", pa.int32()),
         ("ratio", pa.float64()),
         ("uri", pa.string()),
+        # What was asked for: "ratio:2.0", "size:256x256", "shape:2.0@0.3,-0.3" or
+        # "variant:{digest}:{index}" (an augmentation draw; the digest names the salt and ranges).
+        ("target", pa.string()),
+        # Top-corner shifts of a shaped output (normalised units); 0 and 0 for a rectangle.
+        ("shift_left", pa.float64()),
+        ("shift_right", pa.float64()),
+        # A shaped JPEG's frame (JPEG has no alpha); null otherwise.
+        ("mask_uri", pa.string()),
+        # Augmentation variants: the draw's index and its scale against the source; null otherwise.
+        ("variant", pa.int32()),
+        ("scale", pa.float64()),
         ("completeness", pa.float64()),
         ("coherence", pa.float64()),
         ("swd", pa.float64()),
@@ -53,8 +64,8 @@ RESULT_SCHEMA_BASE = pa.schema(
 )
 
 # An output's quality fields when metrics are off.
-UNSCORED: dict[str, None] = {name: None for name in OUTPUT_TYPE.names
-                             if name not in ("width", "height", "ratio", "uri")}
+UNSCORED: dict[str, None] = dict.fromkeys(("completeness", "coherence", "swd", "resize_completeness",
+                                           "resize_coherence", "resize_swd", "beats_resize"))
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,12 @@ class Output(TypedDict, total=False):
     uri: str
     rel: str
     target: str
+    shift_left: float
+    shift_right: float
+    mask_uri: str | None
+    mask_rel: str | None
+    variant: int | None
+    scale: float | None
     completeness: float | None
     coherence: float | None
     swd: float | None

@@ -6,8 +6,9 @@ turns the list of records into
 * a Parquet table with a fixed schema plus the manifest's extra columns in their original types,
   so results can be joined back to the manifest without casts;
 * a JSON summary (counts, latency percentiles, throughput, config with secrets masked);
-* a self-contained HTML contact sheet: thumbnails are embedded as base64 JPEGs so the file opens
-  straight from a bucket or a download, with no other files and no network.
+* a self-contained HTML contact sheet: thumbnails are embedded as base64 JPEGs (PNGs for shaped
+  outputs, shown over a checkerboard where they are transparent) so the file opens straight from
+  a bucket or a download, with no other files and no network.
 
 All IO goes through ``Folder`` so the writes are atomic and retried like every other output.
 """
@@ -29,6 +30,7 @@ import pyarrow as pa
 from PIL import Image
 
 from ingan import images
+from ingan.retarget import retarget_mask
 from pipeline.records import OUTPUT_TYPE, RESULT_SCHEMA_BASE, STATUSES
 from pipeline.storage import Folder
 
@@ -101,6 +103,8 @@ class Tally:
         self.statuses: Counter[str] = Counter()
         self.error_kinds: Counter[str] = Counter()
         self.outputs_written = 0
+        self.shaped_outputs = 0  # non-rectangular (top corners shifted)
+        self.variant_outputs = 0  # augmentation draws
         self.verdicts = {"beats_resize": 0, "loses_to_resize": 0, "unscored": 0}
         self.total_seconds = array("d")
         self.train_seconds = array("d")
@@ -113,6 +117,8 @@ class Tally:
         outputs = r.get("outputs") or []
         self.outputs_written += len(outputs)
         for o in outputs:
+            self.shaped_outputs += bool(o.get("shift_left") or o.get("shift_right"))
+            self.variant_outputs += o.get("variant") is not None
             verdict = o.get("beats_resize")
             self.verdicts["unscored" if verdict is None else "beats_resize" if verdict else "loses_to_resize"] += 1
         for name in ("total_seconds", "train_seconds"):
@@ -134,6 +140,8 @@ class Tally:
             "status_counts": counts,
             "error_kinds": dict(sorted(self.error_kinds.items())),
             "outputs_written": self.outputs_written,
+            "shaped_outputs": self.shaped_outputs,
+            "variant_outputs": self.variant_outputs,
             "verdicts": dict(self.verdicts),
             "durations": {
                 "total_seconds": _percentiles(self.total_seconds),
@@ -221,6 +229,7 @@ main { padding: 16px 24px; display: flex; flex-direction: column; gap: 12px; }
 figure { margin: 0; display: flex; flex-direction: column; align-items: center; }
 figure.source { padding-right: 12px; border-right: 2px dashed var(--line); }
 figure img { display: block; border: 1px solid var(--line); }
+figure.shaped img { background: repeating-conic-gradient(#c8ccd0 0% 25%, #fff 0% 50%) 0 0 / 12px 12px; }
 figcaption { font-size: 11px; color: #59636e; text-align: center; max-width: 200px; }
 .placeholder { display: flex; align-items: center; justify-content: center; text-align: center;
                background: #eaeef2; color: #59636e; font-size: 11px; padding: 4px; }
@@ -292,54 +301,62 @@ def _summary_bar(counts: Tally, shown: int) -> str:
     return f'<div class="bar">{"".join(pills)}</div>'
 
 
-def _image_rels(records: Iterable[Mapping[str, Any]]) -> list[str]:
-    """Every image path the shown rows need, each once, in display order."""
-    rels: dict[str, None] = {}
+def _image_rels(records: Iterable[Mapping[str, Any]]) -> dict[str, str | None]:
+    """Every image path the shown rows need, each once, in display order, with the mask file
+    that holds its frame (a shaped JPEG) or None."""
+    rels: dict[str, str | None] = {}
     for r in records:
         if r.get("source_rel"):
             rels[r["source_rel"]] = None
         for o in r.get("outputs") or []:
             if o.get("rel"):
-                rels[o["rel"]] = None
-    return list(rels)
+                rels[o["rel"]] = o.get("mask_rel")
+    return rels
 
 
-def _thumbnails(folder: Folder, rels: list[str], thumb_px: int) -> dict[str, str | None]:
+def _thumbnails(folder: Folder, rels: Mapping[str, str | None], thumb_px: int) -> dict[str, str | None]:
     """rel -> ``data:`` URI of its thumbnail, or None where it could not be read or decoded."""
     with ThreadPoolExecutor(max_workers=_THUMB_READERS) as pool:
-        return dict(
-            zip(rels, pool.map(lambda rel: _thumbnail(folder, rel, thumb_px), rels), strict=True)
-        )
+        return dict(zip(rels, pool.map(lambda kv: _thumbnail(folder, kv[0], thumb_px, kv[1]), rels.items()), strict=True))
 
 
-def _resize_key(source_rel: str, width: int, height: int) -> str:
-    return f"resize:{width}x{height}:{source_rel}"
+def _shifts(output: Mapping[str, Any]) -> tuple[float, float] | None:
+    left, right = output.get("shift_left") or 0.0, output.get("shift_right") or 0.0
+    return None if left == 0.0 and right == 0.0 else (float(left), float(right))
+
+
+def _resize_key(source_rel: str, width: int, height: int, shifts: tuple[float, float] | None = None) -> str:
+    return f"resize:{width}x{height}:{shifts}:{source_rel}"
 
 
 def _resize_thumbnails(folder: Folder, records: Sequence[Mapping[str, Any]], thumb_px: int) -> dict[str, str | None]:
-    """A bicubic resize of each source to each of its outputs' shapes, drawn from the source
-    preview: what a plain resize gives at that size, to look at beside the output."""
-    wanted: dict[str, list[tuple[int, int]]] = {}
+    """A bicubic resize of each source to each of its outputs' shapes (put through the same
+    frame when shaped), drawn from the source preview: what a plain resize gives at that size, to
+    look at beside the output."""
+    Shape = tuple[int, int, tuple[float, float] | None]
+    wanted: dict[str, set[Shape]] = {}
     for r in records:
         if r.get("source_rel"):
-            sizes = {(o["width"], o["height"]) for o in r.get("outputs") or [] if o.get("width") and o.get("height")}
-            if sizes:
-                wanted.setdefault(r["source_rel"], []).extend(sorted(sizes))
+            shapes = {(o["width"], o["height"], _shifts(o)) for o in r.get("outputs") or [] if o.get("width") and o.get("height")}
+            if shapes:
+                wanted.setdefault(r["source_rel"], set()).update(shapes)
 
-    def one(item: tuple[str, list[tuple[int, int]]]) -> dict[str, str | None]:
-        rel, sizes = item
+    def one(item: tuple[str, set[Shape]]) -> dict[str, str | None]:
+        rel, shapes = item
         try:
             with Image.open(io.BytesIO(folder.read_bytes(rel))) as img:
-                src = img.convert("RGB")
+                src = images.from_pil(img)
         except Exception:  # noqa: BLE001 - best effort, as for every thumbnail
-            return {_resize_key(rel, w, h): None for w, h in sizes}
+            return {_resize_key(rel, w, h, sh): None for w, h, sh in shapes}
         out = {}
-        for w, h in sizes:
+        for w, h, sh in shapes:
             scale = thumb_px / max(w, h)
-            im = src.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=_THUMB_QUALITY)
-            out[_resize_key(rel, w, h)] = _data_url(buf.getvalue())
+            size = (max(8, round(h * scale)), max(8, round(w * scale)))
+            small = images.shaped_resize(src, size, sh)
+            mask = None if sh is None else retarget_mask(size, sh)
+            fmt = "png" if mask is not None else "jpeg"
+            out[_resize_key(rel, w, h, sh)] = _data_url(images.encode(small, fmt, _THUMB_QUALITY, mask=mask),
+                                                        f"image/{fmt}")
         return out
 
     result: dict[str, str | None] = {}
@@ -349,18 +366,23 @@ def _resize_thumbnails(folder: Folder, records: Sequence[Mapping[str, Any]], thu
     return result
 
 
-def _thumbnail(folder: Folder, rel: str, thumb_px: int) -> str | None:
+def _thumbnail(folder: Folder, rel: str, thumb_px: int, mask_rel: str | None = None) -> str | None:
     try:
         with Image.open(io.BytesIO(folder.read_bytes(rel))) as img:
-            jpeg = images.thumbnail_jpeg(img, thumb_px, _THUMB_QUALITY)
+            if mask_rel:
+                # A shaped JPEG: its frame comes from the mask file, so the preview shows the shape.
+                with Image.open(io.BytesIO(folder.read_bytes(mask_rel))) as mask:
+                    img = img.convert("RGB")
+                    img.putalpha(mask.convert("L"))
+            data, mime = images.thumbnail(img, thumb_px, _THUMB_QUALITY)
     except Exception:  # noqa: BLE001 - the report is best effort: one bad image must not sink it
         return None
-    return _data_url(jpeg)
+    return _data_url(data, mime)
 
 
-def _data_url(jpeg: bytes) -> str:
-    """A JPEG inlined in the page: the report is one self-contained file."""
-    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+def _data_url(data: bytes, mime: str = "image/jpeg") -> str:
+    """An image inlined in the page: the report is one self-contained file."""
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
 
 def _record_html(record: Mapping[str, Any], thumbs: Mapping[str, str | None], thumb_px: int) -> str:
@@ -420,20 +442,26 @@ def _source_figure(
 def _output_figure(
     output: Mapping[str, Any], thumbs: Mapping[str, str | None], thumb_px: int, source_rel: str | None = None
 ) -> str:
+    shifts = _shifts(output)
     caption = [f"{output.get('width')}x{output.get('height')}"]
     if output.get("ratio") is not None:
         caption.append(f"ratio {_fmt(output['ratio'])}")
+    if shifts is not None:
+        caption.append(f"corners {shifts[0]:+g} / {shifts[1]:+g}")
+    if output.get("variant") is not None:
+        caption.append(f"variant {output['variant']}" + (f" scale {_fmt(output['scale'])}" if output.get("scale") else ""))
     caption += [f"{m} {_fmt(output[m])}" for m in _METRICS if output.get(m) is not None]
+    shaped = " shaped" if shifts is not None else ""
     figure = _figure(
-        output.get("rel"), thumbs, thumb_px, " · ".join(caption), "output", output.get("uri")
+        output.get("rel"), thumbs, thumb_px, " · ".join(caption), "output" + shaped, output.get("uri")
     )
     verdict = output.get("beats_resize")
     if verdict is None or not source_rel:
         return figure
-    resize_caption = ["bicubic resize"]
+    resize_caption = ["bicubic resize" + (", same frame" if shifts is not None else "")]
     resize_caption += [f"{m} {_fmt(output['resize_' + m])}" for m in _METRICS if output.get("resize_" + m) is not None]
-    resize = _figure(_resize_key(source_rel, output["width"], output["height"]), thumbs, thumb_px,
-                     " · ".join(resize_caption), "resize")
+    resize = _figure(_resize_key(source_rel, output["width"], output["height"], shifts), thumbs, thumb_px,
+                     " · ".join(resize_caption), "resize" + shaped)
     label = "beats the resize" if verdict else "the resize wins"
     return (f'<div class="pair {"wins" if verdict else "loses"}">{figure}{resize}'
             f'<span class="verdict">{label}</span></div>')

@@ -20,7 +20,7 @@ from ingan import checkpoint, images
 from ingan import metrics as quality
 from ingan.config import ModelConfig, TrainConfig
 from ingan.images import to_model_input, working_resolution
-from ingan.retarget import retarget_image
+from ingan.retarget import Shifts, retarget_image, retarget_mask
 from ingan.train import Progress, Trainer, pick_device
 
 from . import layout, records
@@ -95,7 +95,7 @@ def process(item: Item, job: Job) -> Record:
 def _process(item: Item, job: Job, started: float) -> Record:
     cfg = job.cfg
     folder = Folder(cfg.output, cfg.fs_options(), cfg.storage_policy())
-    targets = targets_of(cfg)
+    targets = targets_of(cfg, item.id)
     marker_rel = layout.marker_path(item.id, job.tag)
 
     if cfg.resume == "incremental":
@@ -109,7 +109,8 @@ def _process(item: Item, job: Job, started: float) -> Record:
     src_h, src_w = source.shape[-2:]
     if min(src_h, src_w) < cfg.min_image_side:
         raise ItemError("too_small", f"image is {src_w}x{src_h}: at least {cfg.min_image_side} px per side is needed to train")
-    sizes = {t.name: t.resolve(src_w, src_h, cfg.ratio_policy) for t in targets}
+    # Each target's (W, H, shifts); several targets may resolve to the same output.
+    shapes = {t.name: (*t.resolve(src_w, src_h, cfg.ratio_policy), t.shifts) for t in targets}
 
     deadline = Deadline(cfg.timeout_s)
     model_rel = layout.model_path(item.id, job.tag)
@@ -117,32 +118,47 @@ def _process(item: Item, job: Job, started: float) -> Record:
     device = pick_device("auto")
     g = ckpt.build_generator(device)
 
-    # One output per distinct size; several targets may resolve to the same one.
-    unique = sorted(set(sizes.values()))
-    outs = retarget_image(g, source, [(h, w) for w, h in unique], ckpt.train.max_side)
+    unique = sorted(set(shapes.values()), key=lambda k: (k[0], k[1], k[2] or (0.0, 0.0)))
+    outs = retarget_image(g, source, [(h, w) for w, h, _ in unique], ckpt.train.max_side, [sh for _, _, sh in unique])
     deadline.check()
-    ext = {"jpeg": "jpg"}.get(cfg.image_format, cfg.image_format)
-    # Each output beside a bicubic resize to the same size, scored the same way: the verdict a
-    # nightly job filters on.
+    # Each output beside a bicubic resize to the same size (and frame), scored the same way: the
+    # verdict a nightly job filters on.
     scored = quality.score_against_resize(source, dict(zip(unique, outs, strict=True)), cfg.metrics_max_side) if cfg.metrics else {}
-    written: dict[tuple[int, int], dict[str, Any]] = {}
-    for (w, h), out in zip(unique, outs, strict=True):
-        rel = layout.output_path(item.id, job.tag, w, h, ext)
-        written[(w, h)] = {"width": w, "height": h, "rel": rel,
-                           "uri": folder.write_bytes(rel, images.encode(out, cfg.image_format)),
-                           **scored.get((w, h), records.UNSCORED)}
-
-    outputs = [{**written[sizes[t.name]], "ratio": t.ratio, "target": t.name} for t in targets]
+    written = {key: _write_output(folder, item, job, key, out) for key, out in zip(unique, outs, strict=True)}
+    outputs = []
+    for t in targets:
+        key = shapes[t.name]
+        outputs.append({**written[key], **scored.get(key, records.UNSCORED), "ratio": t.ratio, "target": t.name,
+                        "variant": t.variant, "scale": t.scale})
     preview_rel = layout.source_preview_path(item.id, job.tag)
     folder.write_bytes(preview_rel, images.thumbnail_jpeg(images.to_pil(source), 256))
     folder.write_json(layout.metrics_path(item.id, job.tag), {"id": item.id, "outputs": outputs})
-    marker = {"version": MARKER_VERSION, "id": item.id, "uri": item.uri, "targets": sorted(sizes),
+    marker = {"version": MARKER_VERSION, "id": item.id, "uri": item.uri, "targets": sorted(shapes),
               "outputs": outputs, "source_width": src_w, "source_height": src_h,
               "model_rel": model_rel, "source_rel": preview_rel}
     folder.write_json(marker_rel, marker)  # last: its presence means everything above exists
 
     return records.ok(item, started, outputs=outputs, source_rel=preview_rel, source_width=src_w,
                       source_height=src_h, model_uri=folder.uri(model_rel), train_seconds=train_seconds)
+
+
+def _write_output(folder: Folder, item: Item, job: Job, key: tuple[int, int, Shifts | None], out: torch.Tensor) -> dict[str, Any]:
+    """Write one output (a shaped one transparent outside its frame, or for JPEG painted
+    ``fill_color`` with its frame in a mask file) and return its record fields."""
+    cfg = job.cfg
+    w, h, shifts = key
+    ext = {"jpeg": "jpg"}.get(cfg.image_format, cfg.image_format)
+    rel = layout.output_path(item.id, job.tag, w, h, ext, shifts)
+    mask = None if shifts is None else retarget_mask((h, w), shifts)
+    data = images.encode(out, cfg.image_format, mask=mask, fill=tuple(cfg.fill_color))
+    fields: dict[str, Any] = {"width": w, "height": h, "rel": rel, "uri": folder.write_bytes(rel, data),
+                              "shift_left": 0.0 if shifts is None else shifts[0],
+                              "shift_right": 0.0 if shifts is None else shifts[1],
+                              "mask_uri": None, "mask_rel": None}
+    if mask is not None and cfg.image_format == "jpeg":
+        mask_rel = layout.mask_path(item.id, job.tag, w, h, shifts)  # type: ignore[arg-type]
+        fields.update(mask_rel=mask_rel, mask_uri=folder.write_bytes(mask_rel, images.encode_mask(mask)))
+    return fields
 
 
 def _read_marker(folder: Folder, rel: str) -> dict[str, Any] | None:

@@ -51,11 +51,13 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def output(rel: str, width: int, height: int, **metrics: float | None) -> dict[str, Any]:
-    """An output entry of a task record."""
-    names = ("completeness", "coherence", "swd", "resize_completeness", "resize_coherence", "resize_swd", "beats_resize")
+def output(rel: str, width: int, height: int, **fields: Any) -> dict[str, Any]:
+    """An output entry of a task record: a rectangle unless ``fields`` say otherwise."""
+    from pipeline.records import UNSCORED
+
     return {"width": width, "height": height, "ratio": width / height, "uri": f"/out/{rel}", "rel": rel,
-            **{n: metrics.get(n) for n in names}}
+            "target": f"size:{width}x{height}", "shift_left": 0.0, "shift_right": 0.0, "mask_uri": None,
+            "variant": None, "scale": None, **UNSCORED, **fields}
 
 
 def record(id_: str, status: str = "ok", **overrides: object) -> dict[str, Any]:

@@ -123,14 +123,18 @@ def test_corrupt_checkpoint(image: Path, workdir: Path) -> None:
 
 
 def test_parse_size_in_process() -> None:
-    """The same parser, without a subprocess: width first, both bounds checked."""
+    """The same parser, without a subprocess: width first, both bounds checked, optional shifts
+    within +-0.9 (zero shifts are a rectangle)."""
     import argparse
 
     from ingan.cli import parse_size
 
-    assert parse_size("37x21") == (21, 37)
-    assert parse_size(" 8X8 ") == (8, 8)
-    for bad in ("3x3", "7x64", "64x7", "0x64", "64x", "x64", "abc", "-8x8", "16x16x16", "20000x64"):
+    assert parse_size("37x21") == (21, 37, None)
+    assert parse_size(" 8X8 ") == (8, 8, None)
+    assert parse_size("64x32@0.3,-0.25") == (32, 64, (0.3, -0.25))
+    assert parse_size("64x32@0,0") == (32, 64, None)
+    for bad in ("3x3", "7x64", "64x7", "0x64", "64x", "x64", "abc", "-8x8", "16x16x16", "20000x64",
+                "64x32@0.3", "64x32@1.2,0", "64x32@0,-0.95", "64x32@nan,0", "64x32@a,b", "64x32@0.1,0.2,0.3"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_size(bad)
 

@@ -335,3 +335,54 @@ def test_report_shows_the_resize_beside_each_scored_output(folder: Folder) -> No
     assert page.count('class="pair wins"') == 1 and page.count('class="pair loses"') == 1
     assert "beats the resize" in page and "the resize wins" in page
     assert "2e+04" in page  # the resize's own SWD is printed under it
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def _alpha_of(data_url_b64: str) -> Any:
+    import numpy as np
+
+    with Image.open(io.BytesIO(base64.b64decode(data_url_b64))) as img:
+        assert img.mode == "RGBA"
+        return np.asarray(img.getchannel("A"))
+
+
+def test_report_shows_shaped_outputs_transparent_over_a_checkerboard(folder: Folder) -> None:
+    import torch
+
+    from ingan import images
+    from ingan.retarget import retarget_mask
+
+    record = _ok_record_with_images(folder)
+    shifts = (0.4, -0.4)
+    mask = retarget_mask((100, 200), shifts)
+    pixels = torch.full((3, 100, 200), 200, dtype=torch.uint8)
+    folder.write_bytes("img1/shaped.png", images.encode(pixels, "png", mask=mask))
+    folder.write_bytes("img1/shaped.jpg", images.encode(pixels, "jpeg", mask=mask))
+    folder.write_bytes("img1/shaped.mask.png", images.encode_mask(mask))
+    record["outputs"] = [
+        _output("img1/shaped.png", 200, 100, shift_left=0.4, shift_right=-0.4, completeness=1.0, coherence=1.0, swd=1.0,
+                resize_completeness=2.0, resize_coherence=2.0, resize_swd=2.0, beats_resize=True),
+        _output("img1/shaped.jpg", 200, 100, shift_left=0.4, shift_right=-0.4, mask_rel="img1/shaped.mask.png",
+                mask_uri="/out/img1/shaped.mask.png", variant=3, scale=0.8),
+    ]
+    page = render_report(folder, [record], title="run", thumb_px=64)
+    pngs = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    # The PNG output, the JPEG output given its mask as alpha, and the resize in the same frame.
+    assert len(pngs) == 3
+    for b64 in pngs:
+        alpha = _alpha_of(b64)
+        assert alpha.shape == (32, 64)
+        assert alpha[0, 0] == 0 and alpha[0, 32] == 255 and alpha[-1].min() > 127  # top corners out, the rest in
+    assert page.count('class="output shaped"') == 2 and page.count('class="resize shaped"') == 1
+    assert "repeating-conic-gradient" in page  # the checkerboard behind transparent pixels
+    assert "corners +0.4 / -0.4" in page and "variant 3 scale 0.8" in page
+    assert "bicubic resize, same frame" in page
+
+
+def test_summarize_counts_shaped_and_variant_outputs() -> None:
+    outputs = [_output("a.png", 32, 16), _output("b.png", 32, 16, shift_left=0.2),
+               _output("c.png", 32, 16, variant=0, scale=1.0), _output("d.png", 32, 16, variant=1, shift_right=-0.1)]
+    summary = _summarize([_record("v", outputs=outputs)], config={}, started=0.0, finished=1.0, versions={})
+    assert (summary["outputs_written"], summary["shaped_outputs"], summary["variant_outputs"]) == (4, 2, 2)
