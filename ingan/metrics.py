@@ -36,6 +36,7 @@ __all__ = [
     "nearest_sq_distances",
     "score",
     "score_outputs",
+    "FrameTooSmall",
     "score_against_resize",
     "sliced_wasserstein",
 ]
@@ -166,6 +167,10 @@ def _inside(mask: torch.Tensor | None, size: tuple[int, int], patch_size: int, m
     return inside.flatten() > 0.5
 
 
+class FrameTooSmall(ValueError):
+    """A shaped output whose frame holds no whole patch: there is nothing to score."""
+
+
 def _output_patches(img: torch.Tensor, mask: torch.Tensor | None, patch_size: int, margin: int,
                     finest: bool) -> torch.Tensor | None:
     """The patches of an output (1, C, h, w) that count: all of them, or with a frame those inside
@@ -178,7 +183,7 @@ def _output_patches(img: torch.Tensor, mask: torch.Tensor | None, patch_size: in
     if keep.any():
         return patches[keep]
     if finest:
-        raise ValueError("no whole patch of the output lies inside its frame")
+        raise FrameTooSmall("no whole patch of the output lies inside its frame")
     return None
 
 
@@ -496,8 +501,9 @@ def score_outputs(
 ) -> dict[OutputKey, dict[str, float]]:
     """Metrics of each uint8 output against its uint8 source, both scaled by the one factor that
     brings the source's longer side to at most ``max_side``: the patches compare like with like
-    and the cost stays bounded. A shaped output is scored inside its frame only. The pipeline
-    and the benchmarks both score through here, so their figures are comparable."""
+    and the cost stays bounded. A shaped output is scored inside its frame only; one whose frame
+    holds no whole patch at that scale (a few pixels across) is left out of the result. The
+    pipeline and the benchmarks both score through here, so their figures are comparable."""
     h, w = source.shape[-2:]
     scale = min(1.0, max_side / max(h, w))
     src = _downscaled(source, round(max(h, w) * scale))
@@ -510,7 +516,10 @@ def score_outputs(
         if shifts is not None:
             size = tuple(small.shape[-2:])
             mask = valid_mask(size, homography(shifts), small.device)  # type: ignore[arg-type]
-        result[key] = {k: float(v) for k, v in score(src, small, mask=mask).items()}
+        try:
+            result[key] = {k: float(v) for k, v in score(src, small, mask=mask).items()}
+        except FrameTooSmall:
+            continue
     return result
 
 
@@ -534,4 +543,4 @@ def score_against_resize(
     ours = score_outputs(source, outs, max_side)
     theirs = score_outputs(source, resized, max_side)
     return {key: {**ours[key], **{f"resize_{k}": v for k, v in theirs[key].items()},
-                  "beats_resize": beats(ours[key], theirs[key])} for key in outs}
+                  "beats_resize": beats(ours[key], theirs[key])} for key in outs if key in ours and key in theirs}

@@ -186,3 +186,15 @@ def test_cli_writes_a_transparent_png_and_a_jpeg_with_its_mask(tmp_path: Path, s
     proc = run("retarget", str(model), str(image), "--size", "90x40@0.3,-1.2", "--out-dir", str(tmp_path / "none"))
     assert proc.returncode == 2 and "shift" in proc.stderr
     assert not (tmp_path / "none").exists()
+
+
+def test_a_frame_too_small_to_hold_a_patch_is_left_unscored(source: torch.Tensor) -> None:
+    """An 8x8 output with its top edge pulled in holds no whole 7x7 patch: it is left out of the
+    scores (the pipeline records it unscored) instead of failing its image."""
+    tiny = (8, 8, (0.6, -0.6))
+    big = (90, 40, SHIFTS)
+    outs = {tiny: images.shaped_resize(source, (8, 8), tiny[2]), big: images.shaped_resize(source, (40, 90), SHIFTS)}
+    scored = metrics.score_against_resize(source, outs)
+    assert tiny not in scored and big in scored
+    with pytest.raises(metrics.FrameTooSmall):
+        metrics.score(outs[tiny].float() / 255, outs[tiny].float() / 255, mask=retarget_mask((8, 8), tiny[2]))

@@ -224,3 +224,12 @@ def test_each_night_new_variants_from_the_one_trained_model(
     assert all(r["train_seconds"] is None for r in again)
     assert [r["outputs"] for r in again] == [r["outputs"] for r in night1]
     assert _files(again) == first_files
+
+
+def test_a_shape_too_small_to_score_is_written_unscored(tmp_path: Path, photo: Path, single_thread: None) -> None:
+    job = _job(tmp_path / "out", ratios=[], shapes=["8x8@0.6,-0.6", "64x40@0.3,0"])
+    rec = process(Item(0, "cat", str(photo), {}), job)
+    assert rec["status"] == "ok", rec
+    small, large = rec["outputs"]
+    assert small["beats_resize"] is None and small["swd"] is None and Path(small["uri"]).is_file()
+    assert large["beats_resize"] is not None and large["swd"] is not None
