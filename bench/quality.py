@@ -163,6 +163,7 @@ def main() -> None:
     paths = bench_images(args.images)
     methods = list(BASELINES) + [names[p] for p in presets]
 
+    ran_on = machine()  # at the start: the commit recorded is the one that trained
     outputs: dict[str, dict[str, dict[str, torch.Tensor]]] = {p.name: {} for p in paths}
     timing: dict[str, dict[str, dict[str, float]]] = {names[p]: {} for p in presets}
     if args.reuse:
@@ -210,7 +211,7 @@ def main() -> None:
     for t in TARGETS:
         sheet_rows = [(p.name, images.load(str(p)), {m: outputs[p.name][m][t] for m in methods}) for p in paths]
         contact_sheet(sheet_rows, RESULTS / f"quality_{label}_{_slug(t)}.png")
-    summary: dict[str, Any] = {"machine": machine(), "presets": [names[p] for p in presets], "overrides": args.set,
+    summary: dict[str, Any] = {"machine": ran_on, "presets": [names[p] for p in presets], "overrides": args.set,
                                "jobs": args.jobs, "reused": args.reuse,
                                "iterations": {names[p]: get_preset(p).train.with_overrides(iterations=args.iterations).iterations
                                               for p in presets},

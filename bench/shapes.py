@@ -120,6 +120,7 @@ def main() -> None:
     variants = {f"{args.preset} (max_shift {base_shift:g})": base_shift,
                 f"{args.preset} + max_shift {args.max_shift:g}": args.max_shift}
     name_of = {v: k for k, v in variants.items()}
+    ran_on = machine()  # at the start: the commit recorded is the one that trained
     jobs = [(str(p), args.preset, shift, args.iterations) for shift in variants.values() for p in paths]
     outs: dict[str, dict[str, dict[str, torch.Tensor]]] = {p.name: {} for p in paths}
     seconds: dict[str, dict[str, float]] = {k: {} for k in variants}
@@ -155,7 +156,7 @@ def main() -> None:
             mean.append({"target": t, "variant": variant, "bds": m["completeness"] + m["coherence"], "swd": m["swd"],
                          "resize_bds": m["resize_completeness"] + m["resize_coherence"], "resize_swd": m["resize_swd"],
                          "beats_resize": sum(bool(r["beats_resize"]) for r in sel), "images": len(sel)})
-    summary: dict[str, Any] = {"machine": machine(), "preset": args.preset, "max_shift": args.max_shift, "jobs": args.jobs,
+    summary: dict[str, Any] = {"machine": ran_on, "preset": args.preset, "max_shift": args.max_shift, "jobs": args.jobs,
                                "images": [p.name for p in paths], "train_seconds": seconds, "rows": rows, "mean": mean}
     save(f"shapes_{args.preset}", summary)
     contact_sheet(sheet_rows, RESULTS / f"shapes_{args.preset}.png")
