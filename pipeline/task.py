@@ -98,6 +98,7 @@ def _process(item: Item, job: Job, started: float) -> Record:
     targets = targets_of(cfg, item.id)
     marker_rel = layout.marker_path(item.id, job.tag)
 
+    done = None
     if cfg.resume == "incremental":
         done = _read_marker(folder, marker_rel)
         if done is not None and {t.name for t in targets} <= set(done["targets"]):
@@ -133,8 +134,14 @@ def _process(item: Item, job: Job, started: float) -> Record:
     preview_rel = layout.source_preview_path(item.id, job.tag)
     folder.write_bytes(preview_rel, images.thumbnail_jpeg(images.to_pil(source), 256))
     folder.write_json(layout.metrics_path(item.id, job.tag), {"id": item.id, "outputs": outputs})
-    marker = {"version": MARKER_VERSION, "id": item.id, "uri": item.uri, "targets": sorted(shapes),
-              "outputs": outputs, "source_width": src_w, "source_height": src_h,
+    # Outputs that earlier runs made with this same saved model stay listed (their files are
+    # still there), so a rerun of any earlier night's targets is skipped, not retargeted again.
+    # A model trained now (none saved, or a damaged one) makes them stale: they are dropped.
+    earlier = [o for o in (done or {}).get("outputs", []) if train_seconds is None and isinstance(o, dict)
+               and isinstance(o.get("target"), str) and o["target"] not in shapes]
+    marker = {"version": MARKER_VERSION, "id": item.id, "uri": item.uri,
+              "targets": sorted({*shapes, *(o["target"] for o in earlier)}),
+              "outputs": outputs + earlier, "source_width": src_w, "source_height": src_h,
               "model_rel": model_rel, "source_rel": preview_rel}
     folder.write_json(marker_rel, marker)  # last: its presence means everything above exists
 

@@ -218,12 +218,39 @@ def test_each_night_new_variants_from_the_one_trained_model(
         v2 = {(o["width"], o["height"], o["shift_left"], o["shift_right"]) for o in r2["outputs"] if o["variant"] is not None}
         assert v1.isdisjoint(v2)
 
-    # A rerun of the first night gives its outputs again, byte for byte.
+    # A rerun of the first night finds its outputs listed in the marker and skips.
     code, log, again = _night(manifest, out, "2026-11-30")
     assert code == 0, log
-    assert all(r["train_seconds"] is None for r in again)
+    assert all(r["status"] == "skipped" for r in again)
     assert [r["outputs"] for r in again] == [r["outputs"] for r in night1]
     assert _files(again) == first_files
+
+    # The first night from scratch in another folder (trained again: the CPU trains
+    # deterministically) gives the same variants, byte for byte.
+    elsewhere = tmp_path / "elsewhere"
+    code, log, fresh = _night(manifest, elsewhere, "2026-11-30")
+    assert code == 0, log
+    assert all(r["train_seconds"] is not None for r in fresh)
+    assert list(_files(fresh).values()) == list(first_files.values())
+
+
+def test_the_marker_keeps_earlier_outputs_of_the_same_model_only(tmp_path: Path, photo: Path, single_thread: None) -> None:
+    out = tmp_path / "out"
+    item = Item(0, "cat", str(photo), {})
+    first = process(item, _job(out, ratios=[2.0], metrics=False))
+    assert first["train_seconds"] is not None
+    second = process(item, _job(out, ratios=[], shapes=["2@0.3,-0.3"], metrics=False))
+    assert second["status"] == "ok" and second["train_seconds"] is None
+    both = process(item, _job(out, ratios=[2.0], shapes=["2@0.3,-0.3"], metrics=False))
+    assert both["status"] == "skipped"  # each target made by an earlier run of the same model
+    assert [o["uri"] for o in both["outputs"]] == [first["outputs"][0]["uri"], second["outputs"][0]["uri"]]
+    # Trained anew (its saved model gone): what earlier models made is no longer listed.
+    (model,) = out.rglob("model.pt")
+    model.unlink()
+    third = process(item, _job(out, ratios=[], shapes=["1@0.2,-0.2"], metrics=False))
+    assert third["train_seconds"] is not None
+    marker = json.loads(next(out.rglob("done.json")).read_text())
+    assert marker["targets"] == ["shape:1.0@0.2,-0.2"]
 
 
 def test_a_shape_too_small_to_score_is_written_unscored(tmp_path: Path, photo: Path, single_thread: None) -> None:
