@@ -119,15 +119,21 @@ def s3_endpoint(start_moto: Callable[[], str]) -> str:
 @pytest.fixture(scope="module")
 def local_ray(fake_aws_credentials: None) -> Iterator[None]:
     """One local Ray instance for the module, started after the dummy AWS variables are set (its
-    workers inherit them). ``address='local'`` never joins a cluster someone else started."""
+    workers inherit them). ``address='local'`` never joins a cluster someone else started.
+
+    Token authentication off, as for every Ray the tests start in this process: Ray keeps the
+    first instance's authentication settings for the life of the process, and a later cluster
+    started with other ones (``test_faults.py``'s) would not be reachable from here."""
     import ray
 
     started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    if started:
-        ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        if started:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        yield
+        if started:
+            ray.shutdown()
 
 
 @pytest.fixture

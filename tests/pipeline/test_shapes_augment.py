@@ -1,9 +1,5 @@
 """Shaped targets and augmentation mode through the pipeline: the draws, the checks before a run,
-and nights of runs over one output folder (the later ones only retarget).
-
-The module's local Ray must not be the process's first: ``test_faults.py`` builds a multi-node
-cluster that fails with ``OwnerDiedError`` when an earlier module of the same process started and
-stopped a Ray, so this file sorts after it (as ``test_run.py`` does)."""
+and nights of runs over one output folder (the later ones only retarget)."""
 
 from __future__ import annotations
 
