@@ -121,9 +121,10 @@ def local_ray(fake_aws_credentials: None) -> Iterator[None]:
     """One local Ray instance for the module, started after the dummy AWS variables are set (its
     workers inherit them). ``address='local'`` never joins a cluster someone else started.
 
-    Token authentication off, as for every Ray the tests start in this process: Ray keeps the
-    first instance's authentication settings for the life of the process, and a later cluster
-    started with other ones (``test_faults.py``'s) would not be reachable from here."""
+    Token authentication off (Ray 2.60 turns it on for a local instance by default), as for every
+    Ray the tests start in this process: a process keeps its first instance's authentication
+    settings, and a later cluster started with other ones (``test_faults.py``'s) then fails to
+    start or loses its tasks' owner."""
     import ray
 
     started = not ray.is_initialized()
