@@ -18,10 +18,10 @@ from torch import Tensor
 
 from .geometry import homography, valid_mask, warp
 
-DEFAULT_MAX_PIXELS = 64_000_000
+DEFAULT_MAX_PIXELS = 64_000_000  # a 8000x8000 photo; beyond that a declared size is a bomb
 # The shortest side a working image keeps when a long-side cap shrinks it: the trainer's crops
 # need at least min_out_side + 1 = 17 px (a 2000x30 strip capped at 96 px would be 1 px high).
-MIN_WORKING_SIDE = 17  # a 8000x8000 photo; beyond that a declared size is a bomb
+MIN_WORKING_SIDE = 17
 
 # Pillow's own bomb guard is process-wide and fixed (~179 MP); ``decode`` checks the declared size
 # against the caller's ``max_pixels`` before any pixel is decoded, so that limit is the one in force.

@@ -31,12 +31,12 @@ from .geometry import homography, valid_mask
 __all__ = [
     "DEFAULT_CHUNK_FLOATS",
     "DEFAULT_MAX_PATCHES",
+    "FrameTooSmall",
     "bidirectional_similarity",
     "extract_patches",
     "nearest_sq_distances",
     "score",
     "score_outputs",
-    "FrameTooSmall",
     "score_against_resize",
     "sliced_wasserstein",
 ]

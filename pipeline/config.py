@@ -196,10 +196,13 @@ def canonical_shape(text: str) -> str:
         base = f"{w}x{h}"
     else:
         try:
-            base = repr(check_ratio(float(base)))
+            ratio = float(base)
+        except ValueError:
+            raise ValueError(f"shape {text!r} must start with a ratio or WxH, e.g. 2@0.3,-0.3") from None
+        try:
+            base = repr(check_ratio(ratio))
         except ValueError as exc:
-            raise ValueError(f"shape {text!r}: {exc}" if "ratio" in str(exc) else
-                             f"shape {text!r} must start with a ratio or WxH, e.g. 2@0.3,-0.3") from None
+            raise ValueError(f"shape {text!r}: {exc}") from None
     return shape_name(base, shifts)
 
 
