@@ -30,6 +30,9 @@ class ModelConfig:
     # G's output is the input image put through the same geometric transform plus what the
     # network adds (clamped to [-1, 1]), instead of the network's tanh alone.
     image_skip: bool = False
+    # BatchNorm in each discriminator net, as in the reference; D sees the real crop and the fake
+    # in separate passes of batch size 1, so each is normalised by its own statistics.
+    d_batch_norm: bool = True
 
     def __post_init__(self) -> None:
         # Bounds that keep a network buildable in memory: a config read from a file (a checkpoint
@@ -71,6 +74,9 @@ class TrainConfig:
     second_g_step: bool = True  # extra G step on the inverse mapping alone
     second_g_step_start: float = 10 / 75
     second_rec_weight: float = 1.0
+    # Weight of an L1 loss between the per-channel mean and standard deviation of G's output and
+    # of its input crop: a retargeted crop keeps its colours (0 = off).
+    tone_weight: float = 0.0
     d_scale_pivot: float = 25 / 75  # coarse D scales weigh most before this, fine ones after
     noise: float = 1 / 255  # uniform input noise amplitude for G and D
     min_out_side: int = 16  # smallest sampled output side (D's finest net needs >= 9 px)

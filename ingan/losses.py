@@ -1,4 +1,5 @@
-"""InGAN's objectives: LSGAN on the combined discriminator map, and L1 cycle reconstruction."""
+"""InGAN's objectives: LSGAN on the combined discriminator map, L1 cycle reconstruction, and an
+optional tone term."""
 
 from __future__ import annotations
 
@@ -20,3 +21,11 @@ def g_adv_loss(d_fake: Tensor) -> Tensor:
 def reconstruction_loss(reconstructed: Tensor, original: Tensor) -> Tensor:
     """Cycle consistency: G(G(x; T); T^-1) should give x back."""
     return F.l1_loss(reconstructed, original)
+
+
+def tone_loss(output: Tensor, source: Tensor) -> Tensor:
+    """L1 distance between the per-channel mean and standard deviation of ``output`` and of
+    ``source`` (each (B, 3, H, W), any sizes): a retargeted image keeps its source's colours, which
+    a discriminator that normalises each image on its own does not check."""
+    o, s = output.flatten(2), source.flatten(2)  # (B, 3, H*W)
+    return F.l1_loss(o.mean(-1), s.mean(-1)) + F.l1_loss(o.std(-1), s.std(-1))

@@ -107,12 +107,16 @@ class Generator(nn.Module):
 class DiscriminatorNet(nn.Module):
     """One scale: unpadded convs with a 9x9 receptive field at that scale."""
 
-    def __init__(self, c: int, sn: bool) -> None:
+    def __init__(self, c: int, sn: bool, batch_norm: bool = True) -> None:
         super().__init__()
+
+        def norm(ch: int) -> nn.Module:
+            return nn.BatchNorm2d(ch) if batch_norm else nn.Identity()
+
         self.body = nn.Sequential(
             _conv(3, c, 3, sn, pad=False), nn.LeakyReLU(0.2),
-            _conv(c, 2 * c, 3, sn, stride=2, pad=False), nn.BatchNorm2d(2 * c), nn.LeakyReLU(0.2),
-            _conv(2 * c, 2 * c, 3, sn, pad=False), nn.BatchNorm2d(2 * c), nn.LeakyReLU(0.2),
+            _conv(c, 2 * c, 3, sn, stride=2, pad=False), norm(2 * c), nn.LeakyReLU(0.2),
+            _conv(2 * c, 2 * c, 3, sn, pad=False), norm(2 * c), nn.LeakyReLU(0.2),
             _conv(2 * c, 1, 1, sn, pad=False),
         )
 
@@ -124,7 +128,7 @@ class MultiScaleDiscriminator(nn.Module):
     def __init__(self, cfg: ModelConfig, crop_size: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.nets = nn.ModuleList(DiscriminatorNet(cfg.d_channels, cfg.spectral_norm) for _ in range(cfg.n_d_nets(crop_size)))
+        self.nets = nn.ModuleList(DiscriminatorNet(cfg.d_channels, cfg.spectral_norm, cfg.d_batch_norm) for _ in range(cfg.n_d_nets(crop_size)))
 
     def n_scales_for(self, hw: tuple[int, int]) -> int:
         """How many scales an image of this size can feed: its smaller side must stay >= 13 px."""

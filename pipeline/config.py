@@ -22,7 +22,11 @@ from ingan.retarget import parse_shape, parse_size, shape_name
 
 from .storage import RetryPolicy
 
-_TAG_NEW_DEFAULTS = {"crops_per_step": 1}
+# Settings added after tags were first written, at their defaults: (model settings, training settings).
+_TAG_NEW_DEFAULTS: tuple[dict[str, object], dict[str, object]] = (
+    {"d_batch_norm": True},
+    {"crops_per_step": 1, "tone_weight": 0.0},
+)
 
 
 class ConfigError(ValueError):
@@ -170,13 +174,15 @@ class RunConfig(BaseModel):
         """Names the settings that change what a model learns, so outputs of different settings
         never overwrite each other and a rerun with the same ones finds its models."""
         model, train = self.model_settings(preset)
+        net = dataclasses.asdict(model)
         learn = {k: v for k, v in dataclasses.asdict(train).items() if k not in ("log_every", "seed")}
         # Settings added after tags were first written name the model only when they differ from
         # their default, so an upgrade does not send every saved model back to training.
-        for name, default in _TAG_NEW_DEFAULTS.items():
-            if learn.get(name) == default:
-                del learn[name]
-        blob = json.dumps([dataclasses.asdict(model), learn, self.seed], sort_keys=True)
+        for settings, defaults in zip((net, learn), _TAG_NEW_DEFAULTS, strict=True):
+            for name, default in defaults.items():
+                if settings.get(name) == default:
+                    del settings[name]
+        blob = json.dumps([net, learn, self.seed], sort_keys=True)
         return f"{preset}-{train.iterations}it-seed{self.seed}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
 

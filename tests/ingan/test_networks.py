@@ -192,3 +192,17 @@ def test_untrained_generator_outputs_are_near_grey(tiny_g: Generator, image: tor
     """Reference init (xavier-normal, gain 0.01): early outputs are close to zero in [-1, 1]."""
     y = retarget(tiny_g, image, [(24, 48)])[0]
     assert y.abs().max() < 0.1
+
+
+def test_discriminator_batch_norm_can_be_turned_off() -> None:
+    x = torch.rand(1, 3, 40, 40, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    for bn in (True, False):
+        d = MultiScaleDiscriminator(ModelConfig(d_channels=8, d_batch_norm=bn), 32).train()
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in d.modules()) == bn
+        y = d(x, d.scale_weights(0.5, 0.3, d.n_scales_for((40, 40))))
+        assert y.shape == (1, 1, 16, 16) and bool(((y > 0) & (y < 1)).all())
+    # The same trainable convolutions: BatchNorm's affine parameters are all that go.
+    on = MultiScaleDiscriminator(ModelConfig(d_channels=8), 32)
+    off = MultiScaleDiscriminator(ModelConfig(d_channels=8, d_batch_norm=False), 32)
+    bn_params = sum(p.numel() for m in on.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())
+    assert _n_params(off) == _n_params(on) - bn_params > 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ingan import metrics
+from ingan import losses, metrics
 from ingan.config import TrainConfig, get_preset
 from ingan.images import to_model_input
 from ingan.retarget import retarget_image
@@ -148,6 +148,38 @@ def test_short_training_lowers_the_patch_swd_of_a_retarget() -> None:
           f"({iterations} iterations in {seconds:.1f} s)")
     assert trained < 0.8 * untrained, (untrained, trained)
     assert trained < 0.8 * frozen, (frozen, trained)
+
+
+def test_tone_loss_measures_mean_and_spread_per_channel() -> None:
+    x = torch.rand(1, 3, 20, 30, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert losses.tone_loss(x, x).item() == 0
+    # Any sizes: a copy tiled twice has the same mean and (nearly) the same spread.
+    assert losses.tone_loss(x.repeat(1, 1, 1, 2), x).item() < 1e-3
+    assert losses.tone_loss(x - 0.3, x).item() == pytest.approx(0.3, abs=1e-5)
+    # Halving the contrast around 0 halves each channel's mean and spread.
+    m, sd = x.flatten(2).mean(-1), x.flatten(2).std(-1)
+    expected = 0.5 * (m.abs().mean() + sd.mean()).item()
+    assert losses.tone_loss(0.5 * x, x).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_tone_weight_keeps_outputs_at_the_sources_colours(small: torch.Tensor) -> None:
+    """With the tone term, G's outputs (training mode, as the loss sees them) stay closer to the
+    source's per-channel mean and spread. Measured here on one thread, seeds 0-2, mean of the last
+    10 of 30 steps: 0.051, 0.039, 0.034 without it; 0.025, 0.024, 0.026 at weight 10."""
+    src = to_model_input(small)
+    drift = {}
+    for weight in (0.0, 10.0):
+        t = Trainer(src, TINY.model, _cfg(30, tone_weight=weight), "cpu")
+        t.g.train()
+        t.d.train()
+        seen = []
+        for _ in range(30):
+            out = t.step()
+            assert ("tone" in out) == (weight > 0)
+            with torch.no_grad():
+                seen.append(losses.tone_loss(t.g(src[None], (40, 80)), src[None]).item())
+        drift[weight] = sum(seen[-10:]) / 10
+    assert drift[10.0] < 0.8 * drift[0.0], drift
 
 
 # ---------------------------------------------------------------------------------------------
