@@ -113,7 +113,7 @@ def _save_png(t: torch.Tensor, path: Path) -> None:
     Image.fromarray(t.permute(1, 2, 0).numpy()).save(path)
 
 
-def _load_png(path: Path) -> torch.Tensor:
+def load_png(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1).contiguous()
 
 
@@ -169,7 +169,7 @@ def main() -> None:
     if args.reuse:
         for p in paths:
             for preset in presets:
-                outputs[p.name][names[preset]] = {t: _load_png(output_path(names[preset], p.name, t)) for t in TARGETS}
+                outputs[p.name][names[preset]] = {t: load_png(output_path(names[preset], p.name, t)) for t in TARGETS}
     else:
         jobs = [(str(p), preset, args.iterations, args.device, args.set) for preset in presets for p in paths]
         started = time.perf_counter()

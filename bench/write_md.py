@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .common import RESULTS, ROOT
+from .common import RESULTS, ROOT, bench_images
 
 # The quality-against-compute runs, in the order they were made (bench/results/curves/).
 CURVE_RUNS = ["c128", "c128_ema", "c64", "c96", "c128_cal_ema", "c128_cal_ema_fastsched", "c128_skip",
-              "cpu_base", "cpu_no2g", "cpu_2g_late", "cpu_dmin32", "cpu_res4", "cpu_w24", "cpu_crops2"]
+              "cpu_base", "cpu_no2g", "cpu_2g_late", "cpu_dmin32", "cpu_res4", "cpu_w24", "cpu_crops2",
+              "cpu_tone", "cpu_no2g_tone"]
 
 REFERENCE_S_PER_ITER = 4.4  # the reference implementation at a 216x256 crop on this 2-core CPU
 
@@ -61,13 +62,20 @@ def _wins(data: dict[str, Any], method: str, target: str) -> str:
     return f"{n}/{len(ours)}"
 
 
+def _images_flag(names: list[str]) -> str:
+    """The ``--images`` part of a benchmark command: empty when it ran on the whole set."""
+    if len(names) == len(bench_images()):
+        return ""
+    return f"--images {','.join(n.rsplit('.', 1)[0] for n in names)} "
+
+
 def _quality(data: dict[str, Any]) -> list[str]:
     presets = data["presets"]
     its = ", ".join(f"`{p}` {n:,} iterations" for p, n in data["iterations"].items())
     out = [f"### Quality: {', '.join(f'`{p}`' for p in presets)} beside bicubic resize, centre crop and seam carving", "",
            f"Machine: {_machine(data['machine'])}.",
            f"Command: `python -m bench.quality --presets {','.join(p.split('+')[0] for p in presets) if data.get('overrides') else ','.join(presets)} "
-           f"--jobs {data['jobs']}{''.join(' --set ' + o for o in data.get('overrides') or [])}"
+           f"{_images_flag(data['images'])}--jobs {data['jobs']}{''.join(' --set ' + o for o in data.get('overrides') or [])}"
            f"{' --label ' + presets[0].split('+')[1] if '+' in presets[0] else ''}` ({its}).",
            f"Images: the {len(data['images'])} of `bench/images/` (256 px on the longer side): {', '.join(data['images'])}."
            + (f" The {data['note']}." if data.get("note") else ""), "",
