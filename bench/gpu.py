@@ -58,7 +58,8 @@ def step_flops(preset_name: str, device: torch.device, samples: int, **overrides
     preset = get_preset(preset_name)
     ch, cw = CROPS[preset_name]
     source = photo_600x400()[:, : ch + 1, : cw + 1]
-    cfg = dataclasses.replace(preset.train, crop_size=max(ch, cw), max_side=None, **overrides)
+    # float32 unless asked: the preset's own setting may depend on the machine.
+    cfg = dataclasses.replace(preset.train, crop_size=max(ch, cw), max_side=None, **({"bf16": False} | overrides))
     t = Trainer(to_model_input(source), preset.model, cfg, device)
     t.iteration = int(0.5 * cfg.iterations)
     total = 0

@@ -41,7 +41,8 @@ def time_training(preset_name: str, device: torch.device, iters: int, **override
     preset = get_preset(preset_name)
     ch, cw = CROPS[preset_name]
     source = photo_600x400()[:, : ch + 1, : cw + 1]  # crop = image minus one pixel
-    cfg = dataclasses.replace(preset.train, crop_size=max(ch, cw), max_side=None, **overrides)
+    # float32 unless asked: the preset's own setting may depend on the machine.
+    cfg = dataclasses.replace(preset.train, crop_size=max(ch, cw), max_side=None, **({"bf16": False} | overrides))
     t = Trainer(to_model_input(source), preset.model, cfg, device)
     t.iteration = int(0.5 * cfg.iterations)  # steady state: full shape range, two G steps
     for _ in range(2):  # warm-up (allocator, oneDNN/cuDNN primitive caches)

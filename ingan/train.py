@@ -54,6 +54,19 @@ ProgressFn = Callable[[Progress], None]
 SnapshotFn = Callable[["Trainer"], None]
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 convolutions natively, so autocast to it is faster than
+    float32: a CPU with AVX512-BF16 or AMX tiles, a CUDA GPU that supports bfloat16. Elsewhere
+    bfloat16 is emulated and slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    # torch exposes these probes only privately; without them, float32 is the safe answer.
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe is not None and probe() for probe in probes)
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -101,7 +114,8 @@ class Trainer:
         # Fused Adam: one kernel per parameter group instead of a dozen small ops per tensor.
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=train_cfg.lr, betas=betas, fused=True)
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=train_cfg.lr, betas=betas, fused=True)
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=train_cfg.bf16)
+        self.bf16 = native_bf16(self.device) if train_cfg.bf16 is None else train_cfg.bf16
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, self._lr_factor)
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, self._lr_factor)
         self.rng = torch.Generator().manual_seed(train_cfg.seed)  # crops, shapes, shifts (CPU)

@@ -48,6 +48,8 @@ class RunConfig(BaseModel):
         description="shaped outputs: a ratio or WxH with top-corner shifts, e.g. 2@0.3,-0.3 or 256x256@0.2,0.2")
     max_shift: float | None = Field(
         None, ge=0, le=MAX_SHIFT, description="train with top-corner shifts up to this (0..0.9); None: the preset's")
+    bf16: bool | None = Field(
+        None, description="bfloat16 training: true, false, or None for the preset's (cpu: where the CPU has it natively)")
     fill_color: tuple[int, int, int] = Field(
         (255, 255, 255), description="JPEG only: colour outside a shaped output's frame (its mask is a file beside it)")
     augment: int = Field(0, ge=0, le=1000, description="random variants per image per run, from its one model")
@@ -168,7 +170,7 @@ class RunConfig(BaseModel):
 
     def model_settings(self, preset: str) -> tuple[ModelConfig, TrainConfig]:
         p = get_preset(preset)
-        return p.model, p.train.with_overrides(iterations=self.iterations, max_shift=self.max_shift)
+        return p.model, p.train.with_overrides(iterations=self.iterations, max_shift=self.max_shift, bf16=self.bf16)
 
     def model_tag(self, preset: str) -> str:
         """Names the settings that change what a model learns, so outputs of different settings
@@ -176,6 +178,10 @@ class RunConfig(BaseModel):
         model, train = self.model_settings(preset)
         net = dataclasses.asdict(model)
         learn = {k: v for k, v in dataclasses.asdict(train).items() if k not in ("log_every", "seed")}
+        # bfloat16 is how a model is computed, not what it learns (the same scores, measured): a
+        # model trained either way is found by a run set the other way, on any machine. Spelled
+        # as the float32 that every tag was first written with, so existing tags stay.
+        learn["bf16"] = False
         # Settings added after tags were first written name the model only when they differ from
         # their default, so an upgrade does not send every saved model back to training.
         for settings, defaults in zip((net, learn), _TAG_NEW_DEFAULTS, strict=True):

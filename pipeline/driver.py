@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio-policy", choices=["keep_height", "keep_width", "keep_area"])
     p.add_argument("--max-shift", type=float, metavar="M",
                    help="train for shaped outputs: top-corner shifts up to +-M during training (0..0.9)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 training on or off (default: the preset's; cpu uses it where the CPU computes "
+                        "it natively, AVX512-BF16 or AMX)")
     p.add_argument("--augment", type=int, metavar="N",
                    help="N random variants per image (ratio, scale and, with --augment-shift, shape), "
                         "all from the image's one model: a trained image is only retargeted")
@@ -85,7 +88,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     overrides = {k: getattr(args, k) for k in (
         "output", "preset", "ratio_policy", "iterations", "seed", "image_format", "num_gpus", "num_cpus",
         "max_in_flight", "timeout_s", "retries", "checkpoint_every_s", "resume", "retarget_only", "metrics", "endpoint_url",
-        "shapes", "max_shift", "augment", "augment_salt", "augment_shift")}
+        "shapes", "max_shift", "bf16", "augment", "augment_salt", "augment_shift")}
     overrides["ratios"] = _split(args.ratios, float)
     overrides["sizes"] = _split(args.sizes, str)
     return load_config(args.config, overrides)

@@ -15,7 +15,7 @@ from ingan import losses, metrics
 from ingan.config import TrainConfig, get_preset
 from ingan.images import to_model_input
 from ingan.retarget import retarget_image
-from ingan.train import Progress, Trainer, train
+from ingan.train import Progress, Trainer, native_bf16, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -180,6 +180,25 @@ def test_tone_weight_keeps_outputs_at_the_sources_colours(small: torch.Tensor) -
                 seen.append(losses.tone_loss(t.g(src[None], (40, 80)), src[None]).item())
         drift[weight] = sum(seen[-10:]) / 10
     assert drift[10.0] < 0.8 * drift[0.0], drift
+
+
+def test_bf16_autocast_is_on_when_asked_and_where_native_for_none(small: torch.Tensor) -> None:
+    """``bf16=None`` (the cpu preset's) follows the device; True and False are obeyed anywhere.
+    With it on, the convolutions run in bfloat16 and the losses stay float32."""
+    cpu = torch.device("cpu")
+    for setting, want in ((None, native_bf16(cpu)), (True, True), (False, False)):
+        t = Trainer(to_model_input(small), TINY.model, _cfg(2, bf16=setting), "cpu")
+        assert t.bf16 is want, setting
+        seen: list[torch.dtype] = []
+        hook = t.g.entry[0].register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.dtype))
+        t.g.train()
+        t.d.train()
+        out = t.step()
+        hook.remove()
+        assert seen and set(seen) == {torch.bfloat16 if want else torch.float32}, (setting, seen)
+        assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.values())
+    assert get_preset("cpu").train.bf16 is None
+    assert TINY.train.bf16 is False and get_preset("fast").train.bf16 is False
 
 
 # ---------------------------------------------------------------------------------------------

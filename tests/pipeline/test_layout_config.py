@@ -176,8 +176,23 @@ def test_model_tag_ignores_everything_else() -> None:
         {"num_cpus": 4, "num_gpus": 0.5, "max_in_flight": 9, "retries": 0, "timeout_s": 10},
         {"resume": "overwrite"},
         {"storage_options": {"key": "k", "secret": "s"}, "endpoint_url": "http://127.0.0.1:9"},
+        {"bf16": True},  # how the model is computed, not what it learns
+        {"bf16": False},
     ):
         assert _tag(preset="tiny", iterations=2, seed=0, **other) == base, other
+    assert _tag(preset="cpu", bf16=False) == _tag(preset="cpu", bf16=True) == _tag(preset="cpu")
+
+
+def test_bf16_is_the_presets_unless_set() -> None:
+    from pipeline.driver import build_parser, config_from_args
+
+    assert RunConfig().model_settings("cpu")[1].bf16 is None  # where the CPU has it natively
+    assert RunConfig().model_settings("fast")[1].bf16 is False
+    assert RunConfig(bf16=True).model_settings("fast")[1].bf16 is True
+    assert RunConfig(bf16=False).model_settings("cpu")[1].bf16 is False
+    parser = build_parser()
+    for flags, want in (([], None), (["--bf16"], True), (["--no-bf16"], False)):
+        assert config_from_args(parser.parse_args(["m.parquet", *flags])).bf16 is want, flags
 
 
 # --------------------------------------------------------------------------- config
