@@ -22,7 +22,6 @@ not the GPU.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -34,7 +33,7 @@ import torch
 from ingan.config import get_preset
 
 from .common import RESULTS, machine, save
-from .train_speed import CROPS, photo_600x400, time_training
+from .train_speed import steady_trainer, time_training
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0,
@@ -52,16 +51,7 @@ def step_flops(preset_name: str, device: torch.device, samples: int, **overrides
     """Mean training FLOPs of one steady-state iteration at the preset's benchmark crop."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ingan.images import to_model_input
-    from ingan.train import Trainer
-
-    preset = get_preset(preset_name)
-    ch, cw = CROPS[preset_name]
-    source = photo_600x400()[:, : ch + 1, : cw + 1]
-    # float32 unless asked: the preset's own setting may depend on the machine.
-    cfg = dataclasses.replace(preset.train, crop_size=max(ch, cw), max_side=None, **({"bf16": False} | overrides))
-    t = Trainer(to_model_input(source), preset.model, cfg, device)
-    t.iteration = int(0.5 * cfg.iterations)
+    t = steady_trainer(preset_name, device, **overrides)
     total = 0
     for _ in range(samples):
         with FlopCounterMode(display=False) as counter:
@@ -86,15 +76,7 @@ def speed(device: torch.device, iters: int, samples: int, peak: float | None) ->
 
 
 def _pack_task(iterations: int, device: str) -> dict[str, float]:
-    from ingan.images import to_model_input
-    from ingan.train import Trainer
-
-    preset = get_preset("fast")
-    ch, cw = CROPS["fast"]
-    source = photo_600x400()[:, : ch + 1, : cw + 1]
-    cfg = dataclasses.replace(preset.train, crop_size=max(ch, cw), max_side=None)
-    t = Trainer(to_model_input(source), preset.model, cfg, device)
-    t.iteration = int(0.5 * cfg.iterations)
+    t = steady_trainer("fast", torch.device(device))
     t.step()
     if device == "cuda":
         torch.cuda.synchronize()

@@ -37,14 +37,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_training(preset_name: str, device: torch.device, iters: int, **overrides: object) -> dict[str, object]:
+def steady_trainer(preset_name: str, device: torch.device, **overrides: object) -> Trainer:
+    """A trainer of the preset at its benchmark crop, half-way through its schedule (steady state:
+    full shape range, two G steps)."""
     preset = get_preset(preset_name)
     ch, cw = CROPS[preset_name]
     source = photo_600x400()[:, : ch + 1, : cw + 1]  # crop = image minus one pixel
     # float32 unless asked: the preset's own setting may depend on the machine.
     cfg = dataclasses.replace(preset.train, crop_size=max(ch, cw), max_side=None, **({"bf16": False} | overrides))
     t = Trainer(to_model_input(source), preset.model, cfg, device)
-    t.iteration = int(0.5 * cfg.iterations)  # steady state: full shape range, two G steps
+    t.iteration = int(0.5 * cfg.iterations)
+    return t
+
+
+def time_training(preset_name: str, device: torch.device, iters: int, **overrides: object) -> dict[str, object]:
+    t = steady_trainer(preset_name, device, **overrides)
+    cfg = t.cfg
+    ch, cw = CROPS[preset_name]
     for _ in range(2):  # warm-up (allocator, oneDNN/cuDNN primitive caches)
         t.step()
     if device.type == "cuda":

@@ -112,6 +112,7 @@ def save_training_state(trainer: Trainer) -> bytes:
         "version": STATE_VERSION,
         "model_config": dataclasses.asdict(trainer.model_cfg),
         "train_config": dataclasses.asdict(trainer.cfg),
+        "bf16": trainer.bf16,  # resolved: bf16=None means something else on another machine
         "image_digest": image_digest(trainer.image),
         "state": trainer.state_dict(),
     }
@@ -130,6 +131,9 @@ def resume_training(trainer: Trainer, data: bytes | BinaryIO) -> int:
         raise CheckpointError("the training state was saved with other settings")
     if payload.get("image_digest") != image_digest(trainer.image):
         raise CheckpointError("the training state belongs to another image")
+    if payload.get("bf16", trainer.bf16) != trainer.bf16:
+        # Continuing in the other precision would end with other weights than an uninterrupted run.
+        raise CheckpointError("the training state was computed in another precision")
     before = copy.deepcopy(trainer.state_dict())  # state_dict() holds live tensors
     try:
         trainer.load_state_dict(payload["state"])

@@ -62,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = train(image, preset.model, train_cfg, device, None if args.quiet else _print_progress)
     seconds = time.perf_counter() - start
     meta = {"preset": preset.name, "source_hw": list(image.shape[-2:]), "working_hw": list(work_hw),
-            "train_seconds": seconds, "device": str(device), "torch": str(torch.__version__)}
+            "train_seconds": seconds, "device": str(device), "bf16": trainer.bf16, "torch": str(torch.__version__)}
     data = checkpoint.save(checkpoint.from_generator(trainer.generator, preset.model, train_cfg, meta))
     atomic_write(args.out, data)
     print(f"saved {args.out} ({len(data) / 1e6:.1f} MB) after {seconds:.1f} s", file=sys.stderr)
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train for shaped outputs too: top-corner shifts up to +-M (0..0.9; 0: rectangles only)")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast for convolutions (default: the preset's; cpu turns it on where the "
-                        "CPU computes it natively, AVX512-BF16 or AMX)")
+                        "device computes it natively: AVX512-BF16 or AMX CPUs, Ampere or later GPUs)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     t.add_argument("--quiet", action="store_true", help="no progress lines")
     t.add_argument("--out", required=True, help="checkpoint path to write")

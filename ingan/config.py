@@ -8,6 +8,7 @@ reference schedule exactly: at 75,000 iterations the fractions land on 10k, 20k 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,8 +52,6 @@ class ModelConfig:
             raise ValueError(f"model.d_scale_factor must be a number in 1.05..4, got {f!r}")
 
     def n_d_nets(self, crop_size: int) -> int:
-        import math
-
         return max(1, math.ceil(math.log(crop_size / self.d_min_side) / math.log(self.d_scale_factor)))
 
 
@@ -84,7 +83,7 @@ class TrainConfig:
     deterministic: bool = True  # same seed + same device -> bit-identical weights
     channels_last: bool = True  # NHWC tensors: faster convolutions on oneDNN and cuDNN
     # bfloat16 autocast for convolutions (losses and weights stay float32). None: on where the
-    # device computes bfloat16 natively (CPUs with AVX512-BF16 or AMX, CUDA GPUs that support it).
+    # device computes bfloat16 natively (CPUs with AVX512-BF16 or AMX, CUDA GPUs from Ampere on).
     bf16: bool | None = False
     norm_calibration: int = 0  # forward passes that re-estimate the final G's BatchNorm statistics (0 = off)
     ema: float = 0.0  # decay of an exponential moving average of G's weights (0 = off); the
@@ -94,6 +93,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_shift <= MAX_SHIFT:
             raise ValueError(f"max_shift {self.max_shift} must be within 0..{MAX_SHIFT} (normalised units)")
+        if not 0.0 <= self.tone_weight < math.inf:  # also refuses NaN
+            raise ValueError(f"tone_weight {self.tone_weight} must be a finite number >= 0")
 
     def with_overrides(self, **kw: Any) -> TrainConfig:
         return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})

@@ -56,10 +56,11 @@ SnapshotFn = Callable[["Trainer"], None]
 
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bfloat16 convolutions natively, so autocast to it is faster than
-    float32: a CPU with AVX512-BF16 or AMX tiles, a CUDA GPU that supports bfloat16. Elsewhere
-    bfloat16 is emulated and slower."""
+    float32: a CPU with AVX512-BF16 or AMX tiles, a CUDA GPU of compute capability 8.0 (Ampere)
+    or later. Elsewhere bfloat16 is emulated and slower."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_capability(index) >= (8, 0)
     if device.type != "cpu":
         return False
     # torch exposes these probes only privately; without them, float32 is the safe answer.

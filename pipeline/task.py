@@ -220,7 +220,7 @@ def _model(folder: Folder, rel: str, source: torch.Tensor, item: Item, job: Job,
     # No timings here: a retried or overwritten task must write the same bytes (the seconds are
     # in the result record instead).
     meta = {"id": item.id, "preset": job.preset, "source_hw": list(source.shape[-2:]), "working_hw": list(work_hw),
-            "device": str(trainer.device), "torch": str(torch.__version__)}
+            "device": str(trainer.device), "bf16": trainer.bf16, "torch": str(torch.__version__)}
     ckpt = checkpoint.from_generator(trainer.generator, model_cfg, train_cfg, meta)
     folder.write_bytes(rel, checkpoint.save(ckpt))
     # The model supersedes the state; one left behind by a failed removal is never used.

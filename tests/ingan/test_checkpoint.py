@@ -255,7 +255,7 @@ def _fresh_state(t: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in t.g.state_dict().items()}
 
 
-@pytest.mark.parametrize("other", ["seed", "image", "garbage", "truncated", "model", "iteration"])
+@pytest.mark.parametrize("other", ["seed", "image", "garbage", "truncated", "model", "iteration", "precision"])
 def test_a_state_of_other_settings_or_damaged_is_refused_and_changes_nothing(other: str) -> None:
     state = _interrupted_state(at=6)
     t = _state_trainer()
@@ -275,6 +275,11 @@ def test_a_state_of_other_settings_or_damaged_is_refused_and_changes_nothing(oth
     elif other == "iteration":
         payload = torch.load(io.BytesIO(state), weights_only=True)
         payload["state"]["iteration"] = 10**9
+        state = _torch_bytes(payload)
+    elif other == "precision":  # the same settings (bf16=None) resolved otherwise on another machine
+        payload = torch.load(io.BytesIO(state), weights_only=True)
+        assert payload["bf16"] is t.bf16
+        payload["bf16"] = not t.bf16
         state = _torch_bytes(payload)
     before = _fresh_state(t)
     with pytest.raises(CheckpointError):

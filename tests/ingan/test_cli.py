@@ -67,6 +67,7 @@ def test_train_writes_a_checkpoint_and_reports_progress(trained: tuple[Path, sub
     ckpt = checkpoint.load(out.read_bytes())
     assert ckpt.train.iterations == 3
     assert ckpt.meta["source_hw"] == [32, 40]
+    assert ckpt.meta["bf16"] is False  # the precision it was trained in, resolved
 
 
 def test_retarget_writes_exact_sizes(trained: tuple[Path, subprocess.CompletedProcess[str]], image: Path, workdir: Path) -> None:

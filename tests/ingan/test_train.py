@@ -201,6 +201,38 @@ def test_bf16_autocast_is_on_when_asked_and_where_native_for_none(small: torch.T
     assert TINY.train.bf16 is False and get_preset("fast").train.bf16 is False
 
 
+def test_native_bf16_on_cuda_means_ampere_or_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Older GPUs emulate bfloat16 (slower than float32): only compute capability 8.0 and up counts."""
+    asked: list[int] = []
+
+    def capability(index: int) -> tuple[int, int]:
+        asked.append(index)
+        return {0: (7, 5), 1: (8, 0), 2: (9, 0)}[index]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert native_bf16(torch.device("cuda", 0)) is False
+    assert native_bf16(torch.device("cuda", 1)) is True
+    assert native_bf16(torch.device("cuda")) is True  # the current device
+    assert asked == [0, 1, 2]
+    assert native_bf16(torch.device("meta")) is False
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf")])
+def test_tone_weight_must_be_a_finite_non_negative_number(bad: float) -> None:
+    with pytest.raises(ValueError, match="tone_weight"):
+        TrainConfig(tone_weight=bad)
+
+
+def test_discriminators_without_batch_norm_train(small: torch.Tensor) -> None:
+    model = dataclasses.replace(TINY.model, d_batch_norm=False)
+    t = train(small, model, _cfg(3), "cpu")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in t.d.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in t.g.modules())  # G keeps its own
+    out = retarget_image(t.generator, small, [(40, 80)], max_side=None)[0]
+    assert tuple(out.shape) == (3, 40, 80)
+
+
 # ---------------------------------------------------------------------------------------------
 # Weight average, statistics calibration, image skip
 # ---------------------------------------------------------------------------------------------
