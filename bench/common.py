@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ingan.train import native_bf16
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 # The benchmark set: eight photographs and textures at 256 px on the longer side (LICENSES.md).
@@ -29,7 +31,9 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": str(torch.__version__), "python": platform.python_version()}
+            "torch": str(torch.__version__), "python": platform.python_version(),
+            # What a preset's bf16=None (cpu's) resolves to on this CPU.
+            "cpu_native_bf16": native_bf16(torch.device("cpu"))}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     with contextlib.suppress(OSError):

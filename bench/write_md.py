@@ -25,7 +25,10 @@ def _load(name: str) -> dict[str, Any] | None:
 
 def _machine(m: dict[str, Any]) -> str:
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
-    return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} (torch threads: {m['torch_threads']}){gpu}; {m['date']}, commit {m.get('commit', '?')}"
+    # Recorded since the cpu preset's precision follows the CPU; older results do not say.
+    bf16 = {True: ", native bfloat16", False: ", no native bfloat16"}.get(m.get("cpu_native_bf16"), "")
+    return (f"{m['cpu']}{bf16}, {m['cores']} cores, torch {m['torch']} (torch threads: {m['torch_threads']}){gpu}; "
+            f"{m['date']}, commit {m.get('commit', '?')}")
 
 
 def _speed(data: dict[str, Any], device: str) -> list[str]:
