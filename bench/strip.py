@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from .common import bench_images
-from .quality import contact_sheet, load_png, output_path
+from .quality import TARGETS, contact_sheet, load_png, output_path
 
 
 def main() -> None:
@@ -28,6 +28,10 @@ def main() -> None:
     path = bench_images(args.image)[0]
     src = load_png(path)
     a, b = (int(v) for v in args.columns.split(":"))
+    missing = [str(p) for m in args.methods if not (p := output_path(m, path.name, args.target)).exists()]
+    if missing:
+        raise SystemExit(f"no saved output {', '.join(missing)}: bench.quality saves them "
+                         f"(targets: {', '.join(TARGETS)})")
     outs = {m: load_png(output_path(m, path.name, args.target)) for m in args.methods}
     ratio = next(iter(outs.values())).shape[-1] / src.shape[-1]
     if not 0 <= a < b <= min(o.shape[-1] for o in outs.values()):

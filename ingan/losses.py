@@ -26,6 +26,6 @@ def reconstruction_loss(reconstructed: Tensor, original: Tensor) -> Tensor:
 def tone_loss(output: Tensor, source: Tensor) -> Tensor:
     """L1 distance between the per-channel mean and standard deviation of ``output`` and of
     ``source`` (each (B, 3, H, W), any sizes): a retargeted image keeps its source's colours, which
-    a discriminator that normalises each image on its own does not check."""
+    the cycle loss lets drift (any invertible change of tone passes it)."""
     o, s = output.flatten(2), source.flatten(2)  # (B, 3, H*W)
     return F.l1_loss(o.mean(-1), s.mean(-1)) + F.l1_loss(o.std(-1), s.std(-1))

@@ -269,10 +269,10 @@ class Trainer:
             rec = g(fake, real.shape[-2:], inverse)
             loss_g_adv = losses.g_adv_loss(d(self._noisy(fake), weights).float())
             loss_rec = losses.reconstruction_loss(rec.float(), real)
-            loss_g = loss_g_adv + cfg.rec_weight * loss_rec
-            if cfg.tone_weight > 0:
-                loss_tone = losses.tone_loss(fake.float(), real)
-                loss_g = loss_g + cfg.tone_weight * loss_tone
+            loss_tone = losses.tone_loss(fake.float(), real) if cfg.tone_weight > 0 else None
+        loss_g = loss_g_adv + cfg.rec_weight * loss_rec
+        if loss_tone is not None:
+            loss_g = loss_g + cfg.tone_weight * loss_tone
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
@@ -288,7 +288,7 @@ class Trainer:
         self.opt_d.step()
 
         out = {"g_adv": loss_g_adv.detach(), "rec": loss_rec.detach(), "d": loss_d.detach()}
-        if cfg.tone_weight > 0:
+        if loss_tone is not None:
             out["tone"] = loss_tone.detach()
         if cfg.second_g_step and self.iteration >= cfg.second_g_step_start * cfg.iterations:
             # Inverse mapping alone, from the fake as a fixed input.
