@@ -2,7 +2,7 @@
 training FLOPs and wall seconds, beside a bicubic resize to the same sizes.
 
     python -m bench.curves --preset cpu [--set crop_size=96 --set model.g_channels=24 ...]
-                           [--iterations N] [--eval-every N] [--images a.png,b.png] --label NAME
+                           [--iterations N] [--eval-every N] [--image-set S] [--images a.png,b.png] --label NAME
     python -m bench.curves --plot NAME [NAME ...] --out bench/results/curves_x.png
 
 Each image of the set is trained in turn with the same configuration. At every evaluation point
@@ -42,7 +42,7 @@ from ingan.metrics import score_outputs
 from ingan.retarget import retarget_image
 from ingan.train import Trainer, pick_device
 
-from .common import RESULTS, bench_images, machine, parse_overrides
+from .common import RESULTS, add_image_args, bench_images, machine, parse_overrides
 from .quality import TARGETS, bicubic, targets
 
 CURVES = RESULTS / "curves"
@@ -184,7 +184,7 @@ def main() -> None:
     ap.add_argument("--iterations", type=int)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--flop-every", type=int, default=10)
-    ap.add_argument("--images", help="comma-separated file names from bench/images (default: all)")
+    add_image_args(ap)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--label")
     ap.add_argument("--plot", nargs="+", metavar="LABEL", help="plot these saved runs instead of training")
@@ -203,7 +203,7 @@ def main() -> None:
     model_over, train_over = parse_overrides(args.set)
     model = dataclasses.replace(preset.model, **model_over)
     train = dataclasses.replace(preset.train, **train_over).with_overrides(iterations=args.iterations)
-    paths = bench_images(args.images)
+    paths = bench_images(args.images, args.image_set)
     per_image, base = {}, {}
     for path in paths:
         src = images.load(str(path))
@@ -217,7 +217,7 @@ def main() -> None:
         (CURVES / f"{args.label}.json").write_text(json.dumps({
             "label": args.label, "preset": args.preset, "overrides": args.set, "machine": machine(),
             "model": dataclasses.asdict(model), "train": dataclasses.asdict(train),
-            "images": list(per_image), "baseline": base, "per_image": per_image, "mean": rows}, indent=1) + "\n")
+            "image_set": args.image_set, "images": list(per_image), "baseline": base, "per_image": per_image, "mean": rows}, indent=1) + "\n")
     print(table(args.label, rows))
 
 

@@ -1,6 +1,6 @@
 """Quality table: the presets' InGAN outputs beside bicubic resize, centre crop and seam carving.
 
-    python -m bench.quality --presets cpu [--iterations N] [--images a,b] [--jobs 2] [--reuse]
+    python -m bench.quality --presets cpu [--iterations N] [--image-set S] [--images a,b] [--jobs 2] [--reuse]
                             [--set FIELD=VALUE ... --label NAME]
 
 For each benchmark image (``bench/images``, 256 px on the longer side) and each target (width x2,
@@ -9,7 +9,8 @@ the pipeline's own scoring (``ingan.metrics.score_outputs``: completeness, coher
 lower is better). InGAN images are trained ``--jobs`` at a time, one torch thread each, as the
 pipeline runs them on a CPU node; each one's training and retargeting seconds are recorded.
 
-Writes ``bench/results/quality_<presets>.json`` (per image and means), the outputs under
+Writes ``bench/results/quality_<presets>.json`` (per image and means; ``quality_<presets>_<set>``
+for an image set other than the standard one), the outputs under
 ``bench/results/quality_outputs/<method>/`` (``--reuse`` scores those again without training),
 and one contact sheet per target, ``bench/results/quality_<presets>_<target>.png``: each row is one
 image, the source first, then each method's output at the same height.
@@ -32,7 +33,7 @@ from ingan import images
 from ingan.config import get_preset
 from ingan.metrics import score_outputs
 
-from .common import RESULTS, bench_images, machine, parse_overrides, save
+from .common import RESULTS, add_image_args, bench_images, machine, parse_overrides, save
 
 METRICS = ("completeness", "coherence", "swd")
 TARGETS = ("width x2", "width x0.5", "square")
@@ -144,7 +145,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", default="cpu", help="comma-separated presets to train (e.g. cpu,tiny)")
     ap.add_argument("--iterations", type=int, help="override every preset's iterations")
-    ap.add_argument("--images", help="comma-separated names from bench/images (default: all)")
+    add_image_args(ap)
     ap.add_argument("--jobs", type=int, default=2, help="images trained at once, one torch thread each")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reuse", action="store_true", help="score the saved InGAN outputs again, no training")
@@ -160,7 +161,7 @@ def main() -> None:
     parse_overrides(args.set)  # bad overrides fail before any training
     # A variant is named "preset+label": its outputs and rows are kept apart from the preset's own.
     names = {p: f"{p}+{args.label}" if args.label else p for p in presets}
-    paths = bench_images(args.images)
+    paths = bench_images(args.images, args.image_set)
     methods = list(BASELINES) + [names[p] for p in presets]
 
     ran_on = machine()  # at the start: the commit recorded is the one that trained
@@ -208,6 +209,8 @@ def main() -> None:
             m = {k: statistics.mean(r[k] for r in sel) for k in METRICS}
             mean.append({"target": t, "method": method, **m, "bds": m["completeness"] + m["coherence"]})
     label = "_".join(names[p] for p in presets).replace("+", "_") or "baselines"
+    if args.image_set != "standard":  # the same presets on another set must not replace these results
+        label += f"_{args.image_set}"
     for t in TARGETS:
         sheet_rows = [(p.name, images.load(str(p)), {m: outputs[p.name][m][t] for m in methods}) for p in paths]
         contact_sheet(sheet_rows, RESULTS / f"quality_{label}_{_slug(t)}.png")
@@ -215,6 +218,7 @@ def main() -> None:
                                "jobs": args.jobs, "reused": args.reuse,
                                "iterations": {names[p]: get_preset(p).train.with_overrides(iterations=args.iterations).iterations
                                               for p in presets},
+                               "image_set": args.image_set,
                                "images": [p.name for p in paths], "rows": rows, "mean": mean}
     if not args.reuse:
         summary["timing"] = timing

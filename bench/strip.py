@@ -13,19 +13,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import bench_images
+from .common import IMAGE_SETS, bench_images
 from .quality import TARGETS, contact_sheet, load_png, output_path
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("image", help="a name from bench/images, with or without suffix")
+    ap.add_argument("image", help="a name from the image set, with or without suffix")
     ap.add_argument("target", help="a bench.quality target, e.g. 'width x2'")
     ap.add_argument("methods", nargs="+", help="method folders, e.g. bicubic cpu+skip")
     ap.add_argument("--columns", required=True, help="A:B, output columns to show")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--image-set", default="standard", choices=list(IMAGE_SETS))
     args = ap.parse_args()
-    path = bench_images(args.image)[0]
+    path = bench_images(args.image, args.image_set)[0]
     src = load_png(path)
     a, b = (int(v) for v in args.columns.split(":"))
     missing = [str(p) for m in args.methods if not (p := output_path(m, path.name, args.target)).exists()]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .common import RESULTS, ROOT, bench_images
+from .common import IMAGE_SETS, RESULTS, ROOT, bench_images
 
 # The quality-against-compute runs, in the order they were made (bench/results/curves/).
 CURVE_RUNS = ["c128", "c128_ema", "c64", "c96", "c128_cal_ema", "c128_cal_ema_fastsched", "c128_skip",
@@ -65,22 +65,29 @@ def _wins(data: dict[str, Any], method: str, target: str) -> str:
     return f"{n}/{len(ours)}"
 
 
-def _images_flag(names: list[str]) -> str:
-    """The ``--images`` part of a benchmark command: empty when it ran on the whole set."""
-    if len(names) == len(bench_images()):
-        return ""
-    return f"--images {','.join(n.rsplit('.', 1)[0] for n in names)} "
+def _images_flag(data: dict[str, Any]) -> str:
+    """The ``--image-set`` and ``--images`` parts of a benchmark command: empty for the whole
+    standard set (older results do not name their set: they ran on the standard one)."""
+    image_set = data.get("image_set", "standard")
+    flag = "" if image_set == "standard" else f"--image-set {image_set} "
+    names = data["images"]
+    if len(names) == len(bench_images(image_set=image_set)):
+        return flag
+    return flag + f"--images {','.join(n.rsplit('.', 1)[0] for n in names)} "
 
 
 def _quality(data: dict[str, Any]) -> list[str]:
     presets = data["presets"]
     its = ", ".join(f"`{p}` {n:,} iterations" for p, n in data["iterations"].items())
-    out = [f"### Quality: {', '.join(f'`{p}`' for p in presets)} beside bicubic resize, centre crop and seam carving", "",
+    image_set = data.get("image_set", "standard")
+    on = "" if image_set == "standard" else f", {image_set} image set"
+    out = [f"### Quality: {', '.join(f'`{p}`' for p in presets)} beside bicubic resize, centre crop and seam carving{on}", "",
            f"Machine: {_machine(data['machine'])}.",
            f"Command: `python -m bench.quality --presets {','.join(p.split('+')[0] for p in presets) if data.get('overrides') else ','.join(presets)} "
-           f"{_images_flag(data['images'])}--jobs {data['jobs']}{''.join(' --set ' + o for o in data.get('overrides') or [])}"
+           f"{_images_flag(data)}--jobs {data['jobs']}{''.join(' --set ' + o for o in data.get('overrides') or [])}"
            f"{' --label ' + presets[0].split('+')[1] if '+' in presets[0] else ''}` ({its}).",
-           f"Images: the {len(data['images'])} of `bench/images/` (256 px on the longer side): {', '.join(data['images'])}."
+           f"Images: the {len(data['images'])} of `{IMAGE_SETS[data.get('image_set', 'standard')].relative_to(ROOT)}/` "
+           f"(256 px on the longer side): {', '.join(data['images'])}."
            + (f" The {data['note']}." if data.get("note") else ""), "",
            "Means over the images; lower is better for every column. C+C = completeness + coherence (x1000). "
            "Square = source height x source height (for the two square sources bicubic and crop return the source itself).", "",
