@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ingan.config import get_preset
+
 from .common import IMAGE_SETS, RESULTS, ROOT, bench_images
 
 # The quality-against-compute runs, in the order they were made (bench/results/curves/).
@@ -76,6 +78,12 @@ def _images_flag(data: dict[str, Any]) -> str:
     return flag + f"--images {','.join(n.rsplit('.', 1)[0] for n in names)} "
 
 
+def _iterations_flag(data: dict[str, Any]) -> str:
+    """The ``--iterations`` part of a quality command: empty when every preset ran its own count."""
+    counts = {n for name, n in data["iterations"].items() if n != get_preset(name.split("+")[0]).train.iterations}
+    return f"--iterations {counts.pop()} " if counts else ""
+
+
 def _quality(data: dict[str, Any]) -> list[str]:
     presets = data["presets"]
     its = ", ".join(f"`{p}` {n:,} iterations" for p, n in data["iterations"].items())
@@ -84,7 +92,7 @@ def _quality(data: dict[str, Any]) -> list[str]:
     out = [f"### Quality: {', '.join(f'`{p}`' for p in presets)} beside bicubic resize, centre crop and seam carving{on}", "",
            f"Machine: {_machine(data['machine'])}.",
            f"Command: `python -m bench.quality --presets {','.join(p.split('+')[0] for p in presets) if data.get('overrides') else ','.join(presets)} "
-           f"{_images_flag(data)}--jobs {data['jobs']}{''.join(' --set ' + o for o in data.get('overrides') or [])}"
+           f"{_images_flag(data)}{_iterations_flag(data)}--jobs {data['jobs']}{''.join(' --set ' + o for o in data.get('overrides') or [])}"
            f"{' --label ' + presets[0].split('+')[1] if '+' in presets[0] else ''}` ({its}).",
            f"Images: the {len(data['images'])} of `{IMAGE_SETS[data.get('image_set', 'standard')].relative_to(ROOT)}/` "
            f"(256 px on the longer side): {', '.join(data['images'])}."
@@ -103,7 +111,8 @@ def _quality(data: dict[str, Any]) -> list[str]:
         if timing:
             tr = [v["train_s"] for v in timing.values()]
             rt = [v["retarget_s"] for v in timing.values()]
-            out.append(f"`{preset}` training, {data['jobs']} images at once, one torch thread each: "
+            out.append(f"`{preset}` training, {data['jobs']} image{'s' if data['jobs'] != 1 else ''} at once, "
+                       "one torch thread each: "
                        f"{min(tr) / 60:.1f}-{max(tr) / 60:.1f} min per image (mean {sum(tr) / len(tr) / 60:.1f}); "
                        f"retargeting the three outputs {max(rt):.2f} s at most.")
     for t in ("width_x2", "width_x05", "square"):
