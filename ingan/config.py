@@ -76,6 +76,11 @@ class TrainConfig:
     # Weight of an L1 loss between the per-channel mean and standard deviation of G's output and
     # of its input crop: a retargeted crop keeps its colours (0 = off).
     tone_weight: float = 0.0
+    # Weight of a second fake for D: the real crop put through the iteration's geometric transform
+    # (a plain resize), so D learns that a stretch is not a retargeting (0 = off). Skipped when
+    # the output is within STRETCH_FREE of the crop's size on both axes, where a resize is close
+    # to the real crop.
+    stretch_negative: float = 0.0
     d_scale_pivot: float = 25 / 75  # coarse D scales weigh most before this, fine ones after
     noise: float = 1 / 255  # uniform input noise amplitude for G and D
     min_out_side: int = 16  # smallest sampled output side (D's finest net needs >= 9 px)
@@ -95,6 +100,8 @@ class TrainConfig:
             raise ValueError(f"max_shift {self.max_shift} must be within 0..{MAX_SHIFT} (normalised units)")
         if not 0.0 <= self.tone_weight < math.inf:  # also refuses NaN
             raise ValueError(f"tone_weight {self.tone_weight} must be a finite number >= 0")
+        if not 0.0 <= self.stretch_negative < math.inf:
+            raise ValueError(f"stretch_negative {self.stretch_negative} must be a finite number >= 0")
 
     def with_overrides(self, **kw: Any) -> TrainConfig:
         return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})

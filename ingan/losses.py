@@ -13,6 +13,11 @@ def d_loss(d_real: Tensor, d_fake: Tensor) -> Tensor:
                   + F.mse_loss(d_fake, d_fake.new_zeros(()).expand_as(d_fake)))
 
 
+def d_fake_loss(d_fake: Tensor) -> Tensor:
+    """The fake half of the LSGAN discriminator loss alone, for an extra kind of fake."""
+    return 0.5 * F.mse_loss(d_fake, d_fake.new_zeros(()).expand_as(d_fake))
+
+
 def g_adv_loss(d_fake: Tensor) -> Tensor:
     """LSGAN generator loss: the discriminator should call the fake real."""
     return F.mse_loss(d_fake, d_fake.new_ones(()).expand_as(d_fake))

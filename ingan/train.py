@@ -24,9 +24,14 @@ from torch.nn.utils import parametrize
 
 from . import losses
 from .config import ModelConfig, TrainConfig
-from .geometry import homography
+from .geometry import homography, warp
 from .images import to_model_input, working_image
 from .networks import Generator, MultiScaleDiscriminator
+
+# With ``stretch_negative``, outputs within this factor of the crop's size on both axes get no
+# stretched fake: a resize that small is close to the real crop, and D would be taught to call
+# nearly real patches fake.
+STRETCH_FREE = 1.2
 
 
 @dataclass(frozen=True)
@@ -247,6 +252,16 @@ class Trainer:
             crops.append(self.image[None, :, top:top + ch, left:left + cw])
         return crops[0] if len(crops) == 1 else torch.cat(crops)
 
+    def _stretched(self, real: Tensor, out_hw: tuple[int, int], matrix: Tensor | None) -> Tensor | None:
+        """The real crop resized (and warped) to the fake's shape, D's second fake; None when
+        the option is off or the shape is too close to the crop's for a resize to look wrong."""
+        if self.cfg.stretch_negative <= 0:
+            return None
+        near = all(abs(math.log(o / c)) < math.log(STRETCH_FREE) for o, c in zip(out_hw, real.shape[-2:], strict=True))
+        if matrix is None and near:
+            return None
+        return warp(real, out_hw, matrix)
+
     def _noisy(self, x: Tensor) -> Tensor:
         n = torch.rand(x.shape, generator=self.noise_rng, device=x.device, dtype=x.dtype)
         return x + (2 * n - 1) * self.cfg.noise
@@ -279,10 +294,14 @@ class Trainer:
 
         # D step on the same real crop and the (detached) fake.
         d.requires_grad_(True)
+        stretched = self._stretched(real, out_hw, matrix)
         with parametrize.cached(), self.autocast:
             d_real = d(self._noisy(real), weights).float()
             d_fake = d(self._noisy(fake.detach()), weights).float()
             loss_d = losses.d_loss(d_real, d_fake)
+            if stretched is not None:
+                d_stretched = d(self._noisy(stretched), weights).float()
+                loss_d = loss_d + cfg.stretch_negative * losses.d_fake_loss(d_stretched)
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         self.opt_d.step()

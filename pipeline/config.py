@@ -26,7 +26,7 @@ from .storage import RetryPolicy
 # (bf16 is not one of them: it never names a model, see model_tag.)
 _TAG_NEW_DEFAULTS: tuple[dict[str, object], dict[str, object]] = (
     {"d_batch_norm": True},
-    {"crops_per_step": 1, "tone_weight": 0.0},
+    {"crops_per_step": 1, "tone_weight": 0.0, "stretch_negative": 0.0},
 )
 
 
