@@ -113,8 +113,9 @@ def _quality(data: dict[str, Any]) -> list[str]:
             rt = [v["retarget_s"] for v in timing.values()]
             out.append(f"`{preset}` training, {data['jobs']} image{'s' if data['jobs'] != 1 else ''} at once, "
                        "one torch thread each: "
-                       f"{min(tr) / 60:.1f}-{max(tr) / 60:.1f} min per image (mean {sum(tr) / len(tr) / 60:.1f}); "
-                       f"retargeting the three outputs {max(rt):.2f} s at most.")
+                       + (f"{tr[0] / 60:.1f} min; " if len(tr) == 1 else
+                          f"{min(tr) / 60:.1f}-{max(tr) / 60:.1f} min per image (mean {sum(tr) / len(tr) / 60:.1f}); ")
+                       + f"retargeting the three outputs {max(rt):.2f} s at most.")
     for t in ("width_x2", "width_x05", "square"):
         sheet = f"quality_{'_'.join(presets).replace('+', '_')}_{t}.png"
         if (RESULTS / sheet).exists():
@@ -177,6 +178,12 @@ def _gpu(data: dict[str, Any]) -> list[str]:
         out += ["", "| `fast` trainings per GPU | aggregate iterations / s | images per GPU-hour |", "|---|---|---|"]
         for r in data["packing"]:
             out.append(f"| {r['trainings_per_gpu']} | {r['aggregate_iters_per_s']:.1f} | {r['images_per_gpu_hour']:.1f} |")
+    for key in ("quality", "quality_patterns"):
+        q = data.get(key)
+        if q:
+            done = (f"stopped by the time budget after {q['timed_out_after_s']:.0f} s" if "timed_out_after_s" in q
+                    else f"exit code {q['returncode']}, scores in `{q['results']}` (its table above)")
+            out += ["", f"`python {q['command']}`: {done}."]
     return out + [""]
 
 
