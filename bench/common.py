@@ -72,12 +72,22 @@ def bench_images(names: str | None = None, image_set: str = "standard") -> list[
     return [by_name[n] for n in wanted]
 
 
-def add_image_args(ap: argparse.ArgumentParser, images_default: str | None = None) -> None:
-    """``--images`` and ``--image-set``, the same for every benchmark that trains on the set."""
+def add_image_set_arg(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--image-set", default="standard", choices=list(IMAGE_SETS),
                     help="which bench/images set (default: standard; patterns: bench/images/patterns)")
-    ap.add_argument("--images", default=images_default,
-                    help="comma-separated names from the image set (default: all of them)")
+
+
+def add_image_args(ap: argparse.ArgumentParser) -> None:
+    """``--images`` and ``--image-set``, the same for every benchmark that trains on the set."""
+    add_image_set_arg(ap)
+    ap.add_argument("--images", help="comma-separated names from the image set (default: all of them)")
+
+
+def quality_label(methods: list[str], image_set: str = "standard") -> str:
+    """What ``bench.quality`` names a run's files after: ``quality_<label>.json`` and its sheets."""
+    label = "_".join(methods).replace("+", "_") or "baselines"
+    # The same presets on another set must not replace the standard set's results.
+    return label if image_set == "standard" else f"{label}_{image_set}"
 
 
 def parse_overrides(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -32,7 +32,7 @@ import torch
 
 from ingan.config import get_preset
 
-from .common import RESULTS, machine, save
+from .common import RESULTS, machine, quality_label, save
 from .train_speed import steady_trainer, time_training
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.
@@ -121,11 +121,10 @@ def _quality(device: torch.device, image_set: str, images: str, smoke: bool, lef
     if smoke:
         cmd += ["--iterations", "4"]
     print(f"quality: {' '.join(cmd[1:])} with {left:.0f} s left", flush=True)
-    suffix = "" if image_set == "standard" else f"_{image_set}"
     try:
         proc = subprocess.run(cmd, timeout=max(1.0, left), check=False)
         return {"command": " ".join(cmd[1:]), "returncode": proc.returncode,
-                "results": f"bench/results/quality_fast{suffix}.json"}
+                "results": f"bench/results/quality_{quality_label(['fast'], image_set)}.json"}
     except subprocess.TimeoutExpired:
         return {"command": " ".join(cmd[1:]), "timed_out_after_s": left}
 

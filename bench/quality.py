@@ -33,7 +33,15 @@ from ingan import images
 from ingan.config import get_preset
 from ingan.metrics import score_outputs
 
-from .common import RESULTS, add_image_args, bench_images, machine, parse_overrides, save
+from .common import (
+    RESULTS,
+    add_image_args,
+    bench_images,
+    machine,
+    parse_overrides,
+    quality_label,
+    save,
+)
 
 METRICS = ("completeness", "coherence", "swd")
 TARGETS = ("width x2", "width x0.5", "square")
@@ -208,9 +216,7 @@ def main() -> None:
             sel = [r for r in rows if r["target"] == t and r["method"] == method]
             m = {k: statistics.mean(r[k] for r in sel) for k in METRICS}
             mean.append({"target": t, "method": method, **m, "bds": m["completeness"] + m["coherence"]})
-    label = "_".join(names[p] for p in presets).replace("+", "_") or "baselines"
-    if args.image_set != "standard":  # the same presets on another set must not replace these results
-        label += f"_{args.image_set}"
+    label = quality_label([names[p] for p in presets], args.image_set)
     for t in TARGETS:
         sheet_rows = [(p.name, images.load(str(p)), {m: outputs[p.name][m][t] for m in methods}) for p in paths]
         contact_sheet(sheet_rows, RESULTS / f"quality_{label}_{_slug(t)}.png")

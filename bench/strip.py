@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import IMAGE_SETS, bench_images
+from .common import add_image_set_arg, bench_images
 from .quality import TARGETS, contact_sheet, load_png, output_path
 
 
@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("methods", nargs="+", help="method folders, e.g. bicubic cpu+skip")
     ap.add_argument("--columns", required=True, help="A:B, output columns to show")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--image-set", default="standard", choices=list(IMAGE_SETS))
+    add_image_set_arg(ap)
     args = ap.parse_args()
     path = bench_images(args.image, args.image_set)[0]
     src = load_png(path)

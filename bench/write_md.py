@@ -10,7 +10,7 @@ from typing import Any
 
 from ingan.config import get_preset
 
-from .common import IMAGE_SETS, RESULTS, ROOT, bench_images
+from .common import IMAGE_SETS, RESULTS, ROOT, bench_images, quality_label
 
 # The quality-against-compute runs, in the order they were made (bench/results/curves/).
 CURVE_RUNS = ["c128", "c128_ema", "c64", "c96", "c128_cal_ema", "c128_cal_ema_fastsched", "c128_skip",
@@ -94,7 +94,7 @@ def _quality(data: dict[str, Any]) -> list[str]:
            f"Command: `python -m bench.quality --presets {','.join(p.split('+')[0] for p in presets) if data.get('overrides') else ','.join(presets)} "
            f"{_images_flag(data)}{_iterations_flag(data)}--jobs {data['jobs']}{''.join(' --set ' + o for o in data.get('overrides') or [])}"
            f"{' --label ' + presets[0].split('+')[1] if '+' in presets[0] else ''}` ({its}).",
-           f"Images: the {len(data['images'])} of `{IMAGE_SETS[data.get('image_set', 'standard')].relative_to(ROOT)}/` "
+           f"Images: the {len(data['images'])} of `{IMAGE_SETS[image_set].relative_to(ROOT)}/` "
            f"(256 px on the longer side): {', '.join(data['images'])}."
            + (f" The {data['note']}." if data.get("note") else ""), "",
            "Means over the images; lower is better for every column. C+C = completeness + coherence (x1000). "
@@ -117,7 +117,7 @@ def _quality(data: dict[str, Any]) -> list[str]:
                           f"{min(tr) / 60:.1f}-{max(tr) / 60:.1f} min per image (mean {sum(tr) / len(tr) / 60:.1f}); ")
                        + f"retargeting the three outputs {max(rt):.2f} s at most.")
     for t in ("width_x2", "width_x05", "square"):
-        sheet = f"quality_{'_'.join(presets).replace('+', '_')}_{t}.png"
+        sheet = f"quality_{quality_label(presets, image_set)}_{t}.png"
         if (RESULTS / sheet).exists():
             out += ["", f"![{t}](bench/results/{sheet})"]
     return out + [""]

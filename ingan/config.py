@@ -77,9 +77,9 @@ class TrainConfig:
     # of its input crop: a retargeted crop keeps its colours (0 = off).
     tone_weight: float = 0.0
     # Weight of a second fake for D: the real crop put through the iteration's geometric transform
-    # (a plain resize), so D learns that a stretch is not a retargeting (0 = off). Skipped when
-    # the output is within STRETCH_FREE of the crop's size on both axes, where a resize is close
-    # to the real crop.
+    # (a plain resize), so D learns that a stretch is not a retargeting (0 = off). Skipped for
+    # unshifted outputs within 20% of the crop's size on both axes (ingan.train.STRETCH_FREE),
+    # where a resize is close to the real crop.
     stretch_negative: float = 0.0
     d_scale_pivot: float = 25 / 75  # coarse D scales weigh most before this, fine ones after
     noise: float = 1 / 255  # uniform input noise amplitude for G and D

@@ -9,8 +9,7 @@ from torch import Tensor
 
 def d_loss(d_real: Tensor, d_fake: Tensor) -> Tensor:
     """LSGAN discriminator loss: real maps pulled to 1, fake maps to 0."""
-    return 0.5 * (F.mse_loss(d_real, d_real.new_ones(()).expand_as(d_real))
-                  + F.mse_loss(d_fake, d_fake.new_zeros(()).expand_as(d_fake)))
+    return 0.5 * F.mse_loss(d_real, d_real.new_ones(()).expand_as(d_real)) + d_fake_loss(d_fake)
 
 
 def d_fake_loss(d_fake: Tensor) -> Tensor:

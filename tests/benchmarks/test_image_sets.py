@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from bench.common import IMAGE_SETS, bench_images
+from bench.common import IMAGE_SETS, bench_images, quality_label
 
 
 @pytest.mark.parametrize("image_set", list(IMAGE_SETS))
@@ -33,3 +33,10 @@ def test_names_are_looked_up_in_the_chosen_set() -> None:
         bench_images("gravel")
     with pytest.raises(SystemExit, match="choose one of: standard, patterns"):
         bench_images(image_set="textures")
+
+
+def test_results_of_another_set_are_named_apart() -> None:
+    assert quality_label(["cpu", "tiny"]) == "cpu_tiny"
+    assert quality_label(["cpu+noskip"]) == "cpu_noskip"
+    assert quality_label(["cpu"], "patterns") == "cpu_patterns"
+    assert quality_label([], "patterns") == "baselines_patterns"
