@@ -1,6 +1,7 @@
 """Every GPU figure in one command, within a time budget, on one lent GPU.
 
-    python -m bench.gpu [--budget-s 540] [--peak-tflops 989] [--quality-images a,b,c,d] [--pattern-images a,b]
+    python -m bench.gpu [--budget-s 540] [--peak-tflops 989] [--pack-counts 1,4,16]
+                        [--quality-images a,b,c,d] [--pattern-images a,b]
 
 Writes ``bench/results/gpu.json`` (and prints each figure as it comes):
 
@@ -8,12 +9,18 @@ Writes ``bench/results/gpu.json`` (and prints each figure as it comes):
    iterations/s and peak GPU memory (``bench.train_speed``'s method), training FLOPs per iteration
    counted with ``FlopCounterMode``, achieved TFLOP/s and its fraction of the GPU's dense bf16
    peak (``--peak-tflops``; by default looked up from the device name).
-2. **Packing**: ``fast`` trained 1, 2 and 4 at a time on the one GPU as Ray tasks with fractional
-   GPUs (``num_gpus`` 1, 0.5, 0.25), each for ``--pack-iterations`` steady-state iterations; the
-   aggregate iterations/s gives images per GPU-hour at ``fast``'s full schedule.
-3. **Quality**: ``fast`` trained on the benchmark images (``bench.quality``'s workers, 4 at a
-   time on the GPU) and scored beside bicubic, centre crop and seam carving, in what is left of the
-   budget; then, if a minute or more is left, the same on the patterns set (``--pattern-images``).
+2. **Where ``fast``'s iteration goes** (``bench.step_profile``): kernel launches and the GPU's busy
+   time per iteration, beside the iteration's wall time.
+3. **Packing**: ``fast`` trained k at a time on the one GPU (``--pack-counts``, default 1, 4 and
+   16) as Ray tasks with fractional GPUs (``num_gpus`` 1/k), each for ``--pack-iterations``
+   steady-state iterations; the aggregate iterations/s gives images per GPU-hour at ``fast``'s
+   full schedule.
+4. **Quality**: ``fast`` scored beside bicubic, centre crop and seam carving (``bench.quality``)
+   on the benchmark images (``--quality-images``) and on the patterns set (``--pattern-images``),
+   and ``fast`` with stretched fakes (``stretch_negative=2.0``) on the coins: all trained at once on
+   the GPU. The full schedule when the packing rate says it fits in what is left of the budget,
+   else the same schedule shortened to fit (the results record the iterations); skipped, with the
+   time it would need, when under a quarter of the schedule fits.
 
 ``--device cpu --smoke`` runs every part with a few iterations on the CPU: it checks the script,
 not the GPU.
@@ -33,6 +40,7 @@ import torch
 from ingan.config import get_preset
 
 from .common import RESULTS, machine, quality_label, save
+from .step_profile import profile_step
 from .train_speed import steady_trainer, time_training
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.
@@ -88,14 +96,15 @@ def _pack_task(iterations: int, device: str) -> dict[str, float]:
     return {"seconds": time.perf_counter() - start, "iterations": iterations}
 
 
-def packing(device: torch.device, iterations: int) -> list[dict[str, Any]]:
+def packing(device: torch.device, iterations: int, counts: list[int]) -> list[dict[str, Any]]:
     import ray
 
     gpus = 1 if device.type == "cuda" else 0
-    ray.init(num_gpus=gpus, num_cpus=8, include_dashboard=False, log_to_driver=False)
+    # One CPU per training: each one's host thread launches its kernels.
+    ray.init(num_gpus=gpus, num_cpus=max(counts), include_dashboard=False, log_to_driver=False)
     try:
         rows = []
-        for k in (1, 2, 4):
+        for k in counts:
             task = ray.remote(num_gpus=gpus / k if gpus else 0, num_cpus=1)(_pack_task)
             start = time.perf_counter()
             results = ray.get([task.remote(iterations, device.type) for _ in range(k)])
@@ -114,19 +123,61 @@ def packing(device: torch.device, iterations: int) -> list[dict[str, Any]]:
         ray.shutdown()
 
 
-def _quality(device: torch.device, image_set: str, images: str, smoke: bool, left: float) -> dict[str, Any]:
-    """``fast`` on some images of a set through ``bench.quality``, 4 at a time, stopped at ``left`` s."""
-    cmd = [sys.executable, "-m", "bench.quality", "--presets", "fast", "--device", device.type, "--jobs", "4",
-           "--image-set", image_set, "--images", images]
-    if smoke:
-        cmd += ["--iterations", "4"]
-    print(f"quality: {' '.join(cmd[1:])} with {left:.0f} s left", flush=True)
-    try:
-        proc = subprocess.run(cmd, timeout=max(1.0, left), check=False)
-        return {"command": " ".join(cmd[1:]), "returncode": proc.returncode,
-                "results": f"bench/results/quality_{quality_label(['fast'], image_set)}.json"}
-    except subprocess.TimeoutExpired:
-        return {"command": " ".join(cmd[1:]), "timed_out_after_s": left}
+# Set aside from the budget for what follows the trainings in each quality run: worker start-up,
+# retargeting, the three baselines (seam carving compiles first) and the scoring, on the CPU
+# (measured: over 130 s for four images, three runs at once, on a 16-core host).
+QUALITY_TAIL_S = 200.0
+# A quality run shorter than this fraction of fast's schedule says nothing of the preset: skipped.
+MIN_QUALITY_FRACTION = 0.25
+
+
+def quality_iterations(full: int, rate_each: float, seconds: float) -> int:
+    """Iterations per training that fit in ``seconds`` at ``rate_each`` iterations/s: the preset's
+    own schedule when it fits, else a shorter one (whole hundreds, at least 100), whose shape the
+    schedule keeps, since its milestones are fractions of the run."""
+    fits = int(rate_each * seconds) // 100 * 100
+    return full if fits >= full else max(100, fits)
+
+
+def quality_runs(pattern_images: str, quality_images: str, smoke: bool) -> list[dict[str, Any]]:
+    """The quality runs, trained at the same time on the one GPU: ``fast`` on the standard images,
+    on the patterns set, and ``fast`` with stretched fakes on the coins (whether the full network
+    draws more coins at twice the width where the cpu preset draws wider ones)."""
+    runs = [{"image_set": "standard", "images": "coffee,china" if smoke else quality_images, "set": []},
+            {"image_set": "patterns", "images": "coins" if smoke else pattern_images, "set": []},
+            {"image_set": "patterns", "images": "coins", "set": ["stretch_negative=2.0"], "label": "stretch2"}]
+    for r in runs:
+        r["trainings"] = len(r["images"].split(","))
+    return runs
+
+
+def _quality(device: torch.device, runs: list[dict[str, Any]], iterations: int | None, left: float) -> list[dict[str, Any]]:
+    """``bench.quality`` for each run, all at once, each stopped at ``left`` s."""
+    procs = []
+    for r in runs:
+        cmd = [sys.executable, "-m", "bench.quality", "--presets", "fast", "--device", device.type,
+               "--jobs", str(r["trainings"]), "--image-set", r["image_set"], "--images", r["images"]]
+        for kv in r["set"]:
+            cmd += ["--set", kv]
+        if r.get("label"):
+            cmd += ["--label", r["label"]]
+        if iterations is not None:
+            cmd += ["--iterations", str(iterations)]
+        name = f"fast+{r['label']}" if r.get("label") else "fast"
+        print(f"quality: {' '.join(cmd[1:])} with {left:.0f} s left", flush=True)
+        procs.append((cmd, name, r, subprocess.Popen(cmd)))
+    deadline = time.perf_counter() + max(1.0, left)
+    out = []
+    for cmd, name, r, proc in procs:
+        row: dict[str, Any] = {"command": " ".join(cmd[1:]),
+                               "results": f"bench/results/quality_{quality_label([name], r['image_set'])}.json"}
+        try:
+            row["returncode"] = proc.wait(timeout=max(1.0, deadline - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            row["timed_out_after_s"] = left
+        out.append(row)
+    return out
 
 
 def main() -> None:
@@ -135,7 +186,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting new parts past this")
     ap.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: from its name)")
     ap.add_argument("--smoke", action="store_true", help="a few iterations of everything (checks the script)")
-    ap.add_argument("--pack-iterations", type=int, default=200)
+    ap.add_argument("--pack-iterations", type=int, default=100)
+    ap.add_argument("--pack-counts", default="1,4,16", help="trainings per GPU to measure, comma-separated")
     ap.add_argument("--quality-images", default="china,coffee,hubble_deep_field,brick",
                     help="benchmark images for fast's quality (all trained at once, 4 per GPU)")
     ap.add_argument("--pattern-images", default="coins,gravel,grass,ihc",
@@ -147,22 +199,46 @@ def main() -> None:
         sys.exit("no CUDA device here: this benchmark is for a GPU machine (--device cpu --smoke checks the script)")
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or (peak_tflops(name) if device.type == "cuda" else None)
-    result: dict[str, Any] = {"machine": machine(), "device_name": name, "bf16_peak_tflops": peak, "smoke": args.smoke}
+    result: dict[str, Any] = {"machine": machine(), "command": " ".join(["python -m bench.gpu", *sys.argv[1:]]),
+                              "device_name": name, "bf16_peak_tflops": peak, "smoke": args.smoke}
 
-    result["speed"] = speed(device, iters=2 if args.smoke else 30, samples=1 if args.smoke else 3, peak=peak)
+    result["speed"] = speed(device, iters=2 if args.smoke else 20, samples=1 if args.smoke else 2, peak=peak)
     save("gpu", result)
-    result["packing"] = packing(device, 2 if args.smoke else args.pack_iterations)
+    result["step_profile"] = profile_step("fast", device, steps=1 if args.smoke else 3)
+    print(json.dumps(result["step_profile"]), flush=True)
+    save("gpu", result)
+    counts = sorted({int(k) for k in args.pack_counts.split(",") if k.strip()})
+    try:
+        result["packing"] = packing(device, 2 if args.smoke else args.pack_iterations, counts)
+    except Exception as exc:  # the speed figures are kept, and quality still runs, if Ray cannot start here
+        result["packing_error"] = f"{type(exc).__name__}: {exc}"
+        print(f"packing failed: {result['packing_error']}", flush=True)
     save("gpu", result)
 
-    result["quality"] = _quality(device, "standard", "coffee,china" if args.smoke else args.quality_images,
-                                 args.smoke, args.budget_s - (time.perf_counter() - started))
-    save("gpu", result)
-    # Then, in what is left, the patterns set: whether the full network draws more coins at
-    # twice the width where the cpu preset draws wider ones.
+    runs = quality_runs(args.pattern_images, args.quality_images, args.smoke)
+    trainings = sum(r["trainings"] for r in runs)
     left = args.budget_s - (time.perf_counter() - started)
-    if left > 60 or args.smoke:
-        result["quality_patterns"] = _quality(device, "patterns", "coins" if args.smoke else args.pattern_images,
-                                              args.smoke, left)
+    full = get_preset("fast").train.iterations
+    iterations: int | None = 4 if args.smoke else None
+    if not args.smoke:
+        # The trainings at once share the best aggregate rate measured with at most that many
+        # per GPU (or one training's rate, without Ray's figures).
+        fast_fp32 = next(r["iters_per_s"] for r in result["speed"] if r["preset"] == "fast" and not r["overrides"])
+        rates = [r["aggregate_iters_per_s"] for r in result.get("packing", []) if r["trainings_per_gpu"] <= trainings]
+        aggregate = max(rates, default=fast_fp32)
+        n = quality_iterations(full, aggregate / trainings, left - QUALITY_TAIL_S)
+        plan = {"trainings_at_once": trainings, "aggregate_iters_per_s": aggregate, "iterations": n,
+                "full_iterations": full, "seconds_left": left,
+                "seconds_needed_at_full": full * trainings / aggregate + QUALITY_TAIL_S}
+        result["quality_plan"] = plan
+        print(json.dumps(plan), flush=True)
+        if n < MIN_QUALITY_FRACTION * full:
+            plan["skipped"] = (f"{n} iterations fit, under {MIN_QUALITY_FRACTION:.0%} of fast's schedule: "
+                               "too few to say anything of its quality")
+            print(plan["skipped"], flush=True)
+            runs = []
+        iterations = None if n == full else n
+    result["quality_runs"] = _quality(device, runs, iterations, left) if runs else []
     result["wall_s"] = time.perf_counter() - started
     save("gpu", result)
     print(f"wrote {RESULTS / 'gpu.json'} in {result['wall_s']:.0f} s")

@@ -166,24 +166,44 @@ def _curves(labels: list[str], notes: dict[str, str]) -> list[str]:
 
 
 def _gpu(data: dict[str, Any]) -> list[str]:
-    out = [f"### GPU: {data['device_name']}", "", f"Machine: {_machine(data['machine'])}. Command: `python -m bench.gpu`.", "",
+    out = [f"### GPU: {data['device_name']}", "", f"Machine: {_machine(data['machine'])}. Command: `{data.get('command', 'python -m bench.gpu')}`.", "",
            "| preset | configuration | iterations / s | peak GPU memory | GFLOPs / iteration | achieved TFLOP/s | of bf16 peak |",
            "|---|---|---|---|---|---|---|"]
     for r in data.get("speed", []):
         conf = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "fp32"
-        frac = f"{r['fraction_of_bf16_peak']:.1%}" if "fraction_of_bf16_peak" in r else "-"
+        frac = f"{r['fraction_of_bf16_peak']:.2%}" if "fraction_of_bf16_peak" in r else "-"
         out.append(f"| {r['preset']} | {conf} | {r['iters_per_s']:.1f} | {r.get('peak_gpu_mem_gib', 0):.2f} GiB "
-                   f"| {r['gflops_per_iteration']:.1f} | {r['achieved_tflops']:.1f} | {frac} |")
-    if data.get("packing"):
-        out += ["", "| `fast` trainings per GPU | aggregate iterations / s | images per GPU-hour |", "|---|---|---|"]
-        for r in data["packing"]:
-            out.append(f"| {r['trainings_per_gpu']} | {r['aggregate_iters_per_s']:.1f} | {r['images_per_gpu_hour']:.1f} |")
-    for key in ("quality", "quality_patterns"):
-        q = data.get(key)
-        if q:
-            done = (f"stopped by the time budget after {q['timed_out_after_s']:.0f} s" if "timed_out_after_s" in q
-                    else f"exit code {q['returncode']}, scores in `{q['results']}` (its table above)")
-            out += ["", f"`python {q['command']}`: {done}."]
+                   f"| {r['gflops_per_iteration']:.1f} | {r['achieved_tflops']:.2f} | {frac} |")
+    prof = data.get("step_profile")
+    if prof:
+        out += ["", f"One `fast` iteration (`bench.step_profile`): {prof['seconds_per_iter'] * 1e3:.0f} ms of wall time, "
+                f"{prof['ops']:,.0f} operators and {prof['launches']:,.0f} kernel launches from the host, "
+                f"{prof['device_busy_ms']:.1f} ms of kernel time on the GPU ({prof['device_busy_fraction']:.0%} busy)."]
+    packs = [(r, "Ray tasks") for r in data.get("packing", [])] + [(r, "processes") for r in data.get("packing_processes", [])]
+    if packs:
+        out += ["", "| `fast` trainings per GPU | as | aggregate iterations / s | images per GPU-hour |", "|---|---|---|---|"]
+        for r, how in sorted(packs, key=lambda x: x[0]["trainings_per_gpu"]):
+            out.append(f"| {r['trainings_per_gpu']} | {how} | {r['aggregate_iters_per_s']:.1f} | {r['images_per_gpu_hour']:.1f} |")
+    if data.get("packing_processes_method"):
+        out += ["", data["packing_processes_method"]]
+    if data.get("packing_error"):
+        out += ["", f"Packing did not run: {data['packing_error']}."]
+    plan = data.get("quality_plan")
+    if plan:
+        out += ["", f"Quality: {plan['trainings_at_once']} trainings at once, {plan['iterations']:,} iterations each "
+                f"(`fast`'s schedule is {plan['full_iterations']:,}), chosen to fit the {plan['seconds_left']:.0f} s left."]
+        if plan.get("seconds_needed_at_full"):
+            out[-1] += f" The full schedule would need {plan['seconds_needed_at_full'] / 60:.0f} minutes."
+        if plan.get("skipped"):
+            out[-1] += f" Skipped: {plan['skipped']}."
+    for q in data.get("quality_runs", []):
+        if "timed_out_after_s" in q:
+            done = f"stopped by the time budget after {q['timed_out_after_s']:.0f} s"
+        elif (ROOT / q["results"]).exists():
+            done = f"exit code {q['returncode']}, scores in `{q['results']}` (its table above)"
+        else:
+            done = f"exit code {q['returncode']}; its results are not kept"
+        out += ["", f"`python {q['command']}`: {done}."]
     return out + [""]
 
 
