@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from ingan.config import get_preset
 from ingan.train import hms
 
 from . import cluster, executor, report
@@ -162,11 +163,15 @@ def resolve_preset(cfg: RunConfig, gpus: float) -> str:
 AUTO_GPU_SHARE = 0.25
 
 
-def resolve_num_gpus(cfg: RunConfig, gpus_expected: bool) -> float:
-    """GPUs per task: the configured share, else a quarter of one where GPUs exist, else none."""
+def resolve_num_gpus(cfg: RunConfig, gpus_expected: bool, preset: str) -> float:
+    """GPUs per task: the configured share; else, where GPUs exist, a quarter of one for a preset
+    with a capped working image, and a whole one for a preset without a cap (paper), whose memory
+    grows with the source; none without GPUs."""
     if cfg.num_gpus is not None:
         return cfg.num_gpus
-    return AUTO_GPU_SHARE if gpus_expected else 0.0
+    if not gpus_expected:
+        return 0.0
+    return AUTO_GPU_SHARE if get_preset(preset).train.max_side is not None else 1.0
 
 
 def _versions() -> dict[str, str]:
@@ -213,7 +218,7 @@ def run(cfg: RunConfig, manifest_uri: str, dry_run: bool = False) -> int:
     gpus_now = cluster.cluster_gpus()
     gpus_expected = gpus_now > 0 or cluster.autoscaler_has_gpus()
     preset = resolve_preset(cfg, 1.0 if gpus_expected else 0.0)
-    num_gpus = resolve_num_gpus(cfg, gpus_expected)
+    num_gpus = resolve_num_gpus(cfg, gpus_expected, preset)
     slots = gpus_now / num_gpus if num_gpus else cluster.cluster_cpus() / cfg.num_cpus
     in_flight = cfg.max_in_flight or max(4, int(2 * slots))
     res = executor.Resources(cfg.num_cpus, num_gpus, in_flight, cfg.retries, cfg.timeout_s)

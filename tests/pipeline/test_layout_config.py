@@ -264,14 +264,16 @@ def test_auto_preset_is_cpu_without_gpus_and_fast_with_them() -> None:
     assert resolve_preset(RunConfig(output="/tmp/out", preset="tiny"), 1.0) == "tiny"
 
 
-def test_auto_gpu_share_packs_four_trainings_per_gpu_and_an_explicit_share_wins() -> None:
+def test_auto_gpu_share_packs_four_capped_trainings_per_gpu_and_an_explicit_share_wins() -> None:
     from pipeline.driver import resolve_num_gpus
 
     auto = RunConfig(output="/tmp/out")
-    assert resolve_num_gpus(auto, gpus_expected=True) == 0.25
-    assert resolve_num_gpus(auto, gpus_expected=False) == 0.0
-    assert resolve_num_gpus(RunConfig(output="/tmp/out", num_gpus=1), gpus_expected=True) == 1.0
-    assert resolve_num_gpus(RunConfig(output="/tmp/out", num_gpus=0.5), gpus_expected=False) == 0.5
+    assert resolve_num_gpus(auto, True, "fast") == 0.25
+    assert resolve_num_gpus(auto, True, "cpu") == 0.25
+    assert resolve_num_gpus(auto, True, "paper") == 1.0  # uncapped working image: a GPU of its own
+    assert resolve_num_gpus(auto, False, "cpu") == 0.0
+    assert resolve_num_gpus(RunConfig(output="/tmp/out", num_gpus=1), True, "fast") == 1.0
+    assert resolve_num_gpus(RunConfig(output="/tmp/out", num_gpus=0.5), False, "paper") == 0.5
 
 
 def test_model_tags_do_not_change_when_a_setting_is_added_at_its_default() -> None:
