@@ -124,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-shift", type=float, metavar="M",
                    help="train for shaped outputs too: top-corner shifts up to +-M (0..0.9; 0: rectangles only)")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 autocast for convolutions (default: the preset's; cpu turns it on where the "
-                        "device computes it natively: AVX512-BF16 or AMX CPUs, Ampere or later GPUs)")
+                   help="bfloat16 autocast for convolutions (default: the preset's; cpu turns it on for CPUs that "
+                        "compute it natively, AVX512-BF16 or AMX, and never on GPUs, where it is slower)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     t.add_argument("--quiet", action="store_true", help="no progress lines")
     t.add_argument("--out", required=True, help="checkpoint path to write")

@@ -87,8 +87,9 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = True  # same seed + same device -> bit-identical weights
     channels_last: bool = True  # NHWC tensors: faster convolutions on oneDNN and cuDNN
-    # bfloat16 autocast for convolutions (losses and weights stay float32). None: on where the
-    # device computes bfloat16 natively (CPUs with AVX512-BF16 or AMX, CUDA GPUs from Ampere on).
+    # bfloat16 autocast for convolutions (losses and weights stay float32). None: on for a CPU
+    # that computes bfloat16 natively (AVX512-BF16 or AMX), off on GPUs, where it measured slower
+    # (ingan.train.bf16_by_default).
     bf16: bool | None = False
     norm_calibration: int = 0  # forward passes that re-estimate the final G's BatchNorm statistics (0 = off)
     ema: float = 0.0  # decay of an exponential moving average of G's weights (0 = off); the

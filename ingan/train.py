@@ -73,6 +73,14 @@ def native_bf16(device: torch.device) -> bool:
     return any(probe is not None and probe() for probe in probes)
 
 
+def bf16_by_default(device: torch.device) -> bool:
+    """What ``bf16=None`` means on ``device``: on for a CPU that computes bfloat16 natively, off on
+    a GPU. A training iteration on a GPU is paced by its thousands of kernel launches, not by
+    arithmetic, and autocast adds cast kernels: on an H200 every preset trained slower in bfloat16
+    (cpu 1.6 iterations/s against 5.7 in float32, fast 2.6 against 3.8; BENCHMARKS.md, "GPU")."""
+    return device.type == "cpu" and native_bf16(device)
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,7 +128,7 @@ class Trainer:
         # Fused Adam: one kernel per parameter group instead of a dozen small ops per tensor.
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=train_cfg.lr, betas=betas, fused=True)
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=train_cfg.lr, betas=betas, fused=True)
-        self.bf16 = native_bf16(self.device) if train_cfg.bf16 is None else train_cfg.bf16
+        self.bf16 = bf16_by_default(self.device) if train_cfg.bf16 is None else train_cfg.bf16
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, self._lr_factor)
         self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, self._lr_factor)

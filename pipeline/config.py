@@ -50,7 +50,7 @@ class RunConfig(BaseModel):
     max_shift: float | None = Field(
         None, ge=0, le=MAX_SHIFT, description="train with top-corner shifts up to this (0..0.9); None: the preset's")
     bf16: bool | None = Field(
-        None, description="bfloat16 training: true, false, or None for the preset's (cpu: where the device has it natively)")
+        None, description="bfloat16 training: true, false, or None for the preset's (cpu: on CPUs that have it natively)")
     fill_color: tuple[int, int, int] = Field(
         (255, 255, 255), description="JPEG only: colour outside a shaped output's frame (its mask is a file beside it)")
     augment: int = Field(0, ge=0, le=1000, description="random variants per image per run, from its one model")

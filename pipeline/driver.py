@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shift", type=float, metavar="M",
                    help="train for shaped outputs: top-corner shifts up to +-M during training (0..0.9)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 training on or off (default: the preset's; cpu uses it where the device computes "
-                        "it natively: AVX512-BF16 or AMX CPUs, Ampere or later GPUs)")
+                   help="bfloat16 training on or off (default: the preset's; cpu uses it on CPUs that compute "
+                        "it natively, AVX512-BF16 or AMX, and never on GPUs, where it is slower)")
     p.add_argument("--augment", type=int, metavar="N",
                    help="N random variants per image (ratio, scale and, with --augment-shift, shape), "
                         "all from the image's one model: a trained image is only retargeted")

@@ -15,7 +15,7 @@ from ingan import losses, metrics
 from ingan.config import TrainConfig, get_preset
 from ingan.images import to_model_input
 from ingan.retarget import retarget_image
-from ingan.train import Progress, Trainer, native_bf16, train
+from ingan.train import Progress, Trainer, bf16_by_default, native_bf16, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -216,6 +216,14 @@ def test_native_bf16_on_cuda_means_ampere_or_later(monkeypatch: pytest.MonkeyPat
     assert native_bf16(torch.device("cuda")) is True  # the current device
     assert asked == [0, 1, 2]
     assert native_bf16(torch.device("meta")) is False
+
+
+def test_bf16_none_means_float32_on_a_gpu_even_an_ampere_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert native_bf16(torch.device("cuda")) is True
+    assert bf16_by_default(torch.device("cuda")) is False
+    assert bf16_by_default(torch.device("cpu")) is native_bf16(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf")])
