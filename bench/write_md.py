@@ -179,6 +179,8 @@ def _gpu(data: dict[str, Any]) -> list[str]:
         out += ["", f"One `fast` iteration (`bench.step_profile`): {prof['seconds_per_iter'] * 1e3:.0f} ms of wall time, "
                 f"{prof['ops']:,.0f} operators and {prof['launches']:,.0f} kernel launches from the host, "
                 f"{prof['device_busy_ms']:.1f} ms of kernel time on the GPU ({prof['device_busy_fraction']:.0%} busy)."]
+    if data.get("step_profile_error"):
+        out += ["", f"The step profile did not run: {data['step_profile_error']}."]
     packs = [(r, "Ray tasks") for r in data.get("packing", [])] + [(r, "processes") for r in data.get("packing_processes", [])]
     if packs:
         out += ["", "| `fast` trainings per GPU | as | aggregate iterations / s | images per GPU-hour |", "|---|---|---|---|"]
