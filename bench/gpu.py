@@ -1,18 +1,20 @@
-"""Every GPU figure in one command, within a time budget, on one lent GPU.
+"""Every GPU figure in one command, within a time budget, on one GPU.
 
-    python -m bench.gpu [--budget-s 540] [--peak-tflops 989] [--pack-counts 1,4,16]
+    python -m bench.gpu [--budget-s 540] [--peak-tflops 989] [--pack-counts 1,4,8,16]
                         [--quality-images a,b,c,d] [--pattern-images a,b]
 
-Writes ``bench/results/gpu.json`` (and prints each figure as it comes):
+Writes ``bench/results/gpu.json`` (``gpu_smoke.json`` with ``--smoke``) and prints each figure as it
+comes:
 
-1. **Speed per preset** (``tiny``, ``cpu``, ``fast``, ``paper``, fp32 and bf16): steady-state
-   iterations/s and peak GPU memory (``bench.train_speed``'s method), training FLOPs per iteration
-   counted with ``FlopCounterMode``, achieved TFLOP/s and its fraction of the GPU's dense bf16
-   peak (``--peak-tflops``; by default looked up from the device name).
+1. **Speed per preset** (``tiny``, ``cpu``, ``fast``, ``paper``, fp32 and bf16; and ``fast`` with
+   four crops per iteration): steady-state iterations/s and peak GPU memory
+   (``bench.train_speed``'s method), training FLOPs per iteration counted with
+   ``FlopCounterMode``, achieved TFLOP/s and its fraction of the GPU's dense bf16 peak
+   (``--peak-tflops``; by default looked up from the device name).
 2. **Where ``fast``'s iteration goes** (``bench.step_profile``): kernel launches and the GPU's busy
    time per iteration, beside the iteration's wall time.
-3. **Packing**: ``fast`` trained k at a time on the one GPU (``--pack-counts``, default 1, 4 and
-   16) as Ray tasks with fractional GPUs (``num_gpus`` 1/k), each for ``--pack-iterations``
+3. **Packing**: ``fast`` trained k at a time on the one GPU (``--pack-counts``, default 1, 4, 8
+   and 16) as Ray tasks with fractional GPUs (``num_gpus`` 1/k), each for ``--pack-iterations``
    steady-state iterations; the aggregate iterations/s gives images per GPU-hour at ``fast``'s
    full schedule.
 4. **Quality**: ``fast`` scored beside bicubic, centre crop and seam carving (``bench.quality``)
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -177,7 +180,8 @@ def _quality(device: torch.device, runs: list[dict[str, Any]], iterations: int |
         print(f"quality: {' '.join(cmd[1:])} with {left:.0f} s left", flush=True)
         # The runs score on the CPU at the same time: each gets its share of the cores, not all of them.
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(runs)))}
-        procs.append((cmd, name, r, subprocess.Popen(cmd, env=env)))
+        # A session of its own, so that a run stopped at the deadline takes its pool's workers along.
+        procs.append((cmd, name, r, subprocess.Popen(cmd, env=env, start_new_session=True)))
     deadline = time.perf_counter() + max(1.0, left)
     out = []
     for cmd, name, r, proc in procs:
@@ -186,10 +190,21 @@ def _quality(device: torch.device, runs: list[dict[str, Any]], iterations: int |
         try:
             row["returncode"] = proc.wait(timeout=max(1.0, deadline - time.perf_counter()))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             row["timed_out_after_s"] = left
         out.append(row)
     return out
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = sorted({int(k) for k in text.split(",") if k.strip()})
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers of trainings per GPU, 1 or more, e.g. 1,4,8,16")
+    return counts
 
 
 def main() -> None:
@@ -199,13 +214,15 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: from its name)")
     ap.add_argument("--smoke", action="store_true", help="a few iterations of everything (checks the script)")
     ap.add_argument("--pack-iterations", type=int, default=100)
-    ap.add_argument("--pack-counts", default="1,4,16", help="trainings per GPU to measure, comma-separated")
+    ap.add_argument("--pack-counts", type=_counts, default="1,4,8,16", help="trainings per GPU to measure, comma-separated")
     ap.add_argument("--quality-images", default="china,coffee,hubble_deep_field,brick",
                     help="benchmark images for fast's quality (trained at once with the other quality runs)")
     ap.add_argument("--pattern-images", default="coins,gravel,grass,ihc",
                     help="patterns-set images for fast's quality, in the time left after the standard ones")
     args = ap.parse_args()
     started = time.perf_counter()
+    # A smoke run checks the script: it must not overwrite a GPU's figures.
+    out_name = "gpu_smoke" if args.smoke else "gpu"
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device here: this benchmark is for a GPU machine (--device cpu --smoke checks the script)")
@@ -215,21 +232,21 @@ def main() -> None:
                               "device_name": name, "bf16_peak_tflops": peak, "smoke": args.smoke}
 
     result["speed"] = speed(device, iters=2 if args.smoke else 20, samples=1 if args.smoke else 2, peak=peak)
-    save("gpu", result)
+    save(out_name, result)
     try:
         result["step_profile"] = profile_step("fast", device, steps=1 if args.smoke else 3)
         print(json.dumps(result["step_profile"]), flush=True)
     except Exception as exc:  # a profiler that cannot run here costs this part only
         result["step_profile_error"] = f"{type(exc).__name__}: {exc}"
         print(f"step profile failed: {result['step_profile_error']}", flush=True)
-    save("gpu", result)
-    counts = sorted({int(k) for k in args.pack_counts.split(",") if k.strip()})
+    save(out_name, result)
+    counts = args.pack_counts
     try:
         result["packing"] = packing(device, 2 if args.smoke else args.pack_iterations, counts)
     except Exception as exc:  # the speed figures are kept, and quality still runs, if Ray cannot start here
         result["packing_error"] = f"{type(exc).__name__}: {exc}"
         print(f"packing failed: {result['packing_error']}", flush=True)
-    save("gpu", result)
+    save(out_name, result)
 
     runs = quality_runs(args.pattern_images, args.quality_images, args.smoke)
     trainings = sum(r["trainings"] for r in runs)
@@ -256,8 +273,8 @@ def main() -> None:
         iterations = None if n == full else n
     result["quality_runs"] = _quality(device, runs, iterations, left) if runs else []
     result["wall_s"] = time.perf_counter() - started
-    save("gpu", result)
-    print(f"wrote {RESULTS / 'gpu.json'} in {result['wall_s']:.0f} s")
+    save(out_name, result)
+    print(f"wrote {RESULTS / (out_name + '.json')} in {result['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -171,14 +171,17 @@ def _gpu(data: dict[str, Any]) -> list[str]:
            "|---|---|---|---|---|---|---|"]
     for r in data.get("speed", []):
         conf = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "fp32"
-        frac = f"{r['fraction_of_bf16_peak']:.2%}" if "fraction_of_bf16_peak" in r else "-"
+        frac = f"{r['fraction_of_bf16_peak']:.3%}" if "fraction_of_bf16_peak" in r else "-"
         out.append(f"| {r['preset']} | {conf} | {r['iters_per_s']:.1f} | {r.get('peak_gpu_mem_gib', 0):.2f} GiB "
-                   f"| {r['gflops_per_iteration']:.1f} | {r['achieved_tflops']:.2f} | {frac} |")
+                   f"| {r['gflops_per_iteration']:.1f} | {r['achieved_tflops']:.3f} | {frac} |")
     prof = data.get("step_profile")
     if prof:
         out += ["", f"One `fast` iteration (`bench.step_profile`): {prof['seconds_per_iter'] * 1e3:.0f} ms of wall time, "
-                f"{prof['ops']:,.0f} operators and {prof['launches']:,.0f} kernel launches from the host, "
-                f"{prof['device_busy_ms']:.1f} ms of kernel time on the GPU ({prof['device_busy_fraction']:.0%} busy)."]
+                f"{prof['ops']:,.0f} operators called"]
+        if "launches" in prof:  # measured on a GPU
+            out[-1] += (f", {prof['launches']:,.0f} kernel launches from the host, {prof['device_busy_ms']:.1f} ms of "
+                        f"kernel time on the GPU ({prof['device_busy_fraction']:.0%} busy)")
+        out[-1] += "."
     if data.get("step_profile_error"):
         out += ["", f"The step profile did not run: {data['step_profile_error']}."]
     packs = [(r, "Ray tasks") for r in data.get("packing", [])] + [(r, "processes") for r in data.get("packing_processes", [])]

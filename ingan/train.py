@@ -60,9 +60,9 @@ SnapshotFn = Callable[["Trainer"], None]
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 convolutions natively, so autocast to it is faster than
-    float32: a CPU with AVX512-BF16 or AMX tiles, a CUDA GPU of compute capability 8.0 (Ampere)
-    or later. Elsewhere bfloat16 is emulated and slower."""
+    """Whether ``device`` computes bfloat16 convolutions natively: a CPU with AVX512-BF16 or AMX
+    tiles, a CUDA GPU of compute capability 8.0 (Ampere) or later. Elsewhere bfloat16 is emulated
+    and slower. Whether a training uses it by default is ``bf16_by_default``'s call."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return torch.cuda.get_device_capability(index) >= (8, 0)

@@ -154,15 +154,27 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 0.0))
 
 
-def autoscaler_has_gpus(path: str = "~/ray_bootstrap_config.yaml") -> bool:
-    """On a head started by ``ray up``, whether any configured worker type has GPUs: the cluster
-    may have none *yet* (workers scale from zero) yet be meant for GPU training."""
+def autoscaler_max_gpus(path: str = "~/ray_bootstrap_config.yaml") -> float:
+    """On a head started by ``ray up``, how many GPUs the autoscaler may bring up: each worker
+    type's GPUs times its ``max_workers`` (within the cluster's own ``max_workers``). The cluster
+    may have none *yet* (workers scale from zero) yet be meant for GPU training; 0 off such a head."""
     try:
         import yaml
 
         with open(os.path.expanduser(path), encoding="utf-8") as f:
             cfg = yaml.safe_load(f) or {}
     except (OSError, ValueError):
-        return False
-    types = cfg.get("available_node_types") or {}
-    return any(float((t.get("resources") or {}).get("GPU", 0)) > 0 for t in types.values() if isinstance(t, dict))
+        return 0.0
+    if not isinstance(cfg, dict):
+        return 0.0
+    cap = cfg.get("max_workers")
+    total = 0.0
+    for t in (cfg.get("available_node_types") or {}).values():
+        if not isinstance(t, dict):
+            continue
+        gpus = float((t.get("resources") or {}).get("GPU", 0))
+        workers = t.get("max_workers", cap or 0)
+        if cap is not None:
+            workers = min(workers, cap)
+        total += gpus * max(0, workers)
+    return total

@@ -61,7 +61,7 @@ class RunConfig(BaseModel):
     image_format: Literal["png", "jpeg", "webp"] = "png"
     metrics: bool = Field(True, description="score every output against its source")
     metrics_max_side: int = Field(192, ge=16, description="images are scored at most this large")
-    num_gpus: float | None = Field(None, ge=0, le=8, description="GPUs per task; fractions pack trainings; None: auto")
+    num_gpus: float | None = Field(None, ge=0, le=8, description="GPUs per task; fractions pack trainings; None: 0.25 with GPUs (paper: 1), 0 without")
     num_cpus: float = Field(1, gt=0, le=256, description="CPUs per task (also its torch threads)")
     max_in_flight: int | None = Field(None, ge=1, le=100_000, description="tasks submitted at once; None: auto")
     timeout_s: float | None = Field(6 * 3600, gt=0, description="per-image limit, seconds")

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="override the preset's training iterations")
     p.add_argument("--seed", type=int)
     p.add_argument("--format", dest="image_format", choices=["png", "jpeg", "webp"])
-    p.add_argument("--num-gpus", type=float, help="GPUs per task (fractions pack several trainings per GPU)")
+    p.add_argument("--num-gpus", type=float, help="GPUs per task; fractions pack several trainings per GPU "
+                                                  "(default: 0.25 where GPUs exist, 1 for paper, 0 without)")
     p.add_argument("--num-cpus", type=float, help="CPUs per task")
     p.add_argument("--max-in-flight", type=int, help="tasks submitted at once")
     p.add_argument("--timeout", dest="timeout_s", type=float, help="per-image limit in seconds")
@@ -216,10 +217,13 @@ def run(cfg: RunConfig, manifest_uri: str, dry_run: bool = False) -> int:
     started = time.time()
     _log(f"connecting to Ray: {cluster.connect(timeout_s=cfg.connect_timeout_s)}")
     gpus_now = cluster.cluster_gpus()
-    gpus_expected = gpus_now > 0 or cluster.autoscaler_has_gpus()
+    # GPU workers may scale from zero: tasks are submitted for the GPUs the autoscaler may bring
+    # up, since the pending ones are what make it bring them up.
+    gpus_planned = max(gpus_now, cluster.autoscaler_max_gpus())
+    gpus_expected = gpus_planned > 0
     preset = resolve_preset(cfg, 1.0 if gpus_expected else 0.0)
     num_gpus = resolve_num_gpus(cfg, gpus_expected, preset)
-    slots = gpus_now / num_gpus if num_gpus else cluster.cluster_cpus() / cfg.num_cpus
+    slots = gpus_planned / num_gpus if num_gpus else cluster.cluster_cpus() / cfg.num_cpus
     in_flight = cfg.max_in_flight or max(4, int(2 * slots))
     res = executor.Resources(cfg.num_cpus, num_gpus, in_flight, cfg.retries, cfg.timeout_s)
     job = Job(cfg, preset, cfg.model_tag(preset))
@@ -227,7 +231,7 @@ def run(cfg: RunConfig, manifest_uri: str, dry_run: bool = False) -> int:
                 "max_in_flight_resolved": in_flight, "manifest": manifest_uri}
     out.write_json("config.json", resolved)
     _log(f"{n} images -> {out.uri('')} | preset {preset} | {num_gpus:g} GPU + {cfg.num_cpus:g} CPU per task "
-         f"| {in_flight} in flight | cluster GPUs now: {gpus_now:g}")
+         f"| {in_flight} in flight | cluster GPUs now: {gpus_now:g}, at most: {gpus_planned:g}")
 
     carried_schema = pa.schema([f for _, _, f in carried])
     stream = ResultStream(out, carried_schema, keep=cfg.report_max_items)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+
+import pytest
 import torch
 
-from bench.gpu import quality_iterations
+from bench.common import RESULTS
+from bench.gpu import _counts, quality_iterations
 from bench.step_profile import profile_step
+from bench.write_md import _gpu
 
 
 def test_quality_runs_the_full_schedule_when_it_fits_and_a_shorter_one_when_not() -> None:
@@ -24,3 +30,19 @@ def test_step_profile_counts_operators_called_from_python_not_their_insides() ->
     assert "aten::convolution" not in row["top_ops"] and "aten::_convolution" not in row["top_ops"]
     assert row["ops"] >= sum(row["top_ops"].values()) - 1e-9
     assert "launches" not in row  # kernel launches are counted on a GPU only
+
+
+def test_the_gpu_section_renders_a_step_profile_measured_without_a_gpu() -> None:
+    data = json.loads((RESULTS / "gpu.json").read_text())
+    lines = "\n".join(_gpu(data))
+    assert "kernel launches from the host" in lines
+    data["step_profile"] = profile_step("tiny", torch.device("cpu"), steps=1)
+    lines = "\n".join(_gpu(data))
+    assert "operators called." in lines and "kernel launches" not in lines
+
+
+def test_pack_counts_must_be_whole_numbers_of_one_or_more() -> None:
+    assert _counts("16, 1,4,4") == [1, 4, 16]
+    for bad in ("", "0,4", "two", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _counts(bad)

@@ -241,3 +241,24 @@ def test_start_commands(raw: dict[str, Any]) -> None:
     assert "--port=6379" in head_start
     worker_start = " ".join(raw["worker_start_ray_commands"])
     assert "--address=$RAY_HEAD_IP:6379" in worker_start
+
+
+def test_the_autoscalers_gpus_are_counted_from_its_worker_types(tmp_path: Path) -> None:
+    """A run on a cluster whose GPU workers scale from zero submits tasks for the GPUs the
+    autoscaler may bring up (its pending tasks are what bring them up)."""
+    from pipeline.cluster import autoscaler_max_gpus
+
+    assert autoscaler_max_gpus(str(REPO / "cluster.yaml")) == 8.0  # gpu_worker: 1 GPU, up to 8
+    path = tmp_path / "bootstrap.yaml"
+    path.write_text(
+        "max_workers: 10\n"
+        "available_node_types:\n"
+        "  head: {resources: {}, max_workers: 0}\n"
+        "  small: {resources: {CPU: 4, GPU: 1}, max_workers: 3}\n"
+        "  big: {resources: {CPU: 48, GPU: 4}, max_workers: 20}\n"  # capped at the cluster's 10
+        "  cpus: {resources: {CPU: 16}, max_workers: 5}\n"
+    )
+    assert autoscaler_max_gpus(str(path)) == 3 * 1 + 10 * 4
+    assert autoscaler_max_gpus(str(tmp_path / "absent.yaml")) == 0.0
+    path.write_text("just a string\n")
+    assert autoscaler_max_gpus(str(path)) == 0.0
