@@ -173,7 +173,9 @@ def autoscaler_max_gpus(path: str = "~/ray_bootstrap_config.yaml") -> float:
         if not isinstance(t, dict):
             continue
         gpus = float((t.get("resources") or {}).get("GPU", 0))
-        workers = t.get("max_workers", cap or 0)
+        workers = t.get("max_workers")
+        if workers is None:  # unstated: the cluster's bound, or at least one such worker
+            workers = cap if cap is not None else 1
         if cap is not None:
             workers = min(workers, cap)
         total += gpus * max(0, workers)

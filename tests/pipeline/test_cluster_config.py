@@ -259,6 +259,8 @@ def test_the_autoscalers_gpus_are_counted_from_its_worker_types(tmp_path: Path) 
         "  cpus: {resources: {CPU: 16}, max_workers: 5}\n"
     )
     assert autoscaler_max_gpus(str(path)) == 3 * 1 + 10 * 4
+    path.write_text("available_node_types:\n  gpu: {resources: {GPU: 2}}\n")  # no bound stated anywhere
+    assert autoscaler_max_gpus(str(path)) == 2.0
     assert autoscaler_max_gpus(str(tmp_path / "absent.yaml")) == 0.0
     path.write_text("just a string\n")
     assert autoscaler_max_gpus(str(path)) == 0.0
