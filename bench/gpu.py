@@ -45,7 +45,7 @@ from ingan.config import get_preset
 
 from .common import RESULTS, machine, quality_label, save
 from .step_profile import profile_step
-from .train_speed import steady_trainer, time_training
+from .train_speed import seconds_per_step, steady_trainer, time_training
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0,
@@ -99,14 +99,7 @@ def speed(device: torch.device, iters: int, samples: int, peak: float | None) ->
 def _pack_task(iterations: int, device: str) -> dict[str, float]:
     t = steady_trainer("fast", torch.device(device))
     t.step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iterations):
-        t.step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return {"seconds": time.perf_counter() - start, "iterations": iterations}
+    return {"seconds": seconds_per_step(t, torch.device(device), iterations) * iterations, "iterations": iterations}
 
 
 def packing(device: torch.device, iterations: int, counts: list[int]) -> list[dict[str, Any]]:

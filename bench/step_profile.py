@@ -20,23 +20,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import time
 from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from .common import machine, save
-from .train_speed import _sync, steady_trainer
-
-
-def _plain_seconds(trainer: Any, device: torch.device, steps: int) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        trainer.step()
-    _sync(device)
-    return (time.perf_counter() - start) / steps
+from .train_speed import _sync, seconds_per_step, steady_trainer
 
 
 def profile_step(preset_name: str, device: torch.device, steps: int = 3, top: int = 8) -> dict[str, Any]:
@@ -44,7 +34,7 @@ def profile_step(preset_name: str, device: torch.device, steps: int = 3, top: in
     t = steady_trainer(preset_name, device)
     for _ in range(3):  # warm-up: allocator, cuDNN/oneDNN primitive caches
         t.step()
-    seconds = _plain_seconds(t, device, max(steps, 4))
+    seconds = seconds_per_step(t, device, max(steps, 4))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):

@@ -50,6 +50,17 @@ def steady_trainer(preset_name: str, device: torch.device, **overrides: object) 
     return t
 
 
+def seconds_per_step(trainer: Trainer, device: torch.device, iters: int) -> float:
+    """Wall seconds per training iteration over ``iters`` of them, the device's queue drained at
+    both ends."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        trainer.step()
+    _sync(device)
+    return (time.perf_counter() - start) / iters
+
+
 def time_training(preset_name: str, device: torch.device, iters: int, **overrides: object) -> dict[str, object]:
     t = steady_trainer(preset_name, device, **overrides)
     cfg = t.cfg
@@ -58,12 +69,7 @@ def time_training(preset_name: str, device: torch.device, iters: int, **override
         t.step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        t.step()
-    _sync(device)
-    sec = (time.perf_counter() - start) / iters
+    sec = seconds_per_step(t, device, iters)
     out = {"preset": preset_name, "crop": f"{cw}x{ch}", "seconds_per_iter": sec, "iters_per_s": 1 / sec,
            "iters_timed": iters, "overrides": {k: str(v) for k, v in overrides.items()},
            "full_run_hours": sec * cfg.iterations / 3600, "iterations": cfg.iterations}
