@@ -172,11 +172,14 @@ def autoscaler_max_gpus(path: str = "~/ray_bootstrap_config.yaml") -> float:
     for t in (cfg.get("available_node_types") or {}).values():
         if not isinstance(t, dict):
             continue
-        gpus = float((t.get("resources") or {}).get("GPU", 0))
-        workers = t.get("max_workers")
-        if workers is None:  # unstated: the cluster's bound, or at least one such worker
-            workers = cap if cap is not None else 1
-        if cap is not None:
-            workers = min(workers, cap)
-        total += gpus * max(0, workers)
+        try:
+            gpus = float((t.get("resources") or {}).get("GPU", 0))
+            workers = t.get("max_workers")
+            if workers is None:  # unstated: the cluster's bound, or at least one such worker
+                workers = cap if cap is not None else 1
+            if cap is not None:
+                workers = min(workers, cap)
+            total += gpus * max(0, workers)
+        except (AttributeError, TypeError, ValueError):  # a malformed entry counts for nothing
+            continue
     return total

@@ -262,5 +262,8 @@ def test_the_autoscalers_gpus_are_counted_from_its_worker_types(tmp_path: Path) 
     path.write_text("available_node_types:\n  gpu: {resources: {GPU: 2}}\n")  # no bound stated anywhere
     assert autoscaler_max_gpus(str(path)) == 2.0
     assert autoscaler_max_gpus(str(tmp_path / "absent.yaml")) == 0.0
+    path.write_text("available_node_types:\n  odd: {resources: {GPU: lots}, max_workers: 2}\n"
+                    "  gpu: {resources: {GPU: 1}, max_workers: many}\n  ok: {resources: {GPU: 1}, max_workers: 2}\n")
+    assert autoscaler_max_gpus(str(path)) == 2.0
     path.write_text("just a string\n")
     assert autoscaler_max_gpus(str(path)) == 0.0
