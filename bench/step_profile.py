@@ -6,7 +6,10 @@ A preset's steady-state iteration (``bench.train_speed.steady_trainer``) is time
 recorded by ``torch.profiler`` for ``--steps`` iterations. Per iteration it reports:
 
 - ``ops``: operators called from Python or the autograd engine (``aten::`` calls not inside
-  another one): the host-side work items, each of which launches one kernel or more on a GPU;
+  another one): the host-side work items;
+- ``computing_ops``: those of them that are not views (by their schema: every overload returns
+  an alias of an input), each of which launches one kernel or more on a GPU; a CPU's count of
+  what a GPU would launch (ops that alias only when they can, like ``reshape``, count as views);
 - on a GPU, ``launches`` (kernel launches from the host) and ``device_busy_ms`` (the kernels' own
   time, summed): when ``seconds_per_iter`` is far above ``device_busy_ms``, the GPU waits for the
   host to launch work, and packing several trainings on one GPU buys throughput;
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 from typing import Any
 
@@ -27,6 +31,19 @@ from torch.profiler import ProfilerActivity, profile
 
 from .common import machine, save
 from .train_speed import _sync, seconds_per_step, steady_trainer
+
+
+@functools.cache
+def is_view(op: str) -> bool:
+    """Whether every overload of ``op`` ("aten::permute") that returns tensors returns aliases of
+    its inputs, never writing them: a view, which launches no kernel."""
+    try:
+        schemas = torch._C._jit_get_schemas_for_operator(op)
+    except RuntimeError:
+        return False
+    tensor_returns = [s.returns for s in schemas if s.returns and all("Tensor" in str(r.type) for r in s.returns)]
+    return bool(tensor_returns) and all(
+        r.alias_info is not None and not r.alias_info.is_write for returns in tensor_returns for r in returns)
 
 
 def profile_step(preset_name: str, device: torch.device, steps: int = 3, top: int = 8) -> dict[str, Any]:
@@ -44,7 +61,8 @@ def profile_step(preset_name: str, device: torch.device, steps: int = 3, top: in
     ops = [e for e in events if e.name.startswith("aten::")
            and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
     row: dict[str, Any] = {"preset": preset_name, "device": device.type, "steps_profiled": steps,
-                           "seconds_per_iter": seconds, "ops": len(ops) / steps}
+                           "seconds_per_iter": seconds, "ops": len(ops) / steps,
+                           "computing_ops": sum(not is_view(e.name) for e in ops) / steps}
     by_op = collections.Counter(e.name for e in ops)
     row["top_ops"] = {k: v / steps for k, v in by_op.most_common(top)}
     if device.type == "cuda":

@@ -16,10 +16,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.parametrizations import spectral_norm
 
 from .config import ModelConfig
 from .geometry import warp
+from .spectral import group_spectral_norms, spectral_norm
 
 
 def _conv(cin: int, cout: int, k: int, sn: bool, stride: int = 1, pad: bool = True) -> nn.Module:
@@ -66,6 +66,7 @@ class Generator(nn.Module):
         self.up = nn.ModuleList(_conv_bn_act(widths[i + 1], widths[i], 3, sn) for i in reversed(range(cfg.g_downsamples)))
         self.exit = _conv(c, 3, 7, sn=False)
         self.image_skip = cfg.image_skip
+        group_spectral_norms(self)  # the residual blocks' layers share shapes
 
     def features(self, x: Tensor) -> Tensor:
         """Entry features of an image (B, 3, H, W) in [-1, 1]: computed once per image at test time
@@ -129,6 +130,7 @@ class MultiScaleDiscriminator(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.nets = nn.ModuleList(DiscriminatorNet(cfg.d_channels, cfg.spectral_norm, cfg.d_batch_norm) for _ in range(cfg.n_d_nets(crop_size)))
+        group_spectral_norms(self)  # layer k of every scale's net: one batched normalisation
 
     def n_scales_for(self, hw: tuple[int, int]) -> int:
         """How many scales an image of this size can feed: its smaller side must stay >= 13 px."""

@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn.utils import parametrize
 
-from . import losses
+from . import losses, spectral
 from .config import ModelConfig, TrainConfig
 from .geometry import homography, warp
 from .images import to_model_input, working_image
@@ -284,10 +283,10 @@ class Trainer:
         weights = d.scale_weights(progress, cfg.d_scale_pivot, d.n_scales_for(out_hw))
 
         # G step: fool D at the new shape, and come back to the crop through the inverse map.
-        # parametrize.cached(): spectral-normalised weights are computed once per step, not once
-        # per call (G runs twice, D once here).
+        # spectral.cached(): spectral-normalised weights are computed once per step, not once per
+        # call (G runs twice, D once here), each group of equal shapes in one batched pass.
         d.requires_grad_(False)
-        with parametrize.cached(), self.autocast:
+        with spectral.cached(), self.autocast:
             fake = g(self._noisy(real), out_hw, matrix)  # (1, 3, *out_hw)
             rec = g(fake, real.shape[-2:], inverse)
             loss_g_adv = losses.g_adv_loss(d(self._noisy(fake), weights).float())
@@ -303,7 +302,7 @@ class Trainer:
         # D step on the same real crop and the (detached) fake.
         d.requires_grad_(True)
         stretched = self._stretched(real, out_hw, matrix)
-        with parametrize.cached(), self.autocast:
+        with spectral.cached(), self.autocast:
             d_real = d(self._noisy(real), weights).float()
             d_fake = d(self._noisy(fake.detach()), weights).float()
             loss_d = losses.d_loss(d_real, d_fake)

@@ -10,7 +10,7 @@ import torch
 
 from bench.common import RESULTS
 from bench.gpu import _counts, quality_iterations
-from bench.step_profile import profile_step
+from bench.step_profile import is_view, profile_step
 from bench.write_md import _gpu
 
 
@@ -30,6 +30,13 @@ def test_step_profile_counts_operators_called_from_python_not_their_insides() ->
     assert "aten::convolution" not in row["top_ops"] and "aten::_convolution" not in row["top_ops"]
     assert row["ops"] >= sum(row["top_ops"].values()) - 1e-9
     assert "launches" not in row  # kernel launches are counted on a GPU only
+    views = sum(n for op, n in row["top_ops"].items() if is_view(op))
+    assert views > 0 and row["computing_ops"] == pytest.approx(row["ops"] - views)
+
+
+def test_views_are_told_from_operators_that_compute() -> None:
+    assert all(map(is_view, ["aten::permute", "aten::detach", "aten::unbind", "aten::expand_as"]))
+    assert not any(map(is_view, ["aten::add_", "aten::mv", "aten::stack", "aten::copy_", "aten::no_such_op"]))
 
 
 def test_the_gpu_section_renders_a_step_profile_measured_without_a_gpu() -> None:

@@ -1,0 +1,165 @@
+"""Spectral normalisation that computes many weights in one batched pass.
+
+Each spectral-normalised conv divides its weight by an estimate of the weight's largest singular
+value, kept up to date by one power iteration per training forward. PyTorch's parametrization does
+that conv by conv: about twenty small operators per weight, forward and backward, which on a GPU are
+as many kernel launches. InGAN has over a hundred such normalisations per iteration, and the
+discriminator's nets, one per scale, have identical layers: a step is bound by launching them, not by
+computing them.
+
+Here every weight is registered like PyTorch's (same buffers, names and initialisation, so
+checkpoints are interchangeable, and the same result outside ``cached()``), and
+``group_spectral_norms`` then groups a network's weights of equal shape. Inside ``cached()``, the
+first weight of a group to be read computes the whole group: its power iterations and its division
+as batched matrix products over a stack of the weights. The others take their share of that result.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from copy import deepcopy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+_EPS = 1e-12
+_state = threading.local()  # the current cached() context: its depth and number
+
+
+def _context() -> int | None:
+    """The number of the innermost open ``cached()`` context, or None outside one."""
+    return _state.generation if getattr(_state, "depth", 0) else None
+
+
+@contextmanager
+def cached() -> Iterator[None]:
+    """``parametrize.cached()`` (each parametrized weight computed once in the context), with every
+    group of spectral norms computed in one batched pass. Backward passes belong after the
+    context, as with ``parametrize.cached()``."""
+    depth = getattr(_state, "depth", 0)
+    if depth == 0:
+        _state.generation = getattr(_state, "generation", 0) + 1
+    _state.depth = depth + 1
+    try:
+        with parametrize.cached():
+            yield
+    finally:
+        _state.depth = depth
+
+
+class SpectralNorm(nn.Module):
+    """The parametrization of one weight: PyTorch's spectral norm (dim 0, one power iteration per
+    training forward), with a slot for the group it is computed with."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        mat = weight.flatten(1)
+        self.register_buffer("_u", F.normalize(mat.new_empty(mat.shape[0]).normal_(0, 1), dim=0, eps=_EPS))
+        self.register_buffer("_v", F.normalize(mat.new_empty(mat.shape[1]).normal_(0, 1), dim=0, eps=_EPS))
+        self._power_iteration(mat, 15)  # start from a good estimate, as PyTorch does
+        # Plain attributes (not submodules): the group refers back to this module.
+        self.__dict__["group"] = None
+        self.__dict__["index"] = 0
+
+    @torch.no_grad()
+    def _power_iteration(self, mat: Tensor, n: int) -> None:
+        for _ in range(n):
+            F.normalize(torch.mv(mat, self._v), dim=0, eps=_EPS, out=self._u)
+            F.normalize(torch.mv(mat.t(), self._u), dim=0, eps=_EPS, out=self._v)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        context = _context()
+        if self.group is not None and context is not None:
+            return self.group.weight(self.index, context)
+        mat = weight.flatten(1)
+        if self.training:
+            self._power_iteration(mat, 1)
+        # Cloned: the next forward updates the buffers in place, and this one's backward needs them.
+        u = self._u.clone(memory_format=torch.contiguous_format)
+        v = self._v.clone(memory_format=torch.contiguous_format)
+        return weight / torch.vdot(u, torch.mv(mat, v))
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        return value  # assigning a weight sets the unnormalised one, as PyTorch's does
+
+
+def spectral_norm(module: nn.Module) -> nn.Module:
+    """Spectral-normalise ``module.weight`` (a conv's); computed alone until grouped."""
+    parametrize.register_parametrization(module, "weight", SpectralNorm(module.weight))
+    return module
+
+
+class _Group:
+    """Weights of one shape in one network, normalised together inside ``cached()``."""
+
+    def __init__(self, owners: list[nn.Module]) -> None:
+        self.owners = owners  # the parametrized modules, in network order
+        self._context: int | None = None
+        self._pending: dict[int, Tensor] = {}
+
+    def __deepcopy__(self, memo: dict) -> _Group:
+        # A copied network gets its own group of its own modules; pending results (non-leaf
+        # tensors, which cannot be deep-copied) belong to the original's context.
+        copy = _Group([])
+        memo[id(self)] = copy  # before the owners, which lead back here
+        copy.owners = deepcopy(self.owners, memo)
+        return copy
+
+    def weight(self, index: int, context: int) -> Tensor:
+        if self._context == context and index in self._pending:
+            return self._pending.pop(index)
+        weights = self._compute()
+        self._context = context
+        self._pending = dict(enumerate(weights))
+        return self._pending.pop(index)
+
+    def _compute(self) -> list[Tensor]:
+        plists = [m.parametrizations.weight for m in self.owners]
+        norms: list[SpectralNorm] = [p[0] for p in plists]
+        originals = [p.original for p in plists]
+        # Stack in the weights' own memory order (channels-last weights as (out, kh, kw, in)), so
+        # the stack is one copy and each result is a view in the layout the conv expects. The
+        # columns are then permuted against PyTorch's (in, kh, kw) order; v is permuted alike,
+        # and the singular values do not change.
+        first = originals[0]
+        nhwc = first.dim() == 4 and not first.is_contiguous() and first.is_contiguous(memory_format=torch.channels_last)
+        perm = (0, 2, 3, 1) if nhwc else tuple(range(first.dim()))
+        stacked = torch.stack([o.permute(perm) for o in originals])  # (n, out, ...)
+        mats = stacked.flatten(2)  # (n, out, k)
+        with torch.no_grad(), torch.autocast(first.device.type, enabled=False):
+            u = torch.stack([s._u for s in norms])  # (n, out)
+            v = torch.stack([s._v for s in norms])  # (n, k), PyTorch's column order
+            if nhwc:
+                cin, kh, kw = first.shape[1:]
+                v = v.view(-1, cin, kh, kw).permute(0, 2, 3, 1).reshape(len(norms), -1)
+            if norms[0].training:
+                u = F.normalize(torch.bmm(mats, v.unsqueeze(2)).squeeze(2), dim=1, eps=_EPS)
+                v = F.normalize(torch.bmm(mats.transpose(1, 2), u.unsqueeze(2)).squeeze(2), dim=1, eps=_EPS)
+                v_saved = v.view(-1, kh, kw, cin).permute(0, 3, 1, 2).reshape(len(norms), -1) if nhwc else v
+                torch._foreach_copy_([s._u for s in norms], list(u.unbind(0)))
+                torch._foreach_copy_([s._v for s in norms], list(v_saved.unbind(0)))
+        with torch.autocast(first.device.type, enabled=False):
+            sigma = torch.bmm(u.unsqueeze(1), torch.bmm(mats, v.unsqueeze(2))).flatten()  # (n,)
+            out = stacked / sigma.view(-1, *([1] * (stacked.dim() - 1)))
+        inverse = tuple(perm.index(d) for d in range(len(perm)))
+        return [w.permute(inverse) for w in out.unbind(0)]
+
+
+def group_spectral_norms(network: nn.Module) -> None:
+    """Group ``network``'s spectral-normalised weights by shape, so that each group is computed in
+    one pass inside ``cached()``; a weight alone in its group stays as it is. A network's weights
+    move between devices and memory formats together, so the groups hold."""
+    groups: dict[tuple[int, ...], list[nn.Module]] = {}
+    for m in network.modules():
+        if parametrize.is_parametrized(m, "weight") and isinstance(m.parametrizations.weight[0], SpectralNorm):
+            groups.setdefault(tuple(m.parametrizations.weight.original.shape), []).append(m)
+    for owners in groups.values():
+        group = _Group(owners) if len(owners) > 1 else None
+        for i, m in enumerate(owners):
+            norm = m.parametrizations.weight[0]
+            norm.__dict__["group"] = group
+            norm.__dict__["index"] = i
