@@ -178,6 +178,8 @@ def _gpu(data: dict[str, Any]) -> list[str]:
     if prof:
         out += ["", f"One `fast` iteration (`bench.step_profile`): {prof['seconds_per_iter'] * 1e3:.0f} ms of wall time, "
                 f"{prof['ops']:,.0f} operators called"]
+        if "computing_ops" in prof:  # counted since the spectral norms were batched
+            out[-1] += f" ({prof['computing_ops']:,.0f} of them computing, not views)"
         if "launches" in prof:  # measured on a GPU
             out[-1] += (f", {prof['launches']:,.0f} kernel launches from the host, {prof['device_busy_ms']:.1f} ms of "
                         f"kernel time on the GPU ({prof['device_busy_fraction']:.0%} busy)")

@@ -45,7 +45,7 @@ def test_the_gpu_section_renders_a_step_profile_measured_without_a_gpu() -> None
     assert "kernel launches from the host" in lines
     data["step_profile"] = profile_step("tiny", torch.device("cpu"), steps=1)
     lines = "\n".join(_gpu(data))
-    assert "operators called." in lines and "kernel launches" not in lines
+    assert "operators called (" in lines and "computing, not views)." in lines and "kernel launches" not in lines
 
 
 def test_pack_counts_must_be_whole_numbers_of_one_or_more() -> None:
