@@ -16,6 +16,7 @@ as batched matrix products over a stack of the weights. The others take their sh
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,28 +28,33 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 _EPS = 1e-12
-_state = threading.local()  # the current cached() context: its depth and number
+_numbers = itertools.count(1)  # one number per outermost cached() context, across all threads
+_state = threading.local()  # this thread's open context, if any
 
 
-def _context() -> int | None:
-    """The number of the innermost open ``cached()`` context, or None outside one."""
-    return _state.generation if getattr(_state, "depth", 0) else None
+class _Context:
+    def __init__(self) -> None:
+        self.number = next(_numbers)
+        self.groups: list[_Group] = []  # groups holding results of this context
 
 
 @contextmanager
 def cached() -> Iterator[None]:
     """``parametrize.cached()`` (each parametrized weight computed once in the context), with every
     group of spectral norms computed in one batched pass. Backward passes belong after the
-    context, as with ``parametrize.cached()``."""
-    depth = getattr(_state, "depth", 0)
-    if depth == 0:
-        _state.generation = getattr(_state, "generation", 0) + 1
-    _state.depth = depth + 1
+    context, as with ``parametrize.cached()``: a backward inside it frees the graph that the
+    group's results not yet read depend on. Leaving the outermost context drops those."""
+    outer = getattr(_state, "context", None)
+    context = outer or _Context()
+    _state.context = context
     try:
         with parametrize.cached():
             yield
     finally:
-        _state.depth = depth
+        if outer is None:
+            _state.context = None
+            for group in context.groups:
+                group.release()
 
 
 class SpectralNorm(nn.Module):
@@ -72,8 +78,8 @@ class SpectralNorm(nn.Module):
             F.normalize(torch.mv(mat.t(), self._u), dim=0, eps=_EPS, out=self._v)
 
     def forward(self, weight: Tensor) -> Tensor:
-        context = _context()
-        if self.group is not None and context is not None:
+        context = getattr(_state, "context", None)
+        if self.group is not None and context is not None and self.group.trains_as(self.training):
             return self.group.weight(self.index, context)
         mat = weight.flatten(1)
         if self.training:
@@ -94,12 +100,14 @@ def spectral_norm(module: nn.Module) -> nn.Module:
 
 
 class _Group:
-    """Weights of one shape in one network, normalised together inside ``cached()``."""
+    """Weights of one shape in one network, normalised together inside ``cached()``. A training
+    read advances the estimate of every weight in the group, read or not (the discriminator's
+    coarse nets are skipped for small outputs); those of weights not read are not used."""
 
     def __init__(self, owners: list[nn.Module]) -> None:
         self.owners = owners  # the parametrized modules, in network order
-        self._context: int | None = None
-        self._pending: dict[int, Tensor] = {}
+        self._key: tuple[int, bool] | None = None  # (context number, grad mode) of the results
+        self._pending: dict[int, Tensor] = {}  # results not yet read in that context
 
     def __deepcopy__(self, memo: dict) -> _Group:
         # A copied network gets its own group of its own modules; pending results (non-leaf
@@ -109,13 +117,24 @@ class _Group:
         copy.owners = deepcopy(self.owners, memo)
         return copy
 
-    def weight(self, index: int, context: int) -> Tensor:
-        if self._context == context and index in self._pending:
+    def trains_as(self, training: bool) -> bool:
+        """Whether every weight of the group is in this mode; a mixed group computes one by one."""
+        return all(m.parametrizations.weight[0].training == training for m in self.owners)
+
+    def weight(self, index: int, context: _Context) -> Tensor:
+        key = (context.number, torch.is_grad_enabled())
+        if self._key == key and index in self._pending:
             return self._pending.pop(index)
         weights = self._compute()
-        self._context = context
+        if self._key is None or self._key[0] != context.number:
+            context.groups.append(self)
+        self._key = key
         self._pending = dict(enumerate(weights))
         return self._pending.pop(index)
+
+    def release(self) -> None:
+        self._key = None
+        self._pending = {}
 
     def _compute(self) -> list[Tensor]:
         plists = [m.parametrizations.weight for m in self.owners]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -151,3 +152,44 @@ def test_a_checkpoint_of_pytorchs_parametrization_loads() -> None:
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), theirs(x), rtol=0, atol=1e-6)
+
+
+
+def _read(conv: nn.Module) -> torch.Tensor:
+    with spectral.cached(), torch.no_grad():
+        return conv.weight.detach().clone()
+
+
+def test_results_are_only_read_in_the_context_and_grad_mode_that_made_them() -> None:
+    d = MultiScaleDiscriminator(CFG, 64).train()
+    first, second = d.nets[0].body[2], d.nets[1].body[2]
+    with spectral.cached():
+        with torch.no_grad():
+            first.weight  # computes the group without a graph  # noqa: B018
+        assert second.weight.grad_fn is not None  # read with grad on: computed again, with one
+    assert all(not n.group._pending for n in _norms(d) if n.group is not None)  # dropped on leaving
+
+    # A context in another thread never takes this one's results.
+    seen = {}
+    with spectral.cached():
+        first.weight  # leaves second's result pending here  # noqa: B018
+        with torch.no_grad():
+            second.parametrizations.weight.original.mul_(2)  # a step, seen by the next reader
+        thread = threading.Thread(target=lambda: seen.setdefault("w", _read(second)))
+        thread.start()
+        thread.join()
+    torch.testing.assert_close(seen["w"], _read(_ungrouped(d).nets[1].body[2].eval()), rtol=1e-4, atol=1e-6)
+
+
+def test_a_group_in_mixed_modes_computes_each_weight_in_its_own() -> None:
+    d = MultiScaleDiscriminator(CFG, 64).train()
+    d.nets[0].eval()
+    with torch.no_grad():  # new weights, so that a power iteration moves every estimate
+        for p in d.parameters():
+            p.add_(torch.randn_like(p))
+    evals, trains = _norms(d.nets[0]), _norms(d.nets[1])
+    before = [n._v.clone() for n in evals + trains]
+    with spectral.cached():
+        d(torch.rand(1, 3, 64, 64), d.scale_weights(0.5, 0.3, len(d.nets)))
+    moved = [not torch.equal(b, n._v) for b, n in zip(before, evals + trains, strict=True)]
+    assert moved == [False] * len(evals) + [True] * len(trains)  # no power iteration in eval mode
