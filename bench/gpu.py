@@ -24,8 +24,8 @@ comes:
    else the same schedule shortened to fit (the results record the iterations); skipped, with the
    time it would need, when under a quarter of the schedule fits.
 
-``--device cpu --smoke`` runs every part with a few iterations on the CPU: it checks the script,
-not the GPU.
+``--device cpu --smoke`` runs every part with a few iterations on the CPU (packing one and two
+trainings): it checks the script, not the GPU.
 """
 
 from __future__ import annotations
@@ -154,7 +154,15 @@ def quality_runs(pattern_images: str, quality_images: str, smoke: bool) -> list[
             {"image_set": "patterns", "images": "coins", "set": ["stretch_negative=2.0"], "label": "stretch2"}]
     for r in runs:
         r["trainings"] = len(r["images"].split(","))
+        if smoke:  # its own file names: a smoke run must not overwrite a GPU's quality results
+            r["label"] = "_".join(["smoke", *filter(None, [r.get("label")])])
     return runs
+
+
+def results_path(run: dict[str, Any]) -> str:
+    """Where ``bench.quality`` writes a quality run's results."""
+    name = f"fast+{run['label']}" if run.get("label") else "fast"
+    return f"bench/results/quality_{quality_label([name], run['image_set'])}.json"
 
 
 def _quality(device: torch.device, runs: list[dict[str, Any]], iterations: int | None, left: float) -> list[dict[str, Any]]:
@@ -169,17 +177,15 @@ def _quality(device: torch.device, runs: list[dict[str, Any]], iterations: int |
             cmd += ["--label", r["label"]]
         if iterations is not None:
             cmd += ["--iterations", str(iterations)]
-        name = f"fast+{r['label']}" if r.get("label") else "fast"
         print(f"quality: {' '.join(cmd[1:])} with {left:.0f} s left", flush=True)
         # The runs score on the CPU at the same time: each gets its share of the cores, not all of them.
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(runs)))}
         # A session of its own, so that a run stopped at the deadline takes its pool's workers along.
-        procs.append((cmd, name, r, subprocess.Popen(cmd, env=env, start_new_session=True)))
+        procs.append((cmd, r, subprocess.Popen(cmd, env=env, start_new_session=True)))
     deadline = time.perf_counter() + max(1.0, left)
     out = []
-    for cmd, name, r, proc in procs:
-        row: dict[str, Any] = {"command": " ".join(cmd[1:]),
-                               "results": f"bench/results/quality_{quality_label([name], r['image_set'])}.json"}
+    for cmd, r, proc in procs:
+        row: dict[str, Any] = {"command": " ".join(cmd[1:]), "results": results_path(r)}
         try:
             row["returncode"] = proc.wait(timeout=max(1.0, deadline - time.perf_counter()))
         except subprocess.TimeoutExpired:
@@ -207,7 +213,8 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: from its name)")
     ap.add_argument("--smoke", action="store_true", help="a few iterations of everything (checks the script)")
     ap.add_argument("--pack-iterations", type=int, default=100)
-    ap.add_argument("--pack-counts", type=_counts, default="1,4,8,16", help="trainings per GPU to measure, comma-separated")
+    ap.add_argument("--pack-counts", type=_counts,
+                    help="trainings per GPU to measure, comma-separated (default 1,4,8,16; 1,2 with --smoke)")
     ap.add_argument("--quality-images", default="china,coffee,hubble_deep_field,brick",
                     help="benchmark images for fast's quality (trained at once with the other quality runs)")
     ap.add_argument("--pattern-images", default="coins,gravel,grass,ihc",
@@ -233,7 +240,9 @@ def main() -> None:
         result["step_profile_error"] = f"{type(exc).__name__}: {exc}"
         print(f"step profile failed: {result['step_profile_error']}", flush=True)
     save(out_name, result)
-    counts = args.pack_counts
+    # A smoke run on a CPU holds every packed training in host memory (fast: about 2 GB each), so
+    # it packs two, which is enough to check the fractional-GPU path.
+    counts = args.pack_counts or ([1, 2] if args.smoke else [1, 4, 8, 16])
     try:
         result["packing"] = packing(device, 2 if args.smoke else args.pack_iterations, counts)
     except Exception as exc:  # the speed figures are kept, and quality still runs, if Ray cannot start here

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench.common import RESULTS
-from bench.gpu import _counts, quality_iterations
+from bench.gpu import _counts, quality_iterations, quality_runs, results_path
 from bench.step_profile import is_view, profile_step
 from bench.write_md import _gpu
 
@@ -19,6 +19,13 @@ def test_quality_runs_the_full_schedule_when_it_fits_and_a_shorter_one_when_not(
     assert quality_iterations(10_000, rate_each=3.0, seconds=300.0) == 900
     assert quality_iterations(10_000, rate_each=3.1, seconds=300.0) == 900  # whole hundreds, rounded down
     assert quality_iterations(10_000, rate_each=0.01, seconds=300.0) == 100
+
+
+def test_a_smoke_run_writes_its_quality_results_apart_from_a_gpus() -> None:
+    real = {results_path(r) for r in quality_runs("coins,gravel", "china,coffee", smoke=False)}
+    smoke = {results_path(r) for r in quality_runs("coins,gravel", "china,coffee", smoke=True)}
+    assert len(real) == len(smoke) == 3
+    assert not real & smoke
 
 
 def test_step_profile_counts_operators_called_from_python_not_their_insides() -> None:
