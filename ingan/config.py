@@ -31,6 +31,11 @@ class ModelConfig:
     # G's output is the input image put through the same geometric transform plus what the
     # network adds (clamped to [-1, 1]), instead of the network's tanh alone.
     image_skip: bool = False
+    # With image_skip, the clamp of that sum to [-1, 1] passes gradients straight through. A hard
+    # clamp gives none to pixels past either end, so a dark region pushed below -1 (a night sky
+    # one step from black) gets nothing from the cycle loss to bring it back: training can leave it
+    # black. The forward pass, and every output, is the same either way.
+    skip_clamp_grad: bool = True
     # BatchNorm in each discriminator net, as in the reference; D sees the real crop and the fake
     # in separate passes of batch size 1, so each is normalised by its own statistics.
     d_batch_norm: bool = True

@@ -65,7 +65,7 @@ class Generator(nn.Module):
         self.bottleneck = nn.Sequential(*(ResBlock(widths[-1], cfg.g_res_squeeze, sn) for _ in range(cfg.g_res_blocks)))
         self.up = nn.ModuleList(_conv_bn_act(widths[i + 1], widths[i], 3, sn) for i in reversed(range(cfg.g_downsamples)))
         self.exit = _conv(c, 3, 7, sn=False)
-        self.image_skip = cfg.image_skip
+        self.image_skip, self.skip_clamp_grad = cfg.image_skip, cfg.skip_clamp_grad
         group_spectral_norms(self)  # the residual blocks' layers share shapes
 
     def features(self, x: Tensor) -> Tensor:
@@ -97,7 +97,10 @@ class Generator(nn.Module):
         if self.image_skip:
             if image is None:
                 raise ValueError("this generator adds its output to the warped input: pass image=")
-            return (warp(image, out_hw, matrix) + self.exit(x)[..., :h, :w]).clamp(-1, 1)
+            y = warp(image, out_hw, matrix) + self.exit(x)[..., :h, :w]
+            if self.skip_clamp_grad:
+                return y + (y.clamp(-1, 1) - y).detach()  # clamped values, identity gradient
+            return y.clamp(-1, 1)
         return torch.tanh(self.exit(x))[..., :h, :w]  # (B, 3, h, w)
 
     def forward(self, x: Tensor, out_hw: tuple[int, int] | None = None, matrix: Tensor | None = None) -> Tensor:

@@ -189,6 +189,10 @@ class RunConfig(BaseModel):
             for name, default in defaults.items():
                 if settings.get(name) == default:
                     del settings[name]
+        # The skip clamp's gradient changes what an image-skip generator learns and nothing that
+        # another generator learns; tags from before it existed were trained with a hard clamp.
+        if not (net["image_skip"] and net["skip_clamp_grad"]):
+            del net["skip_clamp_grad"]
         blob = json.dumps([net, learn, self.seed], sort_keys=True)
         return f"{preset}-{train.iterations}it-seed{self.seed}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 

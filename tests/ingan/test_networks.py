@@ -206,3 +206,25 @@ def test_discriminator_batch_norm_can_be_turned_off() -> None:
     off = MultiScaleDiscriminator(ModelConfig(d_channels=8, d_batch_norm=False), 32)
     bn_params = sum(p.numel() for m in on.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())
     assert _n_params(off) == _n_params(on) - bn_params > 0
+
+
+def test_the_image_skip_clamp_passes_gradients_to_pixels_past_black() -> None:
+    """A dark region pushed below -1 is clamped to black; with a hard clamp nothing trains it back
+    (no gradient reaches the pixels), with the default clamp the losses still reach them. Both
+    clamp the values alike."""
+    image = torch.full((1, 3, 32, 32), -0.95)  # a night sky, just above black
+    outs, grads = [], []
+    for passes in (True, False):
+        torch.manual_seed(0)
+        g = Generator(ModelConfig(g_channels=8, g_res_blocks=1, image_skip=True, skip_clamp_grad=passes)).train()
+        exit_conv = g.exit[-1]  # G's last conv (reflection pad, conv)
+        with torch.no_grad():
+            exit_conv.bias.fill_(-0.2)  # the network's output pushes every pixel past -1
+        out = g(image)
+        assert out.min() == -1 and out.max() == -1
+        (out - image).abs().mean().backward()  # the cycle loss's kind of pull back to the source
+        outs.append(out.detach())
+        grads.append(exit_conv.bias.grad.clone())
+    assert torch.equal(outs[0], outs[1])
+    assert (grads[0] < 0).all()  # gradient descent raises the bias: back towards the source
+    assert torch.equal(grads[1], torch.zeros(3))
