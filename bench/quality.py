@@ -19,6 +19,7 @@ image, the source first, then each method's output at the same height.
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing as mp
 import statistics
 import time
@@ -134,16 +135,19 @@ def contact_sheet(rows: list[tuple[str, torch.Tensor, dict[str, torch.Tensor]]],
         row = [("source: " + Path(name).stem, src)] + list(outs.items())
         cells.append([(lb, Image.fromarray(t.permute(1, 2, 0).numpy()).resize(
             (max(1, round(t.shape[-1] * height / t.shape[-2])), height), Image.LANCZOS)) for lb, t in row])
-    width = max(sum(im.width + pad for _, im in row) for row in cells) + pad
+    # A cell is as wide as its label too: narrow strips (bench.strip) would overprint the next one.
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    cells = [[(lb, im, max(im.width, math.ceil(measure.textlength(lb)))) for lb, im in row] for row in cells]
+    width = max(sum(w + pad for _, _, w in row) for row in cells) + pad
     sheet = Image.new("RGB", (width, len(cells) * (height + label_h + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
     y = pad
     for row in cells:
         x = pad
-        for label, im in row:
+        for label, im, w in row:
             draw.text((x, y), label, fill="black")
             sheet.paste(im, (x, y + label_h))
-            x += im.width + pad
+            x += w + pad
         y += height + label_h + pad
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path, optimize=True)

@@ -15,7 +15,7 @@ from .common import IMAGE_SETS, RESULTS, ROOT, bench_images, quality_label
 # The quality-against-compute runs, in the order they were made (bench/results/curves/).
 CURVE_RUNS = ["c128", "c128_ema", "c64", "c96", "c128_cal_ema", "c128_cal_ema_fastsched", "c128_skip",
               "cpu_base", "cpu_no2g", "cpu_2g_late", "cpu_dmin32", "cpu_res4", "cpu_w24", "cpu_crops2",
-              "cpu_tone", "cpu_no2g_tone"]
+              "cpu_tone", "cpu_no2g_tone", "hubble_seed4018602180_hardclamp", "hubble_seed4018602180_clampgrad"]
 
 REFERENCE_S_PER_ITER = 4.4  # the reference implementation at a 216x256 crop on this 2-core CPU
 
