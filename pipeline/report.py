@@ -290,6 +290,11 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
+def _fmt_metric(value: float) -> str:
+    # A resize to the source's own size is the source: its distances are float noise (1e-9).
+    return "0" if abs(value) < 1e-6 else _fmt(value)
+
+
 def _summary_bar(counts: Tally, shown: int) -> str:
     pills = [f'<span class="pill">total {counts.total}</span>']
     pills += [
@@ -450,7 +455,7 @@ def _output_figure(
         caption.append(f"corners {shifts[0]:+g} / {shifts[1]:+g}")
     if output.get("variant") is not None:
         caption.append(f"variant {output['variant']}" + (f" scale {_fmt(output['scale'])}" if output.get("scale") else ""))
-    caption += [f"{m} {_fmt(output[m])}" for m in _METRICS if output.get(m) is not None]
+    caption += [f"{m} {_fmt_metric(output[m])}" for m in _METRICS if output.get(m) is not None]
     shaped = " shaped" if shifts is not None else ""
     figure = _figure(
         output.get("rel"), thumbs, thumb_px, " · ".join(caption), "output" + shaped, output.get("uri")
@@ -459,7 +464,7 @@ def _output_figure(
     if verdict is None or not source_rel:
         return figure
     resize_caption = ["bicubic resize" + (", same frame" if shifts is not None else "")]
-    resize_caption += [f"{m} {_fmt(output['resize_' + m])}" for m in _METRICS if output.get("resize_" + m) is not None]
+    resize_caption += [f"{m} {_fmt_metric(output['resize_' + m])}" for m in _METRICS if output.get("resize_" + m) is not None]
     resize = _figure(_resize_key(source_rel, output["width"], output["height"], shifts), thumbs, thumb_px,
                      " · ".join(resize_caption), "resize" + shaped)
     label = "beats the resize" if verdict else "the resize wins"

@@ -337,6 +337,14 @@ def test_report_shows_the_resize_beside_each_scored_output(folder: Folder) -> No
     assert "2e+04" in page  # the resize's own SWD is printed under it
 
 
+def test_report_prints_a_resize_identical_to_its_source_as_zero_distance(folder: Folder) -> None:
+    record = _ok_record_with_images(folder)
+    record["outputs"][0].update(resize_completeness=8.7e-10, resize_coherence=8.9e-10, resize_swd=0.0, beats_resize=False)
+    page = render_report(folder, [record], title="run", thumb_px=64)
+    assert "completeness 0 · coherence 0 · swd 0<" in page
+    assert "e-10" not in page
+
+
 # --------------------------------------------------------------------------- shapes
 
 
