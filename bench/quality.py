@@ -130,14 +130,16 @@ def load_png(path: Path) -> torch.Tensor:
 def contact_sheet(rows: list[tuple[str, torch.Tensor, dict[str, torch.Tensor]]], path: Path, height: int = 128) -> None:
     """One row per image: the source, then each method's output, all scaled to ``height``."""
     pad, label_h = 6, 16
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     cells = []
     for name, src, outs in rows:
-        row = [("source: " + Path(name).stem, src)] + list(outs.items())
-        cells.append([(lb, Image.fromarray(t.permute(1, 2, 0).numpy()).resize(
-            (max(1, round(t.shape[-1] * height / t.shape[-2])), height), Image.LANCZOS)) for lb, t in row])
-    # A cell is as wide as its label too: narrow strips (bench.strip) would overprint the next one.
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    cells = [[(lb, im, max(im.width, math.ceil(measure.textlength(lb)))) for lb, im in row] for row in cells]
+        row = []
+        for lb, t in [("source: " + Path(name).stem, src), *outs.items()]:
+            im = Image.fromarray(t.permute(1, 2, 0).numpy()).resize(
+                (max(1, round(t.shape[-1] * height / t.shape[-2])), height), Image.LANCZOS)
+            # A cell is as wide as its label too: narrow strips (bench.strip) would overprint the next one.
+            row.append((lb, im, max(im.width, math.ceil(measure.textlength(lb)))))
+        cells.append(row)
     width = max(sum(w + pad for _, _, w in row) for row in cells) + pad
     sheet = Image.new("RGB", (width, len(cells) * (height + label_h + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
