@@ -127,8 +127,13 @@ def load_png(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1).contiguous()
 
 
-def contact_sheet(rows: list[tuple[str, torch.Tensor, dict[str, torch.Tensor]]], path: Path, height: int = 128) -> None:
-    """One row per image: the source, then each method's output, all scaled to ``height``."""
+def contact_sheet(rows: list[tuple[str, torch.Tensor, dict[str, torch.Tensor]]], path: Path, height: int = 128,
+                  max_width: int = 1400, max_bytes: int = 250_000) -> Path:
+    """One row per image: the source, then each method's output, all scaled to ``height``.
+
+    Written as a JPEG (quality 85) at ``path.with_suffix('.jpg')``, which is returned: the sheets are
+    committed, and a PNG of eight photographs runs to megabytes. A sheet wider than ``max_width`` is
+    scaled down, and further until its file is at most ``max_bytes``."""
     pad, label_h = 6, 16
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     cells = []
@@ -151,8 +156,21 @@ def contact_sheet(rows: list[tuple[str, torch.Tensor, dict[str, torch.Tensor]]],
             sheet.paste(im, (x, y + label_h))
             x += w + pad
         y += height + label_h + pad
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path, optimize=True)
+    import io
+
+    out = path.with_suffix(".jpg")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scale = min(1.0, max_width / sheet.width)
+    while True:
+        im = sheet if scale == 1 else sheet.resize((round(sheet.width * scale), round(sheet.height * scale)),
+                                                   Image.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=85, optimize=True)
+        if buf.tell() <= max_bytes:
+            break
+        scale *= 0.85
+    out.write_bytes(buf.getvalue())
+    return out
 
 
 def main() -> None:

@@ -5,7 +5,8 @@ methods, side by side at 1:1, after the matching columns of the source.
 
 The outputs are those ``bench.quality`` saved (``bench/results/quality_outputs/``). Columns A:B
 are output columns; the source strip is the part they were made from (divided by the target's
-width ratio), so a stretch and a retargeting can be told apart by eye.
+width ratio), so a stretch and a retargeting can be told apart by eye. The strip is written as a
+JPEG, at PATH with the suffix ``.jpg`` (``bench.quality.contact_sheet``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def main() -> None:
     ap.add_argument("target", help="a bench.quality target, e.g. 'width x2'")
     ap.add_argument("methods", nargs="+", help="method folders, e.g. bicubic cpu+skip")
     ap.add_argument("--columns", required=True, help="A:B, output columns to show")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True, help="where to write; the suffix becomes .jpg")
     add_image_set_arg(ap)
     args = ap.parse_args()
     path = bench_images(args.image, args.image_set)[0]
@@ -38,8 +39,11 @@ def main() -> None:
     if not 0 <= a < b <= min(o.shape[-1] for o in outs.values()):
         raise SystemExit(f"--columns {args.columns} is outside the outputs")
     strips = {m: o[:, :, a:b] for m, o in outs.items()}
-    contact_sheet([(path.stem, src[:, :, round(a / ratio):round(b / ratio)], strips)], args.out, height=src.shape[-2])
-    print(f"wrote {args.out}")
+    # A strip is for looking at pixels: kept at 1:1 up to 2048 px, shrunk only if its file would pass
+    # the sheets' byte cap.
+    out = contact_sheet([(path.stem, src[:, :, round(a / ratio):round(b / ratio)], strips)], args.out,
+                        height=src.shape[-2], max_width=2048)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
