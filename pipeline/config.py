@@ -20,7 +20,7 @@ from ingan.config import PRESETS, ModelConfig, TrainConfig, get_preset
 from ingan.geometry import MAX_SHIFT
 from ingan.retarget import parse_shape, parse_size, shape_name
 
-from .storage import RetryPolicy
+from .storage import RetryPolicy, Storage
 
 # Settings added after tags were first written, at their defaults: (model settings, training settings).
 # (bf16 is not one of them: it never names a model, see model_tag.)
@@ -153,15 +153,10 @@ class RunConfig(BaseModel):
         return self
 
     # -- derived ---------------------------------------------------------------------------------
-    def fs_options(self) -> dict[str, Any]:
-        """fsspec options for every read and write (credentials included: never log these)."""
-        opts = dict(self.storage_options)
-        if self.endpoint_url:
-            opts.setdefault("endpoint_url", self.endpoint_url)
-        return opts
-
-    def storage_policy(self) -> RetryPolicy:
-        return RetryPolicy(self.storage_attempts, self.storage_connect_timeout_s, self.storage_read_timeout_s)
+    def storage(self) -> Storage:
+        """How every read and write reaches storage (its options hold credentials: never log them)."""
+        policy = RetryPolicy(self.storage_attempts, self.storage_connect_timeout_s, self.storage_read_timeout_s)
+        return Storage.of(self.storage_options, self.endpoint_url, policy)
 
     def public_dict(self) -> dict[str, Any]:
         """The resolved config as saved beside the results: no storage options."""

@@ -197,9 +197,10 @@ def absolute_output(cfg: RunConfig) -> RunConfig:
 
 def run(cfg: RunConfig, manifest_uri: str, dry_run: bool = False) -> int:
     cfg = absolute_output(cfg)
-    table = load_manifest(manifest_uri, cfg.fs_options(), cfg.storage_policy())
+    storage = cfg.storage()
+    table = load_manifest(manifest_uri, storage)
     carried = _carried_fields(table)
-    out = Folder(cfg.output, cfg.fs_options(), cfg.storage_policy())
+    out = Folder(cfg.output, storage)
     n = table.num_rows
 
     if dry_run:

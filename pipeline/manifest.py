@@ -18,16 +18,15 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.storage import (
-    DEFAULT_POLICY,
+    DEFAULT_STORAGE,
     Folder,
-    RetryPolicy,
+    Storage,
     StorageError,
     expand,
     read_uri,
@@ -87,15 +86,14 @@ def _check_ids(ids: pa.ChunkedArray, uri: str, derived: bool) -> None:
         raise ManifestError(f"manifest {uri}: duplicate ids{origin}: {'; '.join(details)}{more}")
 
 
-def load_manifest(uri: str, storage_options: dict[str, Any] | None = None,
-                  policy: RetryPolicy = DEFAULT_POLICY) -> pa.Table:
+def load_manifest(uri: str, storage: Storage = DEFAULT_STORAGE) -> pa.Table:
     """Read and validate the manifest at ``uri``; returns it with ``uri`` and ``id`` first.
 
     ``id`` is derived from ``uri`` when the manifest has none (``row-{index}`` for a null URI).
     Other columns are carried through unchanged. Raises :class:`ManifestError` for a table that
     cannot be used, and storage errors (``FileNotFoundError``, ``StorageError``) for I/O.
     """
-    data = read_uri(uri, storage_options, policy=policy)
+    data = read_uri(uri, storage)
     try:
         # ParquetFile, not read_table: the dataset layer behind read_table chokes on a repeated
         # column name with an unreadable message before we could name it.
@@ -161,7 +159,7 @@ def _split_uri(uri: str) -> tuple[str, str]:
 def build_manifest(
     pattern: str,
     out_uri: str,
-    storage_options: dict[str, Any] | None = None,
+    storage: Storage = DEFAULT_STORAGE,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
 ) -> int:
     """Write a manifest (``uri``, ``id``) of the images matching a glob or under a prefix.
@@ -171,7 +169,7 @@ def build_manifest(
     # Checked before listing, which can take long on a big bucket.
     folder, name = _split_uri(out_uri)
     suffixes = tuple(e.lower() for e in extensions)
-    found = list(expand(pattern, storage_options))
+    found = list(expand(pattern, storage))
     uris = [u for u in found if u.lower().endswith(suffixes)]
     if not uris:
         what = f"{len(found)} files, none of them images" if found else "nothing"
@@ -184,12 +182,8 @@ def build_manifest(
     )
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    Folder(folder, storage_options).write_bytes(name, sink.getvalue().to_pybytes())
+    Folder(folder, storage).write_bytes(name, sink.getvalue().to_pybytes())
     return table.num_rows
-
-
-def _storage_options(endpoint_url: str | None) -> dict[str, Any] | None:
-    return {"endpoint_url": endpoint_url} if endpoint_url else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -208,14 +202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sub in (build, check):
         sub.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, ...)")
     args = parser.parse_args(argv)
-    options = _storage_options(args.endpoint_url)
+    storage = Storage.of(endpoint_url=args.endpoint_url)
 
     try:
         if args.command == "build":
-            count = build_manifest(args.pattern, args.out, options)
+            count = build_manifest(args.pattern, args.out, storage)
             print(f"wrote {count} rows to {args.out}")
         else:
-            table = load_manifest(args.manifest, options)
+            table = load_manifest(args.manifest, storage)
             print(f"rows: {table.num_rows}")
             print("columns: " + ", ".join(f"{f.name} ({f.type})" for f in table.schema))
     except (ManifestError, StorageError) as exc:

@@ -1,7 +1,9 @@
 """The one place that talks to storage: a folder object over fsspec, rooted at a base URI.
 
 Local paths, ``file://``, ``s3://`` (AWS or any S3-compatible endpoint) and ``memory://`` behave
-the same through it. Two promises the rest of the pipeline builds on:
+the same through it. How storage is reached (fsspec options, credentials included, and the retry
+policy) is one ``Storage`` value that every reader and writer takes. Two promises the rest of the
+pipeline builds on:
 
 * a write is whole or absent: bytes are buffered and sent in one put (S3) or written to a
   temporary name and renamed (local), so a failure mid-write never leaves a partial object under
@@ -22,7 +24,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import fsspec
@@ -126,33 +128,69 @@ class RetryPolicy:
         per_try = self.connect_timeout_s + self.read_timeout_s
         return self.attempts * per_try + sum(self.delay(a) for a in range(1, self.attempts))
 
-    def fs_options(self, uri: str, options: dict[str, Any]) -> dict[str, Any]:
-        """``options`` with the time-outs and a single botocore attempt for S3 (the user's own
-        ``config_kwargs`` win); other schemes get ``options`` unchanged."""
-        if scheme_of(uri) not in ("s3", "s3a"):
-            return options
-        config = {"connect_timeout": self.connect_timeout_s, "read_timeout": self.read_timeout_s,
-                  "retries": {"mode": "standard", "total_max_attempts": 1}}
-        return {**options, "config_kwargs": {**config, **(options.get("config_kwargs") or {})}}
-
 
 DEFAULT_POLICY = RetryPolicy()
 
 
-def open_fs(uri: str, options: dict[str, Any] | None, policy: RetryPolicy) -> tuple[Any, str]:
-    """The fsspec filesystem and path of ``uri``, set to ``policy``."""
-    fs, path = fsspec.core.url_to_fs(uri, **policy.fs_options(uri, dict(options or {})))
-    if hasattr(fs, "retries") and type(fs).__module__.startswith("s3fs"):
-        # s3fs retries read time-outs and dropped connections five times on its own (a class
-        # attribute, not an option): once here, the policy's loop does the retrying.
-        fs.retries = 1
-    return fs, path
+@dataclass(frozen=True)
+class Storage:
+    """How storage is reached: the fsspec options (credentials, endpoint) and the retry policy,
+    one value that every reader and writer takes and that crosses Ray with the job.
+
+    ``options`` may hold credentials: it never shows in a repr, and nothing logs or writes it."""
+
+    options: dict[str, Any] = field(default_factory=dict, repr=False, hash=False)
+    policy: RetryPolicy = DEFAULT_POLICY
+
+    def __post_init__(self) -> None:
+        # A copy: a caller editing its dict afterwards must not change a value already handed out.
+        object.__setattr__(self, "options", dict(self.options or {}))
+
+    @classmethod
+    def of(cls, options: dict[str, Any] | None = None, endpoint_url: str | None = None,
+           policy: RetryPolicy = DEFAULT_POLICY) -> Storage:
+        """``options`` with ``endpoint_url`` added (an endpoint in ``options`` wins)."""
+        opts = dict(options or {})
+        if endpoint_url:
+            opts.setdefault("endpoint_url", endpoint_url)
+        return cls(opts, policy)
+
+    def fs_options(self, uri: str) -> dict[str, Any]:
+        """The fsspec options for ``uri``: for S3 the policy's time-outs and a single botocore
+        attempt (the user's own ``config_kwargs`` win); other schemes get ``options`` unchanged."""
+        options = dict(self.options)
+        if not _is_s3(uri):
+            return options
+        policy = self.policy
+        config = {"connect_timeout": policy.connect_timeout_s, "read_timeout": policy.read_timeout_s,
+                  "retries": {"mode": "standard", "total_max_attempts": 1}}
+        return {**options, "config_kwargs": {**config, **(options.get("config_kwargs") or {})}}
+
+    def open(self, uri: str) -> tuple[Any, str]:
+        """The fsspec filesystem and path of ``uri``, set to the policy."""
+        fs, path = fsspec.core.url_to_fs(uri, **self.fs_options(uri))
+        if hasattr(fs, "retries") and type(fs).__module__.startswith("s3fs"):
+            # s3fs retries read time-outs and dropped connections five times on its own (a class
+            # attribute, not an option): once here, the policy's loop does the retrying.
+            fs.retries = 1
+        return fs, path
+
+    def endpoint(self) -> str:
+        """The S3 endpoint a call goes to, for error messages."""
+        opts = self.options
+        return opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url") or "the default AWS endpoint"
+
+    def retry(self, fn: Callable[[], T], what: str, uri: str) -> T:
+        """``with_retries`` under the policy; an error names ``uri`` and, on S3, the endpoint."""
+        where = f" at {self.endpoint()}" if _is_s3(uri) else ""
+        return with_retries(fn, f"{what} {uri}{where}", self.policy)
 
 
-def endpoint_of(options: dict[str, Any] | None) -> str:
-    """The S3 endpoint a call goes to, for error messages."""
-    opts = options or {}
-    return opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url") or "the default AWS endpoint"
+DEFAULT_STORAGE = Storage()
+
+
+def _is_s3(uri: str) -> bool:
+    return scheme_of(uri) in ("s3", "s3a")
 
 
 def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy = DEFAULT_POLICY) -> T:
@@ -173,22 +211,19 @@ def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy = DEFAULT_P
 class Folder:
     """A directory-like view of storage rooted at ``base``; every path is relative to it."""
 
-    def __init__(self, base: str, storage_options: dict[str, Any] | None = None,
-                 policy: RetryPolicy = DEFAULT_POLICY) -> None:
+    def __init__(self, base: str, storage: Storage = DEFAULT_STORAGE) -> None:
         self.base = _strip_trailing_slash(base)
-        self.storage_options = dict(storage_options or {})
-        self.policy = policy
-        self.fs, root = open_fs(self.base, self.storage_options, policy)
+        self.storage = storage
+        self.fs, root = storage.open(self.base)
         self.root = root.rstrip("/")
         self.is_local = scheme_of(self.base) == "file"
-        self._where = f" at {endpoint_of(self.storage_options)}" if scheme_of(self.base) in ("s3", "s3a") else ""
 
     def __repr__(self) -> str:  # never shows storage options: they may hold credentials
         return f"Folder({self.base!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Re-create the filesystem on the receiving side (Ray workers) instead of pickling it.
-        return (Folder, (self.base, self.storage_options, self.policy))
+        return (Folder, (self.base, self.storage))
 
     def path(self, rel: str) -> str:
         """The filesystem path of ``rel``; refuses anything that climbs out of the folder."""
@@ -206,13 +241,16 @@ class Folder:
         return f"{protocol}://{path}"
 
     def sub(self, rel: str) -> Folder:
-        return Folder(self.uri(rel), self.storage_options, self.policy)
+        return Folder(self.uri(rel), self.storage)
+
+    def _retry(self, fn: Callable[[], T], what: str, rel: str) -> T:
+        return self.storage.retry(fn, what, self.uri(rel))
 
     def exists(self, rel: str) -> bool:
-        return with_retries(lambda: self.fs.exists(self.path(rel)), f"exists {self.uri(rel)}{self._where}", self.policy)
+        return self._retry(lambda: self.fs.exists(self.path(rel)), "exists", rel)
 
     def read_bytes(self, rel: str) -> bytes:
-        return with_retries(lambda: self.fs.cat_file(self.path(rel)), f"read {self.uri(rel)}{self._where}", self.policy)
+        return self._retry(lambda: self.fs.cat_file(self.path(rel)), "read", rel)
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
@@ -224,10 +262,10 @@ class Folder:
         """Write ``data`` whole under ``rel`` (replacing it) and return its URI."""
         path = self.path(rel)
         if self.is_local:
-            with_retries(lambda: atomic_write(path, data), f"write {self.uri(rel)}{self._where}", self.policy)
+            self._retry(lambda: atomic_write(path, data), "write", rel)
         else:
             # One put of the whole buffer: S3 never exposes a partial object under the key.
-            with_retries(lambda: self.fs.pipe_file(path, data), f"write {self.uri(rel)}{self._where}", self.policy)
+            self._retry(lambda: self.fs.pipe_file(path, data), "write", rel)
         return self.uri(rel)
 
     def write_text(self, rel: str, text: str) -> str:
@@ -244,7 +282,7 @@ class Folder:
                 self.fs.rm(path, recursive=recursive)
             self.fs.invalidate_cache()
 
-        with_retries(_rm, f"remove {self.uri(rel)}{self._where}", self.policy)
+        self._retry(_rm, "remove", rel)
 
     def list(self, rel: str = "") -> list[str]:
         """Names (not paths) directly under ``rel``; empty when it does not exist."""
@@ -257,7 +295,7 @@ class Folder:
                 return []
             return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
-        return with_retries(_ls, f"list {self.uri(rel)}{self._where}", self.policy)
+        return self._retry(_ls, "list", rel)
 
 
 def _strip_trailing_slash(base: str) -> str:
@@ -269,11 +307,9 @@ def _strip_trailing_slash(base: str) -> str:
     return base.rstrip("/") or base
 
 
-def read_uri(uri: str, storage_options: dict[str, Any] | None = None, max_bytes: int | None = None,
-             policy: RetryPolicy = DEFAULT_POLICY) -> bytes:
+def read_uri(uri: str, storage: Storage = DEFAULT_STORAGE, max_bytes: int | None = None) -> bytes:
     """Fetch a whole object by URI (retrying transient faults); refuse objects over ``max_bytes``."""
-    fs, path = open_fs(uri, storage_options, policy)
-    where = f" at {endpoint_of(storage_options)}" if scheme_of(uri) in ("s3", "s3a") else ""
+    fs, path = storage.open(uri)
 
     def _read() -> bytes:
         if max_bytes is not None:
@@ -283,7 +319,7 @@ def read_uri(uri: str, storage_options: dict[str, Any] | None = None, max_bytes:
         return fs.cat_file(path)
 
     try:
-        return with_retries(_read, f"read {uri}{where}", policy)
+        return storage.retry(_read, "read", uri)
     except (FileNotFoundError, PermissionError) as exc:
         # s3fs can say only "Forbidden" (a 403 on HEAD) or "The specified bucket does not
         # exist": name the object, as every other storage error does.
@@ -294,10 +330,9 @@ def read_uri(uri: str, storage_options: dict[str, Any] | None = None, max_bytes:
         raise PermissionError(errno.EACCES, exc.strerror or str(exc) or "Permission denied", uri) from exc
 
 
-def expand(pattern: str, storage_options: dict[str, Any] | None = None,
-           policy: RetryPolicy = DEFAULT_POLICY) -> Iterator[str]:
+def expand(pattern: str, storage: Storage = DEFAULT_STORAGE) -> Iterator[str]:
     """URIs of the files matching a glob, or every file under a prefix, in sorted order."""
-    fs, path = open_fs(pattern, storage_options, policy)
+    fs, path = storage.open(pattern)
     protocol = scheme_of(pattern)
 
     def _list() -> list[str]:
@@ -315,5 +350,5 @@ def expand(pattern: str, storage_options: dict[str, Any] | None = None,
             return []
         return [p for p, info in infos.items() if info.get("type") != "directory"]
 
-    for p in sorted(with_retries(_list, f"list {pattern}", policy)):
+    for p in sorted(with_retries(_list, f"list {pattern}", storage.policy)):
         yield os.path.abspath(p) if protocol == "file" else f"{protocol}://{p}"

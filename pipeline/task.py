@@ -94,7 +94,7 @@ def process(item: Item, job: Job) -> Record:
 
 def _process(item: Item, job: Job, started: float) -> Record:
     cfg = job.cfg
-    folder = Folder(cfg.output, cfg.fs_options(), cfg.storage_policy())
+    folder = Folder(cfg.output, cfg.storage())
     targets = targets_of(cfg, item.id)
     marker_rel = layout.marker_path(item.id, job.tag)
 
@@ -105,7 +105,7 @@ def _process(item: Item, job: Job, started: float) -> Record:
             return _skipped(item, folder, done, targets, started)
 
     uri = check_uri(item.uri, cfg.allowed_schemes)
-    data = read_uri(uri, cfg.fs_options(), max_bytes=cfg.max_image_bytes, policy=cfg.storage_policy())
+    data = read_uri(uri, folder.storage, max_bytes=cfg.max_image_bytes)
     source = images.decode(data, cfg.max_image_pixels)  # (3, H, W) uint8
     src_h, src_w = source.shape[-2:]
     if min(src_h, src_w) < cfg.min_image_side:

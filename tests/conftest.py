@@ -150,6 +150,14 @@ def s3_storage_options(s3_endpoint: str) -> dict[str, Any]:
     }
 
 
+@pytest.fixture
+def s3_storage(s3_storage_options: dict[str, Any]) -> Any:
+    """``s3_storage_options`` as the ``pipeline.storage.Storage`` every reader and writer takes."""
+    from pipeline.storage import Storage
+
+    return Storage(s3_storage_options)
+
+
 @pytest.fixture(scope="session")
 def s3_client(s3_endpoint: str) -> Any:
     """A boto3 S3 client for the moto server: a second, independent client next to s3fs."""

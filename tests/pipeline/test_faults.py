@@ -47,7 +47,7 @@ from support import shrunk_photo
 from ingan import checkpoint
 from pipeline import executor, layout
 from pipeline.config import RunConfig
-from pipeline.storage import Folder, StorageError
+from pipeline.storage import Folder, Storage, StorageError
 from pipeline.task import Item, Job
 
 REPO = Path(__file__).resolve().parents[2]
@@ -655,7 +655,7 @@ def test_failed_upload_leaves_no_object(
     # The pitfall Folder.write_bytes avoids: a file opened for writing on S3 is committed when
     # its `with` block exits, even when the block exits with an exception, so the key now holds
     # the first part of the data as if it were the whole object.
-    fs = Folder(f"s3://{s3_bucket}", opts).fs
+    fs = Folder(f"s3://{s3_bucket}", Storage(opts)).fs
     with pytest.raises(RuntimeError), fs.open(f"{s3_bucket}/pitfall.bin", "wb") as f:
         f.write(body[:1000])
         raise RuntimeError("the producer failed half way")
@@ -665,7 +665,7 @@ def test_failed_upload_leaves_no_object(
     # server got half of it) and then keeps failing: nothing at all appears under the key ...
     sleeps: list[float] = []
     monkeypatch.setattr("pipeline.storage.time.sleep", sleeps.append)  # the backoff, not s3fs's
-    folder = Folder(f"s3://{s3_bucket}", opts)
+    folder = Folder(f"s3://{s3_bucket}", Storage(opts))
     puts = []
 
     def cut_then_fail(req: Request) -> str:

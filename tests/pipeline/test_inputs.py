@@ -37,7 +37,7 @@ from support import run_main as _run_main
 
 from pipeline import driver, executor, layout
 from pipeline.config import RunConfig
-from pipeline.storage import Folder
+from pipeline.storage import Folder, Storage
 from pipeline.task import Item, Job
 
 SIZE = (40, 30)  # the one explicit size every run asks for, besides ratio 1
@@ -661,14 +661,15 @@ def test_reprs_never_show_credentials() -> None:
     cfg = RunConfig(output="s3://bucket/out", storage_options=options)
     job = Job(cfg, "tiny", cfg.model_tag("tiny"))
     texts = {
-        "Folder repr": repr(Folder("/tmp/somewhere", options)),
+        "Folder repr": repr(Folder("/tmp/somewhere", Storage(options))),
         "RunConfig repr": repr(cfg),
         "RunConfig str": str(cfg),
         "Job repr": repr(job),
+        "Storage repr": repr(cfg.storage()),
         "public_dict": str(cfg.public_dict()),
     }
     _assert_no_leak((ACCESS_KEY, SECRET_KEY), {k: v.encode() for k, v in texts.items()})
-    assert cfg.fs_options()["secret"] == SECRET_KEY  # still there for the filesystem
+    assert cfg.storage().options["secret"] == SECRET_KEY  # still there for the filesystem
 
 
 # --------------------------------------------------------------------------- 7. allowed schemes

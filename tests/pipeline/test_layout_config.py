@@ -13,7 +13,7 @@ import pytest
 from ingan.config import get_preset
 from pipeline import layout
 from pipeline.config import ConfigError, RunConfig, load_config
-from pipeline.storage import Folder
+from pipeline.storage import Folder, RetryPolicy
 from pipeline.targets import MIN_OUTPUT_SIDE, Target, TargetError, targets_of
 
 HOSTILE_IDS = [
@@ -200,12 +200,19 @@ def test_bf16_is_the_presets_unless_set() -> None:
 # --------------------------------------------------------------------------- config
 
 
-def test_fs_options_carry_credentials_and_endpoint() -> None:
-    cfg = RunConfig(storage_options={"key": "K", "secret": "S"}, endpoint_url="http://127.0.0.1:9")
-    assert cfg.fs_options() == {"key": "K", "secret": "S", "endpoint_url": "http://127.0.0.1:9"}
+def test_storage_carries_credentials_endpoint_and_policy() -> None:
+    cfg = RunConfig(storage_options={"key": "K", "secret": "S"}, endpoint_url="http://127.0.0.1:9",
+                    storage_attempts=3, storage_connect_timeout_s=2, storage_read_timeout_s=7)
+    storage = cfg.storage()
+    assert storage.options == {"key": "K", "secret": "S", "endpoint_url": "http://127.0.0.1:9"}
+    assert storage.policy == RetryPolicy(attempts=3, connect_timeout_s=2, read_timeout_s=7)
+    # S3 calls get the policy's time-outs and one botocore attempt; other schemes the options as they are.
+    assert storage.fs_options("s3://b/k")["config_kwargs"] == {
+        "connect_timeout": 2, "read_timeout": 7, "retries": {"mode": "standard", "total_max_attempts": 1}}
+    assert storage.fs_options("/tmp/x") == storage.options
     # An endpoint inside storage_options wins over the flag.
     cfg = RunConfig(storage_options={"endpoint_url": "http://a"}, endpoint_url="http://b")
-    assert cfg.fs_options()["endpoint_url"] == "http://a"
+    assert cfg.storage().options["endpoint_url"] == "http://a"
 
 
 def test_public_dict_holds_no_secret_values() -> None:

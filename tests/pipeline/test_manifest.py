@@ -6,14 +6,13 @@ import hashlib
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.manifest import ManifestError, build_manifest, derive_id, load_manifest
-from pipeline.storage import Folder
+from pipeline.storage import Folder, Storage
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,13 +108,13 @@ def test_load_from_memory_uri() -> None:
     assert load_manifest("memory:///manifests/m.parquet").num_rows == 1
 
 
-def test_load_from_s3(s3_bucket: str, s3_storage_options: dict[str, Any]) -> None:
+def test_load_from_s3(s3_bucket: str, s3_storage: Storage) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table({"uri": [f"s3://{s3_bucket}/a.png"], "id": ["a"]}), sink)
-    Folder(f"s3://{s3_bucket}", s3_storage_options).write_bytes(
+    Folder(f"s3://{s3_bucket}", s3_storage).write_bytes(
         "m.parquet", sink.getvalue().to_pybytes()
     )
-    out = load_manifest(f"s3://{s3_bucket}/m.parquet", s3_storage_options)
+    out = load_manifest(f"s3://{s3_bucket}/m.parquet", s3_storage)
     assert out.to_pylist() == [{"uri": f"s3://{s3_bucket}/a.png", "id": "a"}]
 
 
@@ -260,15 +259,15 @@ def test_build_with_own_extensions(tmp_path: Path) -> None:
     assert build_manifest(str(tmp_path / "photos"), out, extensions=(".JPG",)) == 2
 
 
-def test_build_from_s3_glob(s3_bucket: str, s3_storage_options: dict[str, Any]) -> None:
-    _photos(Folder(f"s3://{s3_bucket}", s3_storage_options))
+def test_build_from_s3_glob(s3_bucket: str, s3_storage: Storage) -> None:
+    _photos(Folder(f"s3://{s3_bucket}", s3_storage))
     out = f"s3://{s3_bucket}/manifests/photos.parquet"
-    assert build_manifest(f"s3://{s3_bucket}/photos/*.jpg", out, s3_storage_options) == 1
-    table = load_manifest(out, s3_storage_options)
+    assert build_manifest(f"s3://{s3_bucket}/photos/*.jpg", out, s3_storage) == 1
+    table = load_manifest(out, s3_storage)
     assert table.to_pylist() == [
         {"uri": f"s3://{s3_bucket}/photos/a.jpg", "id": derive_id(f"s3://{s3_bucket}/photos/a.jpg")}
     ]
-    assert build_manifest(f"s3://{s3_bucket}/photos", out, s3_storage_options) == 5
+    assert build_manifest(f"s3://{s3_bucket}/photos", out, s3_storage) == 5
 
 
 def test_build_errors_when_nothing_matches(tmp_path: Path) -> None:
@@ -299,9 +298,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_build_and_check_on_s3(
-    s3_endpoint: str, s3_bucket: str, s3_storage_options: dict[str, Any]
+    s3_endpoint: str, s3_bucket: str, s3_storage: Storage
 ) -> None:
-    _photos(Folder(f"s3://{s3_bucket}", s3_storage_options))
+    _photos(Folder(f"s3://{s3_bucket}", s3_storage))
     out = f"s3://{s3_bucket}/m.parquet"
     built = _cli("build", f"s3://{s3_bucket}/photos/*", out, "--endpoint-url", s3_endpoint)
     assert built.returncode == 0, built.stderr

@@ -14,7 +14,15 @@ import pytest
 
 from ingan import files
 from pipeline import storage
-from pipeline.storage import Folder, StorageError, UnsupportedURIError, check_uri, expand, read_uri
+from pipeline.storage import (
+    Folder,
+    Storage,
+    StorageError,
+    UnsupportedURIError,
+    check_uri,
+    expand,
+    read_uri,
+)
 
 
 @pytest.fixture
@@ -33,14 +41,14 @@ def folder(request: pytest.FixtureRequest, tmp_path: Path) -> Folder:
     if request.param == "memory":
         return Folder(f"memory://test-{uuid.uuid4().hex}")
     bucket = request.getfixturevalue("s3_bucket")
-    return Folder(f"s3://{bucket}/out", request.getfixturevalue("s3_storage_options"))
+    return Folder(f"s3://{bucket}/out", request.getfixturevalue("s3_storage"))
 
 
 def test_round_trip(folder: Folder) -> None:
     uri = folder.write_bytes("a/b.bin", b"\x00\x01payload")
     assert uri == folder.uri("a/b.bin")
     assert folder.read_bytes("a/b.bin") == b"\x00\x01payload"
-    assert read_uri(uri, folder.storage_options) == b"\x00\x01payload"
+    assert read_uri(uri, folder.storage) == b"\x00\x01payload"
 
     folder.write_json("meta.json", {"size": [3, 4], "name": "x"})
     assert folder.read_json("meta.json") == {"size": [3, 4], "name": "x"}
@@ -141,12 +149,12 @@ def test_local_write_failing_midway_leaves_nothing(
 
 def test_s3_failed_write_leaves_no_object(
     s3_bucket: str,
-    s3_storage_options: dict[str, Any],
+    s3_storage: Storage,
     s3_client: Any,
     monkeypatch: pytest.MonkeyPatch,
     sleeps: list[float],
 ) -> None:
-    folder = Folder(f"s3://{s3_bucket}", s3_storage_options)
+    folder = Folder(f"s3://{s3_bucket}", s3_storage)
     folder.write_bytes("old.bin", b"old content")
     real_call = folder.fs._call_s3
     puts = []
@@ -310,20 +318,20 @@ def test_expand_relative_local_gives_absolute_uris(
     assert list(expand("photos/*.jpg")) == [f"{tmp_path}/photos/a.jpg"]
 
 
-def test_expand_s3(s3_bucket: str, s3_storage_options: dict[str, Any], s3_client: Any) -> None:
-    _make_tree(Folder(f"s3://{s3_bucket}", s3_storage_options))
+def test_expand_s3(s3_bucket: str, s3_storage: Storage, s3_client: Any) -> None:
+    _make_tree(Folder(f"s3://{s3_bucket}", s3_storage))
     base = f"s3://{s3_bucket}/photos"
-    assert list(expand(f"{base}/*.jpg", s3_storage_options)) == [f"{base}/a.jpg"]
+    assert list(expand(f"{base}/*.jpg", s3_storage)) == [f"{base}/a.jpg"]
     everything = [
         f"{base}/{rel}" for rel in ["a.jpg", "album.jpg/d.png", "b.JPG", "notes.txt", "sub/c.jpg"]
     ]
-    assert list(expand(base, s3_storage_options)) == everything
-    assert list(expand(f"{base}/", s3_storage_options)) == everything
-    assert list(expand(f"s3://{s3_bucket}/nothing-here", s3_storage_options)) == []
+    assert list(expand(base, s3_storage)) == everything
+    assert list(expand(f"{base}/", s3_storage)) == everything
+    assert list(expand(f"s3://{s3_bucket}/nothing-here", s3_storage)) == []
 
     # Another client uploads after our listing: the next expand must see it, not a cached listing.
     s3_client.put_object(Bucket=s3_bucket, Key="photos/e.jpg", Body=b"x")
-    assert list(expand(f"{base}/*.jpg", s3_storage_options)) == [f"{base}/a.jpg", f"{base}/e.jpg"]
+    assert list(expand(f"{base}/*.jpg", s3_storage)) == [f"{base}/a.jpg", f"{base}/e.jpg"]
 
 
 def test_repr_hides_secrets(s3_storage_options: dict[str, Any]) -> None:
@@ -333,8 +341,9 @@ def test_repr_hides_secrets(s3_storage_options: dict[str, Any]) -> None:
         "secret": "t0p-s3cret",
         "token": "tok3n",
     }
-    folder = Folder("s3://bucket/run", options)
+    folder = Folder("s3://bucket/run", Storage(options))
     for text in (repr(folder), str(folder), f"{folder}", repr([folder])):
         assert "bucket/run" in text
+    for text in (repr(folder.storage), str(folder.storage), repr([folder.storage])):
         for secret in ("AKIAEXAMPLEKEY", "t0p-s3cret", "tok3n"):
             assert secret not in text
