@@ -67,9 +67,3 @@ def metrics_path(item_id: str, tag: str) -> str:
 def marker_path(item_id: str, tag: str) -> str:
     return f"{item_dir(item_id, tag)}/done.json"
 
-
-def item_seed(run_seed: int, item_id: str, *more: object) -> int:
-    """Each image's training seed: fixed by the run seed and the id, so a retried or resumed task
-    trains the same weights. ``more`` (a variant's index and salt) derives further seeds."""
-    text = "\0".join([str(run_seed), item_id, *(str(m) for m in more)])
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:4], "big")

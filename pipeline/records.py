@@ -9,6 +9,7 @@ they are not stored in the table.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any, TypedDict
@@ -74,6 +75,13 @@ class Item:
     id: str
     uri: str | None
     carried: dict[str, Any]
+
+
+def item_seed(run_seed: int, item_id: str, *more: object) -> int:
+    """Each image's training seed: fixed by the run seed and the id, so a retried or resumed task
+    trains the same weights. ``more`` (a variant's index and salt) derives further seeds."""
+    text = "\0".join([str(run_seed), item_id, *(str(m) for m in more)])
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:4], "big")
 
 
 class Output(TypedDict, total=False):

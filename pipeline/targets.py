@@ -13,7 +13,7 @@ from ingan.retarget import MAX_SIDE as MAX_OUTPUT_SIDE
 from ingan.retarget import Shifts, check_shifts, parse_shape, parse_size
 
 from .config import RunConfig
-from .layout import item_seed
+from .records import item_seed
 
 MIN_OUTPUT_SIDE = 8
 

@@ -203,7 +203,7 @@ def _model(folder: Folder, rel: str, source: torch.Tensor, item: Item, job: Job,
         except checkpoint.CheckpointError:
             pass  # a damaged model is retrained, not trusted
     model_cfg, train_cfg = cfg.model_settings(job.preset)
-    train_cfg = dataclasses.replace(train_cfg, seed=layout.item_seed(cfg.seed, item.id))
+    train_cfg = dataclasses.replace(train_cfg, seed=records.item_seed(cfg.seed, item.id))
     t0 = time.perf_counter()
     state_rel = layout.training_state_path(item.id, job.tag)
     try:

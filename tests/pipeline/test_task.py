@@ -124,7 +124,7 @@ def test_classify_messages_name_the_object() -> None:
 def test_a_damaged_or_foreign_training_state_is_retrained_from_scratch(tmp_path: Path, state: bytes | str) -> None:
     """A training state that cannot be trusted is ignored: the image trains from the start, ends
     with the model an untouched run gives, and the state is gone afterwards."""
-    from pipeline import layout
+    from pipeline import layout, records
 
     src = tmp_path / "a.png"
     Image.fromarray(torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()).save(src)
@@ -137,7 +137,7 @@ def test_a_damaged_or_foreign_training_state_is_retrained_from_scratch(tmp_path:
         from ingan.train import Trainer
 
         model_cfg, train_cfg = job.cfg.model_settings("tiny")
-        train_cfg = dataclasses.replace(train_cfg, seed=layout.item_seed(job.cfg.seed, "img"))  # as the task seeds it
+        train_cfg = dataclasses.replace(train_cfg, seed=records.item_seed(job.cfg.seed, "img"))  # as the task seeds it
         other = Trainer(to_model_input(torch.rand(3, 40, 48)), model_cfg, train_cfg, "cpu")
         other.step()
         state_path.write_bytes(checkpoint.save_training_state(other))
