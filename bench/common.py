@@ -48,6 +48,14 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def rss_mib() -> float:
+    """This process's resident memory (VmRSS, from Linux's /proc) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def save(name: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -21,14 +21,7 @@ from PIL import Image
 
 from pipeline import driver
 
-from .common import bench_images, machine, save
-
-
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+from .common import bench_images, machine, rss_mib, save
 
 
 class RSSSampler(threading.Thread):

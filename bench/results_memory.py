@@ -13,16 +13,8 @@ import json
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
-from .common import machine, save
-
-
-def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+from .common import machine, rss_mib, save
 
 
 def one(rows: int) -> dict[str, float]:
@@ -36,9 +28,9 @@ def one(rows: int) -> dict[str, float]:
             stream.add(i, {"id": f"img-{i:06d}", "uri": f"/in/{i}.png", "status": "ok", "error": None, "error_kind": None,
                            "outputs": [out], "source_rel": None, "source_width": 48, "source_height": 48,
                            "model_uri": None, "train_seconds": 0.5, "total_seconds": 1.0, "attempts": 1, "carried": {}})
-        before = _rss_mib()
+        before = rss_mib()
         stream.finish()
-        return {"rows": rows, "rss_before_finish_mib": before, "rss_after_finish_mib": _rss_mib()}
+        return {"rows": rows, "rss_before_finish_mib": before, "rss_after_finish_mib": rss_mib()}
 
 
 def main() -> None:
