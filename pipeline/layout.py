@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 
 from ingan.retarget import Shifts, output_stem
 
@@ -40,16 +41,20 @@ def item_dir(item_id: str, tag: str) -> str:
     return f"items/{item_key(item_id)}/{tag}"
 
 
-def model_path(item_id: str, tag: str) -> str:
-    return f"{item_dir(item_id, tag)}/model.pt"
+def _item_file(name: str) -> Callable[[str, str], str]:
+    """The path function of one file in an item's folder: ``(item_id, tag) -> .../{name}``."""
+
+    def path(item_id: str, tag: str) -> str:
+        return f"{item_dir(item_id, tag)}/{name}"
+
+    return path
 
 
-def training_state_path(item_id: str, tag: str) -> str:
-    return f"{item_dir(item_id, tag)}/training.pt"
-
-
-def source_preview_path(item_id: str, tag: str) -> str:
-    return f"{item_dir(item_id, tag)}/source.jpg"
+model_path = _item_file("model.pt")
+training_state_path = _item_file("training.pt")
+source_preview_path = _item_file("source.jpg")
+metrics_path = _item_file("metrics.json")
+marker_path = _item_file("done.json")
 
 
 def output_path(item_id: str, tag: str, width: int, height: int, ext: str, shifts: Shifts | None = None) -> str:
@@ -57,13 +62,5 @@ def output_path(item_id: str, tag: str, width: int, height: int, ext: str, shift
 
 
 def mask_path(item_id: str, tag: str, width: int, height: int, shifts: Shifts) -> str:
-    return f"{item_dir(item_id, tag)}/outputs/{output_stem(width, height, shifts)}.mask.png"
-
-
-def metrics_path(item_id: str, tag: str) -> str:
-    return f"{item_dir(item_id, tag)}/metrics.json"
-
-
-def marker_path(item_id: str, tag: str) -> str:
-    return f"{item_dir(item_id, tag)}/done.json"
-
+    """A shaped JPEG output's frame, beside it."""
+    return output_path(item_id, tag, width, height, "mask.png", shifts)
