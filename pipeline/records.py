@@ -1,5 +1,5 @@
 """One result record per manifest row: the item it is for, its fields, its constructors and the
-Arrow schema it is stored with, side by side, so a field is added in one place.
+Arrow schema it is stored with (derived from the fields), so a field is added in one place.
 
 A record is a plain dict (typed here as a ``TypedDict``): it crosses Ray, is filled in by the
 task, gets its ``attempts`` from the executor, and is read by the results stream, the summary and
@@ -12,57 +12,12 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from types import UnionType
+from typing import Any, TypedDict, get_args, get_type_hints
 
 import pyarrow as pa
 
 STATUSES = ("ok", "skipped", "failed")
-
-OUTPUT_TYPE = pa.struct(
-    [
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("ratio", pa.float64()),
-        ("uri", pa.string()),
-        # What was asked for: "ratio:2.0", "size:256x256", "shape:2.0@0.3,-0.3" or
-        # "variant:{digest}:{index}" (an augmentation draw; the digest names the salt and ranges).
-        ("target", pa.string()),
-        # Top-corner shifts of a shaped output (normalised units); 0 and 0 for a rectangle.
-        ("shift_left", pa.float64()),
-        ("shift_right", pa.float64()),
-        # A shaped JPEG's frame (JPEG has no alpha); null otherwise.
-        ("mask_uri", pa.string()),
-        # Augmentation variants: the draw's index and its scale against the source; null otherwise.
-        ("variant", pa.int32()),
-        ("scale", pa.float64()),
-        ("completeness", pa.float64()),
-        ("coherence", pa.float64()),
-        ("swd", pa.float64()),
-        # The same metrics for a bicubic resize of the source to the same size, and whether the
-        # output beats it on both completeness + coherence and patch SWD (null: not scored).
-        ("resize_completeness", pa.float64()),
-        ("resize_coherence", pa.float64()),
-        ("resize_swd", pa.float64()),
-        ("beats_resize", pa.bool_()),
-    ]
-)
-
-RESULT_SCHEMA_BASE = pa.schema(
-    [
-        ("id", pa.string()),
-        ("uri", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("error_kind", pa.string()),
-        ("outputs", pa.list_(OUTPUT_TYPE)),
-        ("train_seconds", pa.float64()),
-        ("total_seconds", pa.float64()),
-        ("attempts", pa.int32()),
-        ("model_uri", pa.string()),
-        ("source_width", pa.int32()),
-        ("source_height", pa.int32()),
-    ]
-)
 
 # An output's quality fields when metrics are off.
 UNSCORED: dict[str, None] = dict.fromkeys(("completeness", "coherence", "swd", "resize_completeness",
@@ -89,17 +44,24 @@ class Output(TypedDict, total=False):
     height: int
     ratio: float | None
     uri: str
-    rel: str
+    rel: str  # not stored
+    # What was asked for: "ratio:2.0", "size:256x256", "shape:2.0@0.3,-0.3" or
+    # "variant:{digest}:{index}" (an augmentation draw; the digest names the salt and ranges).
     target: str
+    # Top-corner shifts of a shaped output (normalised units); 0 and 0 for a rectangle.
     shift_left: float
     shift_right: float
+    # A shaped JPEG's frame (JPEG has no alpha); null otherwise.
     mask_uri: str | None
-    mask_rel: str | None
+    mask_rel: str | None  # not stored
+    # Augmentation variants: the draw's index and its scale against the source; null otherwise.
     variant: int | None
     scale: float | None
     completeness: float | None
     coherence: float | None
     swd: float | None
+    # The same metrics for a bicubic resize of the source to the same size, and whether the
+    # output beats it on both completeness + coherence and patch SWD (null: not scored).
     resize_completeness: float | None
     resize_coherence: float | None
     resize_swd: float | None
@@ -113,14 +75,34 @@ class Record(TypedDict):
     error: str | None
     error_kind: str | None
     outputs: list[Output]
-    source_rel: str | None
-    source_width: int | None
-    source_height: int | None
-    model_uri: str | None
     train_seconds: float | None
     total_seconds: float | None
     attempts: int
-    carried: dict[str, Any]
+    model_uri: str | None
+    source_width: int | None
+    source_height: int | None
+    source_rel: str | None  # not stored
+    carried: dict[str, Any]  # stored as the manifest's own columns, beside these
+
+
+_ARROW_TYPES: dict[Any, pa.DataType] = {int: pa.int32(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
+
+
+def _stored_fields(typed: type, unstored: set[str], nested: dict[Any, pa.DataType] | None = None) -> list[tuple[str, pa.DataType]]:
+    """The Arrow fields of a record ``TypedDict``'s stored keys, in its order (all nullable);
+    ``nested`` gives the types of its fields that hold other records."""
+    types = {**_ARROW_TYPES, **(nested or {})}
+    fields = []
+    for name, hint in get_type_hints(typed).items():
+        if name not in unstored:
+            (value,) = [a for a in get_args(hint) if a is not type(None)] if isinstance(hint, UnionType) else [hint]
+            fields.append((name, types[value]))
+    return fields
+
+
+# The table's schema follows the TypedDicts above: a stored field is declared there alone.
+OUTPUT_TYPE = pa.struct(_stored_fields(Output, {"rel", "mask_rel"}))
+RESULT_SCHEMA_BASE = pa.schema(_stored_fields(Record, {"source_rel", "carried"}, {list[Output]: pa.list_(OUTPUT_TYPE)}))
 
 
 def _record(item: Item, status: str, started: float | None, **fields: Any) -> Record:

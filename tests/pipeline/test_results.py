@@ -115,3 +115,19 @@ def test_the_merge_keeps_manifest_order_across_chunks_and_evicted_parts(tmp_path
     table = pq.read_table(stream.finish())
     assert table.column("id").to_pylist() == [f"img-{i:04d}" for i in range(83)]
     assert table.column("label").to_pylist() == [f"L{i}" for i in range(83)]
+
+
+def test_the_stored_schema_is_pinned() -> None:
+    # The table's schema is derived from the record TypedDicts: readers of results.parquet rely
+    # on these names, types and this order, whatever the derivation does.
+    assert [f"{f.name}: {f.type}" for f in RESULT_SCHEMA_BASE.remove(5)] == [
+        "id: string", "uri: string", "status: string", "error: string", "error_kind: string",
+        "train_seconds: double", "total_seconds: double", "attempts: int32", "model_uri: string",
+        "source_width: int32", "source_height: int32"]  # fmt: skip
+    outputs = RESULT_SCHEMA_BASE.field("outputs").type.value_type
+    assert [f"{f.name}: {f.type}" for f in outputs] == [
+        "width: int32", "height: int32", "ratio: double", "uri: string", "target: string",
+        "shift_left: double", "shift_right: double", "mask_uri: string", "variant: int32", "scale: double",
+        "completeness: double", "coherence: double", "swd: double", "resize_completeness: double",
+        "resize_coherence: double", "resize_swd: double", "beats_resize: bool"]  # fmt: skip
+    assert RESULT_SCHEMA_BASE.names[5] == "outputs"
