@@ -11,10 +11,11 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ingan.config import PRESETS, ModelConfig, TrainConfig, get_preset
 from ingan.geometry import MAX_SHIFT
@@ -92,21 +93,13 @@ class RunConfig(BaseModel):
             raise ValueError(f"unknown preset {v!r}; choose one of: auto, {', '.join(PRESETS)}")
         return v
 
-    @field_validator("ratios")
+    @field_validator("ratios", "sizes", "shapes")
     @classmethod
-    def _sane_ratios(cls, v: list[float]) -> list[float]:
-        for r in v:
-            check_ratio(r)
-        if len(set(v)) != len(v):
-            raise ValueError(f"duplicate ratios in {v}")
-        return v
-
-    @field_validator("shapes")
-    @classmethod
-    def _sane_shapes(cls, v: list[str]) -> list[str]:
-        out = [canonical_shape(s) for s in v]
+    def _distinct_targets(cls, v: list[Any], info: ValidationInfo) -> list[Any]:
+        """Each target checked and spelled one way, so two spellings of one target are caught."""
+        out = [_CANONICAL[info.field_name](t) for t in v]
         if len(set(out)) != len(out):
-            raise ValueError(f"duplicate shapes in {v}")
+            raise ValueError(f"duplicate {info.field_name} in {v}")
         return out
 
     @field_validator("fill_color")
@@ -116,30 +109,18 @@ class RunConfig(BaseModel):
             raise ValueError(f"fill_color {list(v)} must be three values 0..255 (R, G, B)")
         return v
 
-    @field_validator("augment_ratios")
+    @field_validator("augment_ratios", "augment_scales")
     @classmethod
-    def _ratio_range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        for r in v:
-            check_ratio(r)
-        return _ordered("augment_ratios", v)
-
-    @field_validator("augment_scales")
-    @classmethod
-    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if any(not math.isfinite(x) or not 1 / 16 <= x <= 16 for x in v):
+    def _draw_range(cls, v: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
+        """A (low, high) range the variants are drawn from, each end a sane ratio or scale."""
+        if info.field_name == "augment_ratios":
+            for r in v:
+                check_ratio(r)
+        elif any(not math.isfinite(x) or not 1 / 16 <= x <= 16 for x in v):
             raise ValueError(f"augment_scales {list(v)}: each scale must be within 1/16..16")
-        return _ordered("augment_scales", v)
-
-    @field_validator("sizes")
-    @classmethod
-    def _sane_sizes(cls, v: list[str]) -> list[str]:
-        out = []
-        for s in v:
-            w, h = parse_size(s)
-            out.append(f"{w}x{h}")
-        if len(set(out)) != len(out):
-            raise ValueError(f"duplicate sizes in {v}")
-        return out
+        if v[0] > v[1]:
+            raise ValueError(f"{info.field_name} {list(v)}: the low end comes first")
+        return v
 
     @field_validator("allowed_schemes")
     @classmethod
@@ -200,12 +181,17 @@ def check_ratio(r: float) -> float:
     return r
 
 
+def canonical_size(text: str) -> str:
+    """A size ('WxH') checked and spelled one way."""
+    w, h = parse_size(text)
+    return f"{w}x{h}"
+
+
 def canonical_shape(text: str) -> str:
     """A shape as given ('2@0.3,-0.3', '256x128@0,0.2') checked and spelled one way."""
     base, shifts = parse_shape(text)
     if "x" in base.lower():
-        w, h = parse_size(base)
-        base = f"{w}x{h}"
+        base = canonical_size(base)
     else:
         try:
             ratio = float(base)
@@ -218,10 +204,7 @@ def canonical_shape(text: str) -> str:
     return shape_name(base, shifts)
 
 
-def _ordered(name: str, v: tuple[float, float]) -> tuple[float, float]:
-    if v[0] > v[1]:
-        raise ValueError(f"{name} {list(v)}: the low end comes first")
-    return v
+_CANONICAL: dict[str, Callable[[Any], Any]] = {"ratios": check_ratio, "sizes": canonical_size, "shapes": canonical_shape}
 
 
 def load_config(path: str | None, overrides: dict[str, Any]) -> RunConfig:
