@@ -1,16 +1,32 @@
-"""Assemble BENCHMARKS.md from the result files the benchmarks wrote under bench/results/.
+"""Assemble BENCHMARKS.md and docs/experiments.md from the result files under bench/results/.
 
     python -m bench.write_md
+
+BENCHMARKS.md leads with the shipped presets, each beside bicubic resize, centre crop and seam
+carving (held-out images first where they have been scored), then speed, FLOPs, GPU and
+orchestration. docs/experiments.md holds everything tried on the way: an index, the notes and every
+quality run's full table. Hand-written text comes from ``bench/results/summary.md`` (the top of the
+`cpu` section) and ``bench/results/notes/<section>.md``; every figure in a table comes from a JSON
+file, with the machine, date, commit and command that made it.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ingan.config import get_preset
 
 from .common import IMAGE_SETS, RESULTS, ROOT, bench_images, quality_label
+
+TARGETS = ("width x2", "width x0.5", "square")
+BASELINES = ("bicubic", "centre crop", "seam carving")
+SUMMARY = RESULTS / "summary.md"
+NOTES = RESULTS / "notes"
+EXPERIMENTS = ROOT / "docs" / "experiments.md"
 
 # The quality-against-compute runs, in the order they were made (bench/results/curves/).
 CURVE_RUNS = ["c128", "c128_ema", "c64", "c96", "c128_cal_ema", "c128_cal_ema_fastsched", "c128_skip",
@@ -20,9 +36,68 @@ CURVE_RUNS = ["c128", "c128_ema", "c64", "c96", "c128_cal_ema", "c128_cal_ema_fa
 REFERENCE_S_PER_ITER = 4.4  # the reference implementation at a 216x256 crop on this 2-core CPU
 
 
+@dataclass(frozen=True)
+class PresetRun:
+    """A quality run that stands for a shipped preset in BENCHMARKS.md."""
+
+    file: str  # bench/results/<file>.json
+    method: str  # the method in it that is the preset
+    title: str
+    about: str = ""  # how the run relates to the preset as it ships
+    label: str = ""  # the preset's column heading (default: its name)
+    sheet: str = ""  # the picture shown for it (default: the run's width x2 contact sheet)
+    missing: str = ""  # said in place of the table while the run has not been made (else: left out)
+
+
+PRESETS: dict[str, list[PresetRun]] = {
+    # Held-out first: the tuning sets chose the preset, so only the held-out set tests it.
+    "cpu": [
+        PresetRun("quality_cpu_heldout", "cpu", "Held-out set: four photographs no choice was made on",
+                  missing="The held-out run has not been made yet: `python -m bench.quality --presets cpu "
+                          "--image-set heldout --jobs 1` writes `bench/results/quality_cpu_heldout.json`."),
+        PresetRun("quality_cpu_clampgrad", "cpu+clampgrad", "Tuning set: the eight standard images",
+                  "This run is the shipped `cpu` preset: it was made with `--label clampgrad` at commit 1885b50, "
+                  "the commit that made the image skip's clamp pass gradients, and the preset has not changed since."),
+        PresetRun("quality_cpu_patterns", "cpu", "Tuning set: four patterns and textures",
+                  "Made at commit b481f41, before the image skip's clamp passed gradients (1885b50) and before the "
+                  "spectral norms were batched (4322bdc); not trained again since."),
+    ],
+    "tiny": [
+        PresetRun("quality_cpu_tiny", "tiny", "The eight standard images",
+                  "Made at commit 45d7dce; `tiny`'s settings are the same today. The run also trained the `cpu` "
+                  "preset of that day (no image skip), whose column is in [docs/experiments.md](docs/experiments.md)."),
+    ],
+    "fast": [
+        PresetRun("quality_fast_fast2000_patterns", "fast+fast2000", "The coins, at a fifth of the schedule",
+                  "The full network on one CPU core for 2,000 of `fast`'s 10,000 iterations (its milestones at the "
+                  "same fractions of the run), in bfloat16.",
+                  label="`fast` at 2,000 iterations", sheet="quality_coins_x2_fast2000.jpg"),
+    ],
+}
+SHEET_CAPTIONS = {
+    "quality_coins_x2_fast2000.jpg": "coins, width x2, whole outputs at 1:1: source, bicubic, `fast` at 2,000 iterations",
+}
+
+
 def _load(name: str) -> dict[str, Any] | None:
     path = RESULTS / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def _notes(path_or_name: Any) -> list[str]:
+    """A hand-written notes file's lines (``bench/results/notes/<name>.md`` for a name), with a blank
+    line after; nothing if it does not exist."""
+    path = NOTES / f"{path_or_name}.md" if isinstance(path_or_name, str) else path_or_name
+    return [path.read_text().rstrip(), ""] if path.exists() else []
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _anchor(title: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
 
 
 def _machine(m: dict[str, Any]) -> str:
@@ -36,35 +111,39 @@ def _machine(m: dict[str, Any]) -> str:
 def _speed(data: dict[str, Any], device: str) -> list[str]:
     out = [f"### Training speed ({device})", "", f"Machine: {_machine(data['machine'])}.",
            f"Command: `python -m bench.train_speed --device {device} --compare`.", "",
-           "Steady state (past the size curriculum: outputs 0.15x-2.25x the crop per axis, second G step on).", "",
-           "| preset | crop | configuration | s / iteration | iterations / s | full schedule |",
-           "|---|---|---|---|---|---|"]
+           "Steady state (past the size curriculum: outputs 0.15x-2.25x the crop per axis, second G step on).", ""]
+    rows = []
     for r in data["training"]:
         conf = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "default (channels-last, fp32)"
         mem = f", peak GPU {r['peak_gpu_mem_gib']:.2f} GiB" if "peak_gpu_mem_gib" in r else ""
-        out.append(f"| {r['preset']} | {r['crop']} | {conf}{mem} | {r['seconds_per_iter']:.3f} | {r['iters_per_s']:.2f} "
-                   f"| {r['iterations']:,} it = {r['full_run_hours']:.2f} h |")
+        rows.append([r["preset"], r["crop"], conf + mem, f"{r['seconds_per_iter']:.3f}", f"{r['iters_per_s']:.2f}",
+                     f"{r['iterations']:,} it = {r['full_run_hours']:.2f} h"])
+    out += _table(["preset", "crop", "configuration", "s / iteration", "iterations / s", "full schedule"], rows)
     paper = [r for r in data["training"] if r["preset"] == "paper" and not r["overrides"]]
     if paper and device == "cpu":
         s = paper[0]["seconds_per_iter"]
         out += ["", f"`paper` at the reference's 216x256 crop: **{s:.2f} s per iteration** against the reference's "
                     f"{REFERENCE_S_PER_ITER} s on this CPU ({REFERENCE_S_PER_ITER / s:.1f}x faster), same architecture and sizes."]
-    out += ["", "Retargeting (one trained-size generator, source 600x400, five sizes from 128x128 to 800x400):", "",
-            "| preset | s / output | outputs / s |", "|---|---|---|"]
-    for r in data["retarget"]:
-        out.append(f"| {r['preset']} | {r['seconds_per_output']:.3f} | {r['outputs_per_s']:.1f} |")
+    out += ["", "Retargeting (one trained-size generator, source 600x400, five sizes from 128x128 to 800x400):", ""]
+    out += _table(["preset", "s / output", "outputs / s"],
+                  [[r["preset"], f"{r['seconds_per_output']:.3f}", f"{r['outputs_per_s']:.1f}"] for r in data["retarget"]])
     return out + [""]
 
 
-def _wins(data: dict[str, Any], method: str, target: str) -> str:
-    """'n/N': of ``method``'s outputs for ``target``, those beating the bicubic resize of the same
-    image on both C+C and patch SWD."""
+def _winners(data: dict[str, Any], method: str, target: str) -> tuple[list[str], int]:
+    """Of ``method``'s outputs for ``target``, the images whose output beats the bicubic resize of
+    the same image on both C+C and patch SWD; and how many images there are."""
     rows = [r for r in data["rows"] if r["target"] == target]
     ours = {r["image"]: r for r in rows if r["method"] == method}
     base = {r["image"]: r for r in rows if r["method"] == "bicubic"}
-    n = sum(1 for i in ours if ours[i]["completeness"] + ours[i]["coherence"]
-            < base[i]["completeness"] + base[i]["coherence"] and ours[i]["swd"] < base[i]["swd"])
-    return f"{n}/{len(ours)}"
+    won = [i.rsplit(".", 1)[0] for i in ours if ours[i]["completeness"] + ours[i]["coherence"]
+           < base[i]["completeness"] + base[i]["coherence"] and ours[i]["swd"] < base[i]["swd"]]
+    return won, len(ours)
+
+
+def _wins(data: dict[str, Any], method: str, target: str) -> str:
+    won, n = _winners(data, method, target)
+    return f"{len(won)}/{n}"
 
 
 def _images_flag(data: dict[str, Any]) -> str:
@@ -84,62 +163,118 @@ def _iterations_flag(data: dict[str, Any]) -> str:
     return f"--iterations {counts.pop()} " if counts else ""
 
 
-def _quality(data: dict[str, Any]) -> list[str]:
+def _provenance(data: dict[str, Any]) -> list[str]:
+    """Machine, command and images of a quality run."""
     presets = data["presets"]
     its = ", ".join(f"`{p}` {n:,} iterations" for p, n in data["iterations"].items())
     image_set = data.get("image_set", "standard")
-    on = "" if image_set == "standard" else f", {image_set} image set"
-    out = [f"### Quality: {', '.join(f'`{p}`' for p in presets)} beside bicubic resize, centre crop and seam carving{on}", "",
-           f"Machine: {_machine(data['machine'])}.",
-           f"Command: `python -m bench.quality --presets {','.join(p.split('+')[0] for p in presets) if data.get('overrides') else ','.join(presets)} "
-           f"{_images_flag(data)}{_iterations_flag(data)}--jobs {data['jobs']}{''.join(' --set ' + o for o in data.get('overrides') or [])}"
-           f"{' --label ' + presets[0].split('+')[1] if '+' in presets[0] else ''}` ({its}).",
-           f"Images: the {len(data['images'])} of `{IMAGE_SETS[image_set].relative_to(ROOT)}/` "
-           f"(256 px on the longer side): {', '.join(data['images'])}."
-           + (f" The {data['note']}." if data.get("note") else ""), "",
+    names = ",".join(p.split("+")[0] for p in presets)  # a "+label" is the --label flag's, not a preset's
+    label = f" --label {presets[0].split('+')[1]}" if "+" in presets[0] else ""
+    sets = "".join(" --set " + o for o in data.get("overrides") or [])
+    return [f"Machine: {_machine(data['machine'])}.",
+            f"Command: `python -m bench.quality --presets {names} {_images_flag(data)}{_iterations_flag(data)}"
+            f"--jobs {data['jobs']}{sets}{label}` ({its}).",
+            f"Images: the {len(data['images'])} of `{IMAGE_SETS[image_set].relative_to(ROOT)}/` "
+            f"(256 px on the longer side): {', '.join(data['images'])}."
+            + (f" The {data['note']}." if data.get("note") else "")]
+
+
+def _timing(data: dict[str, Any], method: str, name: str) -> list[str]:
+    timing = data.get("timing", {}).get(method)
+    if not timing:
+        return []
+    tr = [v["train_s"] for v in timing.values()]
+    rt = [v["retarget_s"] for v in timing.values()]
+    jobs = min(data["jobs"], len(data["images"]))
+    return [f"Training {name}, {jobs} image{'s' if jobs != 1 else ''} at once, one torch thread each: "
+            + (f"{tr[0] / 60:.1f} min; " if len(tr) == 1 else
+               f"{min(tr) / 60:.1f}-{max(tr) / 60:.1f} min per image (mean {sum(tr) / len(tr) / 60:.1f}); ")
+            + f"retargeting the three outputs {max(rt):.2f} s at most."]
+
+
+def _sheets(data: dict[str, Any]) -> list[str]:
+    """The run's contact sheets that exist, as image lines."""
+    label = quality_label(data["presets"], data.get("image_set", "standard"))
+    names = (f"quality_{label}_{t.replace(' ', '_').replace('.', '')}.jpg" for t in TARGETS)
+    return [line for n in names if (RESULTS / n).exists() for line in ("", f"![{n[:-4]}](bench/results/{n})")]
+
+
+def _quality(data: dict[str, Any]) -> list[str]:
+    """A quality run in full: every method's completeness and coherence apart, per target."""
+    presets = data["presets"]
+    on = "" if data.get("image_set", "standard") == "standard" else f", {data['image_set']} image set"
+    out = [f"### Quality: {', '.join(f'`{p}`' for p in presets)} beside bicubic resize, centre crop and seam carving{on}",
+           "", *_provenance(data), "",
            "Means over the images; lower is better for every column. C+C = completeness + coherence (x1000). "
-           "Square = source height x source height (for the two square sources bicubic and crop return the source itself).", "",
-           "| target | method | completeness x1000 | coherence x1000 | C+C x1000 | patch SWD |", "|---|---|---|---|---|---|"]
-    for r in data["mean"]:
-        name = f"**InGAN `{r['method']}`**" if r["method"] in presets else r["method"]
-        out.append(f"| {r['target']} | {name} | {r['completeness'] * 1e3:.2f} | {r['coherence'] * 1e3:.2f} "
-                   f"| {r['bds'] * 1e3:.2f} | {r['swd']:.3f} |")
+           "Square = source height x source height (for square sources bicubic and crop return the source itself).", ""]
+    out += _table(["target", "method", "completeness x1000", "coherence x1000", "C+C x1000", "patch SWD"],
+                  [[r["target"], f"**InGAN `{r['method']}`**" if r["method"] in presets else r["method"],
+                    f"{r['completeness'] * 1e3:.2f}", f"{r['coherence'] * 1e3:.2f}", f"{r['bds'] * 1e3:.2f}",
+                    f"{r['swd']:.3f}"] for r in data["mean"]])
     for preset in presets:
-        wins = [f"{t} {_wins(data, preset, t)}" for t in ("width x2", "width x0.5", "square")]
+        wins = [f"{t} {_wins(data, preset, t)}" for t in TARGETS]
         out += ["", f"`{preset}` outputs that beat the bicubic resize on both C+C and SWD, per image: {'; '.join(wins)}."]
-        timing = data.get("timing", {}).get(preset)
-        if timing:
-            tr = [v["train_s"] for v in timing.values()]
-            rt = [v["retarget_s"] for v in timing.values()]
-            out.append(f"`{preset}` training, {data['jobs']} image{'s' if data['jobs'] != 1 else ''} at once, "
-                       "one torch thread each: "
-                       + (f"{tr[0] / 60:.1f} min; " if len(tr) == 1 else
-                          f"{min(tr) / 60:.1f}-{max(tr) / 60:.1f} min per image (mean {sum(tr) / len(tr) / 60:.1f}); ")
-                       + f"retargeting the three outputs {max(rt):.2f} s at most.")
-    for t in ("width_x2", "width_x05", "square"):
-        sheet = f"quality_{quality_label(presets, image_set)}_{t}.png"
-        if (RESULTS / sheet).exists():
-            out += ["", f"![{t}](bench/results/{sheet})"]
-    return out + [""]
+        out += _timing(data, preset, f"`{preset}`")
+    return out + _sheets(data) + [""]
+
+
+def _pair(r: dict[str, Any], best: dict[str, float]) -> str:
+    """'C+C / SWD' of a mean row, each in bold where it is the best of its row."""
+    bds, swd = f"{r['bds'] * 1e3:.2f}", f"{r['swd']:.3f}"
+    return (f"**{bds}**" if r["bds"] == best["bds"] else bds) + " / " + (f"**{swd}**" if r["swd"] == best["swd"] else swd)
+
+
+def _preset_run(run: PresetRun, name: str, with_sheet: bool) -> tuple[list[str], bool]:
+    """One run of a shipped preset: the preset beside the baselines, one row per target, and its
+    per-image wins; its picture too when ``with_sheet`` and the picture exists. Returns the lines
+    and whether the picture was shown."""
+    data = _load(run.file)
+    if data is None:
+        return ([f"### {run.title}", "", run.missing, ""] if run.missing else []), False
+    label = run.label or f"`{name}`"
+    out = [f"### {run.title}", ""] + ([run.about] if run.about else []) + _provenance(data) + [""]
+    rows = []
+    for t in TARGETS:
+        means = {r["method"]: r for r in data["mean"] if r["target"] == t}
+        cells = [means[m] for m in (*BASELINES, run.method)]
+        best = {k: min(c[k] for c in cells) for k in ("bds", "swd")}
+        won, n = _winners(data, run.method, t)
+        rows.append([t, *(_pair(c, best) for c in cells), f"{len(won)}/{n}" + (f": {', '.join(won)}" if won else "")])
+    out += _table(["target", *BASELINES, label, "beats bicubic on both"], rows)
+    out += ["", *_timing(data, run.method, label)]
+    sheet = run.sheet or f"{run.file}_width_x2.jpg"
+    shown = with_sheet and (RESULTS / sheet).exists()
+    if shown:
+        caption = SHEET_CAPTIONS.get(sheet, f"width x2, one image a row: source, {', '.join(BASELINES)}, {name}")
+        out += ["", f"![{caption}](bench/results/{sheet})"]
+    return out + [""], shown
+
+
+def _preset_section(name: str) -> list[str]:
+    out = (_notes(SUMMARY) if name == "cpu" else []) + _notes(name)
+    shown = False
+    for run in PRESETS.get(name, []):
+        lines, now = _preset_run(run, name, with_sheet=not shown)
+        out += lines
+        shown = shown or now
+    return out
 
 
 def _flops(data: dict[str, Any]) -> list[str]:
-    out = ["### FLOPs per iteration and per image", "",
-           f"Machine: {_machine(data['machine'])}. Command: `python -m bench.flops` ({data['samples']} steps counted "
-           "with `FlopCounterMode` per preset, spread over the schedule; forward and backward of every G and D pass).", "",
-           "| preset | source | working | crop | D nets | G params | GFLOPs / iteration | iterations | training TFLOPs / image | retarget GFLOPs (3 outputs) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in data["rows"]:
-        out.append(f"| {r['preset']} | {r['source']} | {r['working']} | {r['crop']} | {r['d_nets']} | {r['g_params'] / 1e6:.2f}M "
-                   f"| {r['gflops_per_iteration']:.1f} | {r['iterations']:,} | {r['tflops_training']:.1f} "
-                   f"| {r['gflops_retarget_3_outputs']:.1f} |")
+    out = [f"Machine: {_machine(data['machine'])}. Command: `python -m bench.flops` ({data['samples']} steps counted "
+           "with `FlopCounterMode` per preset, spread over the schedule; forward and backward of every G and D pass).", ""]
+    out += _table(["preset", "source", "working", "crop", "D nets", "G params", "GFLOPs / iteration", "iterations",
+                   "training TFLOPs / image", "retarget GFLOPs (3 outputs)"],
+                  [[r["preset"], r["source"], r["working"], r["crop"], str(r["d_nets"]), f"{r['g_params'] / 1e6:.2f}M",
+                    f"{r['gflops_per_iteration']:.1f}", f"{r['iterations']:,}", f"{r['tflops_training']:.1f}",
+                    f"{r['gflops_retarget_3_outputs']:.1f}"] for r in data["rows"]])
     return out + [""]
 
 
-def _curves(labels: list[str], notes: dict[str, str]) -> list[str]:
+def _curves(labels: list[str]) -> list[str]:
     """Each curve run: its configuration and, at every evaluation point, the mean over its images
     of each metric as a ratio to bicubic resize's (below 1: InGAN better)."""
-    out = ["### Quality against compute", "",
+    out = ["## Quality against compute", "",
            "Command: `python -m bench.curves --preset P --set FIELD=VALUE ... --label NAME` (one torch thread; "
            "training seconds exclude evaluation; two runs at a time on the two cores, so seconds are "
            "comparable only between runs made together). Plots: `python -m bench.curves --plot NAME ...`. "
@@ -155,62 +290,60 @@ def _curves(labels: list[str], notes: dict[str, str]) -> list[str]:
         ran = (f"{tr['iterations']:,} iterations, crop {tr['crop_size']}, lr {tr['lr']:g}, g_channels {mo['g_channels']}, "
                f"calibration {tr.get('norm_calibration', 0)}, ema {tr.get('ema', 0):g}, image_skip {mo.get('image_skip', False)}")
         command = f"--preset {d['preset']}" + (f" {sets}" if sets else "")
-        out += [f"**{label}**: `{command}` ({ran}); images: {', '.join(d['images'])}."
-                + (f" {notes[label]}" if label in notes else ""), "",
-                "| iteration | GFLOPs | train s | width x2 | width x0.5 | square |", "|---|---|---|---|---|---|"]
-        for r in d["mean"]:
-            cells = [f"{r[t]['bds_vs_bicubic']:.2f} / {r[t]['swd_vs_bicubic']:.2f}" for t in ("width x2", "width x0.5", "square")]
-            out.append(f"| {r['iteration']:,} | {r['flops'] / 1e9:,.0f} | {r['seconds']:.0f} | " + " | ".join(cells) + " |")
-        out.append("")
+        out += [f"**{label}**: `{command}` ({ran}); images: {', '.join(d['images'])}.", ""]
+        rows = [[f"{r['iteration']:,}", f"{r['flops'] / 1e9:,.0f}", f"{r['seconds']:.0f}",
+                 *(f"{r[t]['bds_vs_bicubic']:.2f} / {r[t]['swd_vs_bicubic']:.2f}" for t in TARGETS)] for r in d["mean"]]
+        out += _table(["iteration", "GFLOPs", "train s", *TARGETS], rows) + [""]
     return out
 
 
 def _gpu(data: dict[str, Any]) -> list[str]:
-    out = [f"### GPU: {data['device_name']}", "", f"Machine: {_machine(data['machine'])}. Command: `{data.get('command', 'python -m bench.gpu')}`.", "",
-           "| preset | configuration | iterations / s | peak GPU memory | GFLOPs / iteration | achieved TFLOP/s | of bf16 peak |",
-           "|---|---|---|---|---|---|---|"]
+    out = [f"Device: {data['device_name']}. Machine: {_machine(data['machine'])}. "
+           f"Command: `{data.get('command', 'python -m bench.gpu')}`.", ""]
+    rows = []
     for r in data.get("speed", []):
         conf = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "fp32"
         frac = f"{r['fraction_of_bf16_peak']:.3%}" if "fraction_of_bf16_peak" in r else "-"
-        out.append(f"| {r['preset']} | {conf} | {r['iters_per_s']:.1f} | {r.get('peak_gpu_mem_gib', 0):.2f} GiB "
-                   f"| {r['gflops_per_iteration']:.1f} | {r['achieved_tflops']:.3f} | {frac} |")
+        rows.append([r["preset"], conf, f"{r['iters_per_s']:.1f}", f"{r.get('peak_gpu_mem_gib', 0):.2f} GiB",
+                     f"{r['gflops_per_iteration']:.1f}", f"{r['achieved_tflops']:.3f}", frac])
+    out += _table(["preset", "configuration", "iterations / s", "peak GPU memory", "GFLOPs / iteration",
+                   "achieved TFLOP/s", "of bf16 peak"], rows)
     prof = data.get("step_profile")
     if prof:
-        out += ["", f"One `fast` iteration (`bench.step_profile`): {prof['seconds_per_iter'] * 1e3:.0f} ms of wall time, "
-                f"{prof['ops']:,.0f} operators called"]
-        if "computing_ops" in prof:  # counted since the spectral norms were batched
-            out[-1] += f" ({prof['computing_ops']:,.0f} of them computing, not views)"
-        if "launches" in prof:  # measured on a GPU
-            out[-1] += (f", {prof['launches']:,.0f} kernel launches from the host, {prof['device_busy_ms']:.1f} ms of "
-                        f"kernel time on the GPU ({prof['device_busy_fraction']:.0%} busy)")
-        out[-1] += "."
+        # Computing operators are counted since the spectral norms were batched; launches only on a GPU.
+        out += ["", "".join([
+            f"One `fast` iteration (`bench.step_profile`): {prof['seconds_per_iter'] * 1e3:.0f} ms of wall time, "
+            f"{prof['ops']:,.0f} operators called",
+            f" ({prof['computing_ops']:,.0f} of them computing, not views)" if "computing_ops" in prof else "",
+            f", {prof['launches']:,.0f} kernel launches from the host, {prof['device_busy_ms']:.1f} ms of kernel time "
+            f"on the GPU ({prof['device_busy_fraction']:.0%} busy)" if "launches" in prof else "", "."])]
     if data.get("step_profile_error"):
         out += ["", f"The step profile did not run: {data['step_profile_error']}."]
     packs = [(r, "Ray tasks") for r in data.get("packing", [])] + [(r, "processes") for r in data.get("packing_processes", [])]
     if packs:
-        out += ["", "| `fast` trainings per GPU | as | aggregate iterations / s | images per GPU-hour |", "|---|---|---|---|"]
-        for r, how in sorted(packs, key=lambda x: x[0]["trainings_per_gpu"]):
-            out.append(f"| {r['trainings_per_gpu']} | {how} | {r['aggregate_iters_per_s']:.1f} | {r['images_per_gpu_hour']:.1f} |")
+        out += [""] + _table(["`fast` trainings per GPU", "as", "aggregate iterations / s", "images per GPU-hour"],
+                             [[str(r["trainings_per_gpu"]), how, f"{r['aggregate_iters_per_s']:.1f}",
+                               f"{r['images_per_gpu_hour']:.1f}"]
+                              for r, how in sorted(packs, key=lambda x: x[0]["trainings_per_gpu"])])
     if data.get("packing_processes_method"):
         out += ["", data["packing_processes_method"]]
     if data.get("packing_error"):
         out += ["", f"Packing did not run: {data['packing_error']}."]
     plan = data.get("quality_plan")
     if plan:
+        need = plan.get("seconds_needed_at_full")
         out += ["", f"Quality: {plan['trainings_at_once']} trainings at once, {plan['iterations']:,} iterations each "
-                f"(`fast`'s schedule is {plan['full_iterations']:,}), chosen to fit the {plan['seconds_left']:.0f} s left."]
-        if plan.get("seconds_needed_at_full"):
-            out[-1] += f" The full schedule would need {plan['seconds_needed_at_full'] / 60:.0f} minutes."
-        if plan.get("skipped"):
-            out[-1] += f" Skipped: {plan['skipped']}."
+                f"(`fast`'s schedule is {plan['full_iterations']:,}), chosen to fit the {plan['seconds_left']:.0f} s left."
+                + (f" The full schedule would need {need / 60:.0f} minutes." if need else "")
+                + (f" Skipped: {plan['skipped']}." if plan.get("skipped") else "")]
     for q in data.get("quality_runs", []):
         if "timed_out_after_s" in q:
             done = f"stopped by the time budget after {q['timed_out_after_s']:.0f} s"
         elif (ROOT / q["results"]).exists():
-            done = f"exit code {q['returncode']}, scores in `{q['results']}` (its table above)"
+            done = f"exit code {q['returncode']}, scores in `{q['results']}`"
         else:
             done = f"exit code {q['returncode']}; its results are not kept"
-        out += ["", f"`python {q['command']}`: {done}."]
+        out.append(f"`python {q['command']}`: {done}.")
     return out + [""]
 
 
@@ -221,14 +354,15 @@ def _versus(title: str, before: tuple[str, str], after: tuple[str, str]) -> list
     if a is None or b is None:
         return []
     out = [f"### {title}", "", f"`{before[1]}` (`{before[0]}.json`) against `{after[1]}` (`{after[0]}.json`), "
-           "means over the same images; lower is better. Per image: outputs that beat the bicubic resize on both counts.", "",
-           f"| target | bicubic C+C x1000 / SWD | `{before[1]}` C+C / SWD | `{after[1]}` C+C / SWD | beats resize, before -> after |",
-           "|---|---|---|---|---|"]
-    for t in ("width x2", "width x0.5", "square"):
+           "means over the same images; lower is better. Per image: outputs that beat the bicubic resize on both counts.", ""]
+    rows = []
+    for t in TARGETS:
         bic, x, y = (next(r for r in d["mean"] if r["target"] == t and r["method"] == m)
                      for d, m in ((a, "bicubic"), (a, before[1]), (b, after[1])))
-        out.append(f"| {t} | {bic['bds'] * 1e3:.2f} / {bic['swd']:.3f} | {x['bds'] * 1e3:.2f} / {x['swd']:.3f} "
-                   f"| {y['bds'] * 1e3:.2f} / {y['swd']:.3f} | {_wins(a, before[1], t)} -> {_wins(b, after[1], t)} |")
+        rows.append([t, *(f"{r['bds'] * 1e3:.2f} / {r['swd']:.3f}" for r in (bic, x, y)),
+                     f"{_wins(a, before[1], t)} -> {_wins(b, after[1], t)}"])
+    out += _table(["target", "bicubic C+C x1000 / SWD", f"`{before[1]}` C+C / SWD", f"`{after[1]}` C+C / SWD",
+                   "beats resize, before -> after"], rows)
     return out + [""]
 
 
@@ -240,17 +374,16 @@ def _shapes(data: dict[str, Any]) -> list[str]:
            "Each image trained twice with the same seed, without and with shifts; both models retargeted to two "
            "rectangles and two shapes (trapezoid x1.5: width x1.5 with the top corners moved in by 0.3 each; slant: the "
            "source's size with the top-left corner moved right by 0.4). A shape is scored inside its frame against a "
-           "bicubic resize put through the same frame. Means over the images (C+C x1000); lower is better.", "",
-           "| target | model | C+C | resize C+C | patch SWD | resize SWD | beat the resize on both |",
-           "|---|---|---|---|---|---|---|"]
-    for r in data["mean"]:
-        out.append(f"| {r['target']} | `{r['variant']}` | {r['bds'] * 1e3:.2f} | {r['resize_bds'] * 1e3:.2f} | {r['swd']:.3f} "
-                   f"| {r['resize_swd']:.3f} | {r['beats_resize']}/{r['images']} |")
+           "bicubic resize put through the same frame. Means over the images (C+C x1000); lower is better.", ""]
+    out += _table(["target", "model", "C+C", "resize C+C", "patch SWD", "resize SWD", "beat the resize on both"],
+                  [[r["target"], f"`{r['variant']}`", f"{r['bds'] * 1e3:.2f}", f"{r['resize_bds'] * 1e3:.2f}",
+                    f"{r['swd']:.3f}", f"{r['resize_swd']:.3f}", f"{r['beats_resize']}/{r['images']}"]
+                   for r in data["mean"]])
     secs = data.get("train_seconds", {})
     if secs:
         out += ["", "Training minutes per image, two at once: " + "; ".join(
             f"`{v}` {min(t.values()) / 60:.1f}-{max(t.values()) / 60:.1f}" for v, t in secs.items() if t) + "."]
-    sheet = RESULTS / f"shapes_{data['preset']}.png"
+    sheet = RESULTS / f"shapes_{data['preset']}.jpg"
     if sheet.exists():
         out += ["", "Per image: the source, then for the trapezoid and then the slant: the resize in the frame, the model "
                     "trained without shifts, the model trained with them (checkerboard: transparent).", "",
@@ -259,45 +392,79 @@ def _shapes(data: dict[str, Any]) -> list[str]:
 
 
 def _orchestration(runs: list[dict[str, Any]]) -> list[str]:
-    out = ["### Orchestration overhead", "",
-           f"Machine: {_machine(runs[0]['machine'])}.",
+    out = [f"Machine: {_machine(runs[0]['machine'])}.",
            "Command: `python -m bench.orchestration --rows N --iterations 1` (local Ray, `tiny` preset cut to one "
-           "iteration, 48 px images, one output each, no metrics).", "",
-           "| rows | commit | ok | failed | wall s | images / s | driver RSS start | peak | end |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    for d in sorted(runs, key=lambda r: r["rows"]):
-        out.append(f"| {d['rows']:,} | {d['machine'].get('commit', '?')} | {d['ok']:,} | {d['failed']} | {d['wall_seconds']:.1f} "
-                   f"| {d['images_per_second']:.2f} | {d['driver_rss_start_mib']:.0f} MiB | {d['driver_rss_peak_mib']:.1f} MiB "
-                   f"| {d['driver_rss_end_mib']:.0f} MiB |")
+           "iteration, 48 px images, one output each, no metrics).", ""]
+    out += _table(["rows", "commit", "ok", "failed", "wall s", "images / s", "driver RSS start", "peak", "end"],
+                  [[f"{d['rows']:,}", d["machine"].get("commit", "?"), f"{d['ok']:,}", str(d["failed"]),
+                    f"{d['wall_seconds']:.1f}", f"{d['images_per_second']:.2f}", f"{d['driver_rss_start_mib']:.0f} MiB",
+                    f"{d['driver_rss_peak_mib']:.1f} MiB", f"{d['driver_rss_end_mib']:.0f} MiB"]
+                   for d in sorted(runs, key=lambda r: r["rows"])])
     return out + [""]
 
 
-def main() -> None:
+def _section(title: str, body: list[str]) -> list[str]:
+    return [f"## {title}", "", *body]
+
+
+def benchmarks() -> list[str]:
+    sections = [(f"The `{p}` preset", _preset_section(p)) for p in ("cpu", "tiny", "fast", "paper")]
+    speed = _notes("speed")
+    for device in ("cpu", "cuda"):
+        data = _load(f"train_speed_{device}")
+        speed += _speed(data, device) if data else []
+    flops, gpu = _load("flops"), _load("gpu")
+    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("orchestration_*.json"))]
+    sections += [("Speed", speed), ("FLOPs", (_flops(flops) if flops else []) + _notes("flops")),
+                 ("GPU", (_gpu(gpu) if gpu else []) + _notes("gpu")),
+                 ("Orchestration", (_orchestration(runs) if runs else []) + _notes("orchestration"))]
     lines = ["# Benchmarks", "",
-             "Written by `python -m bench.write_md` from the JSON files that the benchmark commands below leave in "
-             "`bench/results/`. Every figure names its command, machine and date.", ""]
-    sections = [(p.stem, _quality) for p in sorted(RESULTS.glob("quality_*.json"))]
-    sections += [("flops", _flops)]
-    sections += [("train_speed_cpu", lambda d: _speed(d, "cpu")), ("train_speed_cuda", lambda d: _speed(d, "cuda")),
-                 ("gpu", _gpu)]
-    for name, render in sections:
-        data = _load(name)
-        if data is not None:
-            lines += render(data)
+             "How the shipped presets retarget images, beside a plain bicubic resize, centre crop and seam carving, and "
+             "what they cost. Quality tables: completeness + coherence (C+C, x1000) / patch SWD, means over the images, "
+             "lower is better for both, the best of each row in bold; the last column names the images whose output beats "
+             "the bicubic resize on both. Written by `python -m bench.write_md` from the JSON files the benchmark commands "
+             "leave in `bench/results/`; every table names its command, machine, date and commit. Everything tried on "
+             "the way, kept or not: [docs/experiments.md](docs/experiments.md).", "",
+             "Contents:", ""]
+    lines += [f"- [{title}](#{_anchor(title)})" for title, _ in sections] + [""]
+    for title, body in sections:
+        lines += _section(title, body)
+    return lines
+
+
+def experiments() -> list[str]:
+    lines = ["# Experiments", "",
+             "What was tried on the way to the shipped presets, kept or not: the record behind "
+             "[BENCHMARKS.md](BENCHMARKS.md). Written by `python -m bench.write_md` from the hand-kept notes in "
+             "`bench/results/notes/experiments.md` and, under \"Result tables\", every quality run in full.", ""]
+    lines += _notes("experiments")
+    lines += ["## Result tables", "",
+              "Every quality run, completeness and coherence apart, in the order of their file names.", ""]
+    for path in sorted(RESULTS.glob("quality_*.json")):
+        lines += _quality(json.loads(path.read_text()))
     lines += _versus("What training with top-corner shifts costs on rectangles",
                      ("quality_cpu_skip", "cpu+skip"), ("quality_cpu_shift03", "cpu+shift03"))
     shapes = _load("shapes_cpu")
-    if shapes is not None:
-        lines += _shapes(shapes)
-    lines += _curves(CURVE_RUNS, {})
-    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("orchestration_*.json"))]
-    if runs:
-        lines += _orchestration(runs)
-    extra = RESULTS / "notes.md"
-    if extra.exists():
-        lines += [extra.read_text().rstrip(), ""]
-    (ROOT / "BENCHMARKS.md").write_text("\n".join(lines))
-    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+    lines += _shapes(shapes) if shapes else []
+    lines += _curves(CURVE_RUNS)
+    # The notes link from the repository root; this file sits one folder down.
+    text = "\n".join(lines)
+    for a, b in (("](bench/", "](../bench/"), ("](BENCHMARKS.md", "](../BENCHMARKS.md"), ("](docs/", "](")):
+        text = text.replace(a, b)
+    return text.split("\n")
+
+
+def render() -> dict[Path, str]:
+    """Each file this writes, with its text."""
+    return {path: "\n".join(lines).rstrip() + "\n"
+            for path, lines in ((ROOT / "BENCHMARKS.md", benchmarks()), (EXPERIMENTS, experiments()))}
+
+
+def main() -> None:
+    for path, text in render().items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path.relative_to(ROOT)} ({text.count(chr(10))} lines)")
 
 
 if __name__ == "__main__":
