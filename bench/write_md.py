@@ -186,7 +186,7 @@ def _timing(data: dict[str, Any], method: str, name: str) -> list[str]:
     tr = [v["train_s"] for v in timing.values()]
     rt = [v["retarget_s"] for v in timing.values()]
     jobs = min(data["jobs"], len(data["images"]))
-    return [f"Training {name}, {jobs} image{'s' if jobs != 1 else ''} at once, one torch thread each: "
+    return [f"Training {name}, {f'{jobs} images at once' if jobs > 1 else 'one image at a time'}, one torch thread each: "
             + (f"{tr[0] / 60:.1f} min; " if len(tr) == 1 else
                f"{min(tr) / 60:.1f}-{max(tr) / 60:.1f} min per image (mean {sum(tr) / len(tr) / 60:.1f}); ")
             + f"retargeting the three outputs {max(rt):.2f} s at most."]
