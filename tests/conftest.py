@@ -193,6 +193,13 @@ def example_images(tmp_path: Path) -> list[Path]:
 
 
 @pytest.fixture
+def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``tmp_path``, made the working directory for the test (relative paths resolve there)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
 def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail the test if anything tries to reach Ray or run a task."""
 

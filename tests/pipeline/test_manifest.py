@@ -242,15 +242,12 @@ def test_build_from_local_glob(tmp_path: Path) -> None:
     assert pq.read_schema(out) == pa.schema([("uri", pa.string()), ("id", pa.string())])
 
 
-def test_build_from_local_prefix_and_relative_paths(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _photos(Folder(str(tmp_path)))
-    monkeypatch.chdir(tmp_path)
+def test_build_from_local_prefix_and_relative_paths(in_tmp_path: Path) -> None:
+    _photos(Folder(str(in_tmp_path)))
     assert build_manifest("photos", "m.parquet") == 5
-    uris = load_manifest(str(tmp_path / "m.parquet")).column("uri").to_pylist()
+    uris = load_manifest(str(in_tmp_path / "m.parquet")).column("uri").to_pylist()
     names = ["a.jpg", "b.JPEG", "c.png", "sub/d.webp", "sub/e.jpg"]
-    assert uris == [f"{tmp_path}/photos/{n}" for n in names]  # absolute, so workers can open them
+    assert uris == [f"{in_tmp_path}/photos/{n}" for n in names]  # absolute, so workers can open them
 
 
 def test_build_with_own_extensions(tmp_path: Path) -> None:

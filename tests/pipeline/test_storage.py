@@ -6,6 +6,7 @@ import errno
 import os
 import pickle
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -113,6 +114,14 @@ def test_local_write_leaves_no_temp_files(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path / "d")) == ["x.bin", "y.json"]
 
 
+def _writes_fail(folder: Folder, match: str | None = None) -> None:
+    """Writing ``new.bin`` and replacing ``old.bin`` both fail with a StorageError matching
+    ``match`` (by default the object's name)."""
+    for rel in ("new.bin", "old.bin"):
+        with pytest.raises(StorageError, match=match or rel):
+            folder.write_bytes(rel, b"x" * 1000)
+
+
 def test_local_write_failing_midway_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -138,10 +147,7 @@ def test_local_write_failing_midway_leaves_nothing(
 
     # The atomic write calls the builtin ``open``; a module global of that name takes precedence.
     monkeypatch.setattr(files, "open", DiskFills, raising=False)
-    with pytest.raises(StorageError, match="No space left"):
-        folder.write_bytes("new.bin", b"x" * 1000)
-    with pytest.raises(StorageError, match="No space left"):
-        folder.write_bytes("old.bin", b"x" * 1000)
+    _writes_fail(folder, "No space left")
 
     assert sorted(os.listdir(tmp_path)) == ["old.bin"]
     assert (tmp_path / "old.bin").read_bytes() == b"old content"
@@ -166,10 +172,7 @@ def test_s3_failed_write_leaves_no_object(
         return await real_call(method, *args, **kwargs)
 
     monkeypatch.setattr(folder.fs, "_call_s3", connection_drops_on_put)
-    with pytest.raises(StorageError, match="new.bin"):
-        folder.write_bytes("new.bin", b"x" * 1000)
-    with pytest.raises(StorageError, match="old.bin"):
-        folder.write_bytes("old.bin", b"x" * 1000)
+    _writes_fail(folder)
     monkeypatch.undo()
 
     assert puts == ["new.bin"] * 5 + ["old.bin"] * 5  # transient, so retried until given up
@@ -180,70 +183,75 @@ def test_s3_failed_write_leaves_no_object(
     assert s3_client.get_object(Bucket=s3_bucket, Key="old.bin")["Body"].read() == b"old content"
 
 
-def _flaky(real: Any, failures: list[BaseException]) -> tuple[Any, list[str]]:
-    calls: list[str] = []
-
-    def call(path: str, *args: Any, **kwargs: Any) -> Any:
-        calls.append(path)
-        if failures:
-            raise failures.pop(0)
-        return real(path, *args, **kwargs)
-
-    return call, calls
+FlakyRead = Callable[[list[BaseException]], tuple[Folder, list[str]]]
 
 
-def test_transient_faults_are_retried(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sleeps: list[float]
-) -> None:
-    folder = Folder(str(tmp_path))
-    folder.write_bytes("x.bin", b"data")
-    flaky, calls = _flaky(folder.fs.cat_file, [ConnectionResetError(), ConnectionResetError()])
-    monkeypatch.setattr(folder.fs, "cat_file", flaky)
+@pytest.fixture
+def flaky_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FlakyRead:
+    """``folder, calls = flaky_read(failures)``: a local Folder (holding ``x.bin``) whose reads
+    raise ``failures`` one by one before they read for real; ``calls`` lists every read tried."""
+
+    def make(failures: list[BaseException]) -> tuple[Folder, list[str]]:
+        folder = Folder(str(tmp_path))
+        folder.write_bytes("x.bin", b"data")
+        real, calls = folder.fs.cat_file, []
+
+        def call(path: str, *args: Any, **kwargs: Any) -> Any:
+            calls.append(path)
+            if failures:
+                raise failures.pop(0)
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(folder.fs, "cat_file", call)
+        return folder, calls
+
+    return make
+
+
+def test_transient_faults_are_retried(flaky_read: FlakyRead, sleeps: list[float]) -> None:
+    folder, calls = flaky_read([ConnectionResetError(), ConnectionResetError()])
     assert folder.read_bytes("x.bin") == b"data"
     assert len(calls) == 3
     assert len(sleeps) == 2
     assert sleeps[1] > sleeps[0] * 0.5  # backs off (with jitter), never hammers
 
 
-def test_missing_file_is_not_retried(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sleeps: list[float]
+@pytest.mark.parametrize(
+    ("error", "raised", "match"),
+    [
+        (FileNotFoundError(2, "gone", "x.bin"), FileNotFoundError, None),
+        # Any other error surfaces as a StorageError naming the object.
+        (ValueError("bad bytes in photo_500.jpg"), StorageError, "read {tmp_path}/x.bin: ValueError"),
+    ],
+    ids=["missing", "other"],
+)
+def test_permanent_errors_are_not_retried(
+    flaky_read: FlakyRead, sleeps: list[float], tmp_path: Path, error: BaseException, raised: type, match: str | None
 ) -> None:
-    folder = Folder(str(tmp_path))
-    flaky, calls = _flaky(folder.fs.cat_file, [FileNotFoundError(2, "gone", "x.bin")])
-    monkeypatch.setattr(folder.fs, "cat_file", flaky)
-    with pytest.raises(FileNotFoundError):
+    folder, calls = flaky_read([error])
+    with pytest.raises(raised, match=match and match.format(tmp_path=tmp_path)):
         folder.read_bytes("x.bin")
     assert len(calls) == 1
     assert sleeps == []
 
 
-def test_other_errors_are_not_retried_and_name_the_uri(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sleeps: list[float]
-) -> None:
-    folder = Folder(str(tmp_path))
-    flaky, calls = _flaky(folder.fs.cat_file, [ValueError("bad bytes in photo_500.jpg")])
-    monkeypatch.setattr(folder.fs, "cat_file", flaky)
-    with pytest.raises(StorageError, match=f"read {tmp_path}/x.bin: ValueError"):
-        folder.read_bytes("x.bin")
-    assert len(calls) == 1
-    assert sleeps == []
+# Network trouble, server errors and throttling are retried ...
+TRANSIENT = [
+    ConnectionResetError(), TimeoutError(), OSError(errno.EPIPE, "Broken pipe"),
+    OSError("503, message='Service Unavailable'"),
+    OSError("An error occurred (SlowDown) when calling the PutObject operation"),
+    RuntimeError("HTTP 500 Internal Server Error"),
+]  # fmt: skip
+# ... and nothing else: not a status code inside a name or path, nor our own verdicts.
+PERMANENT = [
+    FileNotFoundError("bucket/key"), PermissionError("Access Denied"),
+    ValueError("cannot decode photo_500.jpg"), ValueError("cannot decode s3://b/503/x.png"),
+    StorageError("object is 600 bytes, over the 500-byte limit"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    ("exc", "transient"),
-    [
-        (ConnectionResetError(), True),
-        (TimeoutError(), True),
-        (OSError(errno.EPIPE, "Broken pipe"), True),
-        (OSError("503, message='Service Unavailable'"), True),
-        (OSError("An error occurred (SlowDown) when calling the PutObject operation"), True),
-        (RuntimeError("HTTP 500 Internal Server Error"), True),
-        (FileNotFoundError("bucket/key"), False),
-        (PermissionError("Access Denied"), False),
-        (ValueError("cannot decode photo_500.jpg"), False),
-        (ValueError("cannot decode s3://b/503/x.png"), False),
-        (StorageError("object is 600 bytes, over the 500-byte limit"), False),
-    ],
+    ("exc", "transient"), [(e, True) for e in TRANSIENT] + [(e, False) for e in PERMANENT]
 )
 def test_transient_classification(exc: BaseException, transient: bool) -> None:
     assert storage._is_transient(exc) is transient
@@ -310,12 +318,9 @@ def test_expand_local(tmp_path: Path) -> None:
     assert list(expand(f"{photos}/*.webp")) == []
 
 
-def test_expand_relative_local_gives_absolute_uris(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _make_tree(Folder(str(tmp_path)))
-    monkeypatch.chdir(tmp_path)
-    assert list(expand("photos/*.jpg")) == [f"{tmp_path}/photos/a.jpg"]
+def test_expand_relative_local_gives_absolute_uris(in_tmp_path: Path) -> None:
+    _make_tree(Folder(str(in_tmp_path)))
+    assert list(expand("photos/*.jpg")) == [f"{in_tmp_path}/photos/a.jpg"]
 
 
 def test_expand_s3(s3_bucket: str, s3_storage: Storage, s3_client: Any) -> None:
