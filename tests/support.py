@@ -45,6 +45,33 @@ def run_main(argv: list[str]) -> tuple[int, str]:
     return code, buf.getvalue()
 
 
+def run_refused(argv: list[str], phrases: list[str] | tuple[str, ...] = ()) -> str:
+    """``driver.main(argv)`` refuses its input: exit code 2, every phrase in the log and no
+    traceback, and nothing written under the ``--output`` folder (not even config.json). Returns
+    the log."""
+    code, log = run_main(argv)
+    assert code == 2, log
+    for phrase in phrases:
+        assert phrase in log, log
+    assert "Traceback" not in log, log
+    assert not Path(argv[argv.index("--output") + 1]).exists()
+    return log
+
+
+def image_bytes(im: Any, fmt: str, **opts: Any) -> bytes:
+    """A PIL image encoded as a file of format ``fmt`` (PNG, JPEG, ...) with Pillow's ``opts``."""
+    with io.BytesIO() as buf:
+        im.save(buf, format=fmt, **opts)
+        return buf.getvalue()
+
+
+def s3_config(path: Path, key: str, secret: str, endpoint: str) -> Path:
+    """A run's YAML config at ``path`` holding S3 credentials and endpoint, as a user writes it."""
+    path.write_text(f"storage_options:\n  key: {key}\n  secret: {secret}\n"
+                    f"  client_kwargs:\n    endpoint_url: {endpoint}\n    region_name: us-east-1\n")
+    return path
+
+
 def parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)

@@ -32,8 +32,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from support import image_bytes as _encode
 from support import parquet_bytes as _parquet_bytes
 from support import run_main as _run_main
+from support import s3_config
 
 from pipeline import driver, executor, layout
 from pipeline.config import RunConfig
@@ -50,12 +52,6 @@ SECRET_KEY = "inputs-secret-Qx81vLm3Tz"
 
 
 # --------------------------------------------------------------------------- image makers
-
-
-def _encode(im: Image.Image, fmt: str, **opts: Any) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **opts)
-    return buf.getvalue()
 
 
 def _photo(w: int = 48, h: int = 48, seed: int = 0) -> Image.Image:
@@ -327,30 +323,12 @@ def inputs_run(
         pa.table({"uri": pa.array(uris, pa.string()), "id": ids, "row": list(range(len(ids)))}),
         manifest,
     )
-    config = work / "run.yaml"
-    config.write_text(
-        "storage_options:\n"
-        f"  key: {denying_s3.key}\n"
-        f"  secret: {denying_s3.secret}\n"
-        "  client_kwargs:\n"
-        f"    endpoint_url: {denying_s3.endpoint}\n"
-        "    region_name: us-east-1\n"
-    )
+    config = s3_config(work / "run.yaml", denying_s3.key, denying_s3.secret, denying_s3.endpoint)
     out = work / "out"
     code, log = _run_main(
-        [
-            str(manifest),
-            "--output",
-            str(out),
-            "--config",
-            str(config),
-            *BASE_FLAGS,
-            "--ratios",
-            "1",
-            "--sizes",
-            f"{SIZE[0]}x{SIZE[1]}",
-        ]
-    )
+        [str(manifest), "--output", str(out), "--config", str(config), *BASE_FLAGS,
+         "--ratios", "1", "--sizes", f"{SIZE[0]}x{SIZE[1]}"]
+    )  # fmt: skip
     rows = {}
     if (out / "results.parquet").is_file():
         rows = {r["id"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
@@ -391,8 +369,7 @@ def test_one_run_keeps_every_row_and_exits_1(inputs_run: InputsRun) -> None:
 @pytest.mark.parametrize("case", list(BAD))
 def test_broken_input_is_a_specific_failure_row(inputs_run: InputsRun, case: str) -> None:
     bad, row = BAD[case], inputs_run.rows[case]
-    assert row["status"] == "failed", row
-    assert row["error_kind"] == bad.kind, row
+    assert (row["status"], row["error_kind"]) == ("failed", bad.kind), row
     for phrase in bad.phrases:
         assert phrase in row["error"], row["error"]
     assert "Traceback" not in row["error"] and len(row["error"]) < 600
@@ -414,8 +391,7 @@ def test_no_credentials_in_the_log_or_the_outputs(inputs_run: InputsRun) -> None
 @pytest.mark.parametrize("case", list(ODD))
 def test_odd_but_valid_input_is_processed_exactly(inputs_run: InputsRun, case: str) -> None:
     odd, row = ODD[case], inputs_run.rows[case]
-    assert row["status"] == "ok", row
-    assert row["error"] is None and row["error_kind"] is None
+    assert (row["status"], row["error"], row["error_kind"]) == ("ok", None, None), row
     assert (row["source_width"], row["source_height"]) == odd.source
     assert row["train_seconds"] is not None and row["train_seconds"] > 0
     w, h = odd.source
@@ -516,40 +492,22 @@ def _watch(*paths: Path) -> dict[Path, set[str]]:
     return {p: _listing(p) for p in paths}
 
 
-def test_odd_ids_through_a_real_run_stay_inside_the_output(local_ray: None, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ids", [ODD_BUT_LEGAL_IDS, HOSTILE_IDS], ids=["odd", "hostile"])
+def test_ids_through_a_real_run_stay_inside_the_output(local_ray: None, tmp_path: Path, ids: list[str]) -> None:
     src = tmp_path / "a.png"
     _photo(32, 32).save(src)
     manifest = tmp_path / "manifest.parquet"
-    pq.write_table(
-        pa.table({"uri": ["a.png"] * len(ODD_BUT_LEGAL_IDS), "id": ODD_BUT_LEGAL_IDS}), manifest
-    )
+    pq.write_table(pa.table({"uri": ["a.png"] * len(ids), "id": ids}), manifest)
     out = tmp_path / "out"
     before = _watch(tmp_path.parent, tmp_path, Path("/"))
     code, log = _run_main([str(manifest), "--output", str(out), *BASE_FLAGS, "--ratios", "1"])
     assert code == 0, log
     rows = pq.read_table(out / "results.parquet").to_pylist()
-    assert [r["id"] for r in rows] == ODD_BUT_LEGAL_IDS  # kept exactly, in order
+    assert [r["id"] for r in rows] == ids  # kept exactly, in order
     assert all(r["status"] == "ok" for r in rows), rows
     before[tmp_path] |= {"out"}
     tag = json.loads((out / "config.json").read_text())["model_tag"]
-    _assert_contained(out, ODD_BUT_LEGAL_IDS, tag, before)
-
-
-def test_hostile_ids_through_a_real_run_stay_inside_the_output(local_ray: None, tmp_path: Path) -> None:
-    src = tmp_path / "a.png"
-    _photo(32, 32).save(src)
-    manifest = tmp_path / "manifest.parquet"
-    pq.write_table(pa.table({"uri": ["a.png"] * len(HOSTILE_IDS), "id": HOSTILE_IDS}), manifest)
-    out = tmp_path / "out"
-    before = _watch(tmp_path.parent, tmp_path, Path("/"))
-    code, log = _run_main([str(manifest), "--output", str(out), *BASE_FLAGS, "--ratios", "1"])
-    assert code == 0, log
-    rows = pq.read_table(out / "results.parquet").to_pylist()
-    assert [r["id"] for r in rows] == HOSTILE_IDS
-    assert all(r["status"] == "ok" for r in rows), rows
-    before[tmp_path] |= {"out"}
-    tag = json.loads((out / "config.json").read_text())["model_tag"]
-    _assert_contained(out, HOSTILE_IDS, tag, before)
+    _assert_contained(out, ids, tag, before)
     assert not Path("/abs").exists()
 
 
@@ -602,34 +560,16 @@ def test_secrets_stay_out_of_logs_and_outputs_when_reads_fail(
     s3_client.put_object(
         Bucket=s3_bucket, Key="in/manifest.parquet", Body=_parquet_bytes(pa.table({"uri": uris}))
     )
-    config = tmp_path / "run.yaml"
-    config.write_text(
-        f"storage_options:\n  key: {ACCESS_KEY}\n  secret: {SECRET_KEY}\n"
-        f"  client_kwargs:\n    endpoint_url: {s3_endpoint}\n    region_name: us-east-1\n"
-    )
+    config = s3_config(tmp_path / "run.yaml", ACCESS_KEY, SECRET_KEY, s3_endpoint)
     code = driver.main(
-        [
-            f"s3://{s3_bucket}/in/manifest.parquet",
-            "--output",
-            f"s3://{s3_bucket}/out",
-            "--config",
-            str(config),
-            *BASE_FLAGS,
-            "--ratios",
-            "1",
-        ]
-    )
+        [f"s3://{s3_bucket}/in/manifest.parquet", "--output", f"s3://{s3_bucket}/out",
+         "--config", str(config), *BASE_FLAGS, "--ratios", "1"]
+    )  # fmt: skip
     # The manifest itself unreadable (wrong bucket): the exit-2 path's message, too.
     code_manifest = driver.main(
-        [
-            f"s3://{wrong_bucket}/manifest.parquet",
-            "--output",
-            f"s3://{s3_bucket}/out2",
-            "--config",
-            str(config),
-            *BASE_FLAGS,
-        ]
-    )
+        [f"s3://{wrong_bucket}/manifest.parquet", "--output", f"s3://{s3_bucket}/out2",
+         "--config", str(config), *BASE_FLAGS]
+    )  # fmt: skip
     time.sleep(0.5)  # let Ray forward what the workers printed
     captured = capfd.readouterr()
     assert code == 1, captured.err

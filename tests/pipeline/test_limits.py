@@ -7,6 +7,7 @@ See docs/reliability_inputs.md for the table of every input tried and where it i
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -23,7 +24,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from support import run_main as _run_main
+from support import parquet_bytes as _parquet
+from support import run_refused
 
 import pipeline.task as task_module
 from ingan import checkpoint
@@ -65,12 +67,6 @@ def good_manifest(tmp_path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- 3. nothing runs
-
-
-def _parquet(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
 
 
 BAD_MANIFESTS: dict[str, tuple[Callable[[], bytes], list[str]]] = {
@@ -121,14 +117,8 @@ def test_bad_manifest_stops_before_anything_runs(tmp_path: Path, no_ray: None, c
     make, phrases = BAD_MANIFESTS[case]
     manifest = tmp_path / "manifest.parquet"
     manifest.write_bytes(make())
-    out = tmp_path / "out"
-    code, log = _run_main([str(manifest), "--output", str(out), "--preset", "tiny"])
-    assert code == 2, log
+    log = run_refused([str(manifest), "--output", str(tmp_path / "out"), "--preset", "tiny"], phrases)
     assert "error: " in log and str(manifest) in log, log  # names the file
-    for phrase in phrases:
-        assert phrase in log, log
-    assert "Traceback" not in log
-    assert not out.exists()  # no items/, not even config.json
 
 
 BAD_FLAGS: dict[str, tuple[list[str], list[str]]] = {
@@ -150,17 +140,9 @@ BAD_FLAGS: dict[str, tuple[list[str], list[str]]] = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FLAGS))
-def test_bad_flag_stops_before_anything_runs(
-    tmp_path: Path, good_manifest: Path, no_ray: None, case: str
-) -> None:
+def test_bad_flag_stops_before_anything_runs(tmp_path: Path, good_manifest: Path, no_ray: None, case: str) -> None:
     flags, phrases = BAD_FLAGS[case]
-    out = tmp_path / "out"
-    code, log = _run_main([str(good_manifest), "--output", str(out), *flags])
-    assert code == 2, log
-    for phrase in phrases:
-        assert phrase in log, log
-    assert "Traceback" not in log
-    assert not out.exists()
+    run_refused([str(good_manifest), "--output", str(tmp_path / "out"), *flags], phrases)
 
 
 BAD_YAML: dict[str, tuple[str, list[str]]] = {
@@ -177,30 +159,17 @@ BAD_YAML: dict[str, tuple[str, list[str]]] = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_YAML))
-def test_bad_yaml_config_stops_before_anything_runs(
-    tmp_path: Path, good_manifest: Path, no_ray: None, case: str
-) -> None:
+def test_bad_yaml_config_stops_before_anything_runs(tmp_path: Path, good_manifest: Path, no_ray: None, case: str) -> None:
     text, phrases = BAD_YAML[case]
     config = tmp_path / "run.yaml"
     config.write_text(text)
-    out = tmp_path / "out"
-    code, log = _run_main([str(good_manifest), "--output", str(out), "--config", str(config)])
-    assert code == 2, log
-    for phrase in phrases:
-        assert phrase in log, log
-    assert "Traceback" not in log
-    assert not out.exists()
+    run_refused([str(good_manifest), "--output", str(tmp_path / "out"), "--config", str(config)], phrases)
 
 
-def test_missing_config_file_stops_before_anything_runs(
-    tmp_path: Path, good_manifest: Path, no_ray: None
-) -> None:
-    out = tmp_path / "out"
+def test_missing_config_file_stops_before_anything_runs(tmp_path: Path, good_manifest: Path, no_ray: None) -> None:
     missing = tmp_path / "nope.yaml"
-    code, log = _run_main([str(good_manifest), "--output", str(out), "--config", str(missing)])
-    assert code == 2, log
-    assert f"cannot read config {missing}" in log, log
-    assert not out.exists()
+    argv = [str(good_manifest), "--output", str(tmp_path / "out"), "--config", str(missing)]
+    run_refused(argv, [f"cannot read config {missing}"])
 
 
 # --------------------------------------------------------------------------- 5. time and memory
@@ -239,10 +208,21 @@ def _fake_train(monkeypatch: pytest.MonkeyPatch, failures: int, exc: BaseExcepti
     return calls
 
 
-def test_oom_once_retries_smaller_and_succeeds(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, single_thread: None
-) -> None:
-    calls = _fake_train(monkeypatch, 1, torch.OutOfMemoryError("CUDA out of memory (test)"))
+FakeTrain = Callable[[int, BaseException], list[Any]]
+
+
+def _cuda_oom() -> torch.OutOfMemoryError:
+    return torch.OutOfMemoryError("CUDA out of memory (test)")
+
+
+@pytest.fixture
+def fake_train(monkeypatch: pytest.MonkeyPatch) -> FakeTrain:
+    """``_fake_train`` for this test: ``fake_train(failures, exc)`` -> the train configs used."""
+    return functools.partial(_fake_train, monkeypatch)
+
+
+def test_oom_once_retries_smaller_and_succeeds(tmp_path: Path, fake_train: FakeTrain, single_thread: None) -> None:
+    calls = fake_train(1, _cuda_oom())
     src = _noise(tmp_path / "a.png", (120, 100))  # larger than tiny's 96 px working side
     out = tmp_path / "out"
     job = _job(out, sizes=["40x30"])
@@ -264,10 +244,8 @@ def test_oom_once_retries_smaller_and_succeeds(
     assert (out / layout.marker_path("big", job.tag)).is_file()
 
 
-def test_oom_twice_is_an_oom_failure(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, single_thread: None
-) -> None:
-    calls = _fake_train(monkeypatch, 2, torch.OutOfMemoryError("CUDA out of memory (test)"))
+def test_oom_twice_is_an_oom_failure(tmp_path: Path, fake_train: FakeTrain, single_thread: None) -> None:
+    calls = fake_train(2, _cuda_oom())
     src = _noise(tmp_path / "a.png")
     out = tmp_path / "out"
     job = _job(out)
@@ -280,10 +258,8 @@ def test_oom_twice_is_an_oom_failure(
     assert not out.exists() or _files(out) == []  # no model, no marker
 
 
-def test_host_memory_error_is_oom_without_retry(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls = _fake_train(monkeypatch, 5, MemoryError())
+def test_host_memory_error_is_oom_without_retry(tmp_path: Path, fake_train: FakeTrain) -> None:
+    calls = fake_train(5, MemoryError())
     src = _noise(tmp_path / "a.png")
     rec = process(Item(0, "ram", str(src), {}), _job(tmp_path / "out"))
     assert len(calls) == 1  # only a device OOM is retried smaller
@@ -349,39 +325,26 @@ def test_unreadable_local_file_is_access_denied(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- configured limits
 
 
-def _process_limit(tmp_path: Path, src: Path, **settings: Any) -> dict[str, Any]:
+# limit -> (source size, settings, error_kind, error: {size} is the file's bytes, {src} its path)
+LIMITS: dict[str, tuple[tuple[int, int], dict[str, Any], str, str]] = {
+    "max_image_bytes": ((48, 48), {"max_image_bytes": 100}, "storage",
+                        "object is {size} bytes, over the 100-byte limit: {src}"),
+    "max_image_pixels": ((48, 48), {"max_image_pixels": 1000}, "decode",
+                         "declared size 48x48 (2,304 pixels) exceeds the 1,000-pixel limit (decompression bomb?)"),
+    "min_image_side": ((48, 48), {"min_image_side": 64}, "too_small",
+                       "image is 48x48: at least 64 px per side is needed to train"),
+    "output_side": ((24, 600), {"ratios": [32.0]}, "target",
+                    "ratio 32.0 with keep_height gives 19200x600, over the 16384 px limit"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("limit", sorted(LIMITS))
+def test_a_configured_limit_refuses_the_image_before_training(tmp_path: Path, limit: str) -> None:
+    size, settings, kind, message = LIMITS[limit]
+    src = _noise(tmp_path / "a.png", size)
     out = tmp_path / "out"
     rec = process(Item(0, "lim", str(src), {}), _job(out, **settings))
-    assert rec["status"] == "failed", rec
+    assert rec["status"] == "failed" and rec["error_kind"] == kind, rec
+    assert rec["error"] == message.format(size=src.stat().st_size, src=src)
     assert rec["outputs"] == [] and rec["train_seconds"] is None
     assert not out.exists()  # refused before anything was trained or written
-    return rec
-
-
-def test_object_over_max_image_bytes_is_refused_unread(tmp_path: Path) -> None:
-    src = _noise(tmp_path / "a.png")
-    size = src.stat().st_size
-    rec = _process_limit(tmp_path, src, max_image_bytes=100)
-    assert rec["error_kind"] == "storage", rec
-    assert f"object is {size} bytes, over the 100-byte limit" in rec["error"]
-
-
-def test_image_over_max_image_pixels_is_refused(tmp_path: Path) -> None:
-    src = _noise(tmp_path / "a.png")
-    rec = _process_limit(tmp_path, src, max_image_pixels=1000)
-    assert rec["error_kind"] == "decode", rec
-    assert "declared size 48x48 (2,304 pixels) exceeds the 1,000-pixel limit" in rec["error"]
-
-
-def test_image_under_min_image_side_is_refused(tmp_path: Path) -> None:
-    src = _noise(tmp_path / "a.png")
-    rec = _process_limit(tmp_path, src, min_image_side=64)
-    assert rec["error_kind"] == "too_small", rec
-    assert rec["error"] == "image is 48x48: at least 64 px per side is needed to train"
-
-
-def test_target_over_the_output_limit_is_refused_before_training(tmp_path: Path) -> None:
-    src = _noise(tmp_path / "tall.png", (24, 600))
-    rec = _process_limit(tmp_path, src, ratios=[32.0])
-    assert rec["error_kind"] == "target", rec
-    assert "19200x600" in rec["error"] and "16384 px limit" in rec["error"]

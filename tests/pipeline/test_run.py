@@ -33,7 +33,7 @@ from PIL import Image
 from support import free_port as _free_port
 from support import parquet_bytes as _parquet_bytes
 from support import run_main as _run_main
-from support import shrunk_photo
+from support import run_refused, shrunk_photo
 
 from pipeline import layout
 
@@ -48,6 +48,7 @@ ACCESS_KEY = "AKIAPIPELINETEST7Q2X"
 SECRET_KEY = "pipeline-secret-Vb93kQ1zR7"
 
 RATIOS = (0.5, 1.0, 2.0)
+TINY = ("--preset", "tiny", "--iterations", "2")  # every run here: tiny models, two iterations
 SIZE = (40, 30)
 ARTEFACTS = ("config.json", "summary.json", "report.html", "results.parquet")
 RESULT_COLUMNS = (
@@ -63,8 +64,6 @@ RESULT_COLUMNS = (
 
 
 # --------------------------------------------------------------------------- helpers
-
-
 
 
 def _shrunk_images(out_dir: Path) -> dict[str, Path]:
@@ -97,8 +96,6 @@ def _objects(client: Any, bucket: str, prefix: str) -> dict[str, tuple[str, Any]
 def _image_size(data: bytes) -> tuple[int, int]:
     with Image.open(io.BytesIO(data)) as img:
         return img.size
-
-
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -135,10 +132,7 @@ class S3Run:
             str(self.config_path),
             "--endpoint-url",
             self.endpoint,
-            "--preset",
-            "tiny",
-            "--iterations",
-            "2",
+            *TINY,
             "--seed",
             "7",
             "--ratios",
@@ -157,6 +151,16 @@ class S3Run:
             for k, v in _objects(self.client, self.bucket, f"{self.out_prefix}/items/").items()
             if k.endswith("/model.pt")
         }
+
+    def model_bytes(self) -> dict[str, bytes]:
+        return {k: _get(self.client, f"s3://{self.bucket}/{k}") for k in self.models()}
+
+    def rerun(self, *extra: str, ratios: str = "0.5,1,2") -> list[dict[str, Any]]:
+        """The same run again into the same output, which must succeed; returns its rows."""
+        code, log = _run_main(self.argv(*extra, ratios=ratios))
+        self.finished_at = time.time()
+        assert code == 0, log
+        return self.results().to_pylist()
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +207,13 @@ def trained(
     return run
 
 
+@pytest.fixture
+def run(trained: S3Run) -> S3Run:
+    """The first run, which every test here checks or builds on: it must have succeeded."""
+    assert trained.first_code == 0, trained.first_log
+    return trained
+
+
 def _after_a_second(run: S3Run) -> None:
     """S3 LastModified has one-second resolution: let a second pass since the last write, so an
     object rewritten by the next run shows a new time."""
@@ -219,9 +230,7 @@ def _expected_size(ratio: float | None, src: tuple[int, int]) -> tuple[int, int]
 
 
 @pytest.mark.slow
-def test_s3_manifest_to_s3_outputs(trained: S3Run) -> None:
-    run = trained
-    assert run.first_code == 0, run.first_log
+def test_s3_manifest_to_s3_outputs(run: S3Run) -> None:
     first = run.first_artefacts
     table = pq.read_table(io.BytesIO(first["results.parquet"]))
     for name in RESULT_COLUMNS:
@@ -285,17 +294,12 @@ def test_s3_manifest_to_s3_outputs(trained: S3Run) -> None:
 # --------------------------------------------------------------------------- 2-4. reruns
 
 
-def test_rerun_trains_and_writes_nothing(trained: S3Run) -> None:
-    run = trained
-    assert run.first_code == 0, run.first_log
+def test_rerun_trains_and_writes_nothing(run: S3Run) -> None:
     _after_a_second(run)
     before = _objects(run.client, run.bucket, f"{run.out_prefix}/items/")
-    model_bytes = {k: _get(run.client, f"s3://{run.bucket}/{k}") for k in run.models()}
+    model_bytes = run.model_bytes()
 
-    code, log = _run_main(run.argv())
-    run.finished_at = time.time()
-    assert code == 0, log
-    rows = run.results().to_pylist()
+    rows = run.rerun()
     assert [r["id"] for r in rows] == run.ids
     for row in rows:
         assert row["status"] == "skipped", row
@@ -305,23 +309,18 @@ def test_rerun_trains_and_writes_nothing(trained: S3Run) -> None:
         assert row["model_uri"] is not None
     # Nothing under items/ was rewritten: same objects, same ETags, same times.
     assert _objects(run.client, run.bucket, f"{run.out_prefix}/items/") == before
-    assert {k: _get(run.client, f"s3://{run.bucket}/{k}") for k in run.models()} == model_bytes
+    assert run.model_bytes() == model_bytes
     summary = json.loads(_get(run.client, f"{run.out_uri}/summary.json"))
     assert summary["status_counts"] == {"ok": 0, "skipped": 3, "failed": 0}
 
 
-def test_new_ratio_reuses_the_saved_models(trained: S3Run) -> None:
-    run = trained
-    assert run.first_code == 0, run.first_log
+def test_new_ratio_reuses_the_saved_models(run: S3Run) -> None:
     _after_a_second(run)
     models_before = run.models()
     assert len(models_before) == 3
-    model_bytes = {k: _get(run.client, f"s3://{run.bucket}/{k}") for k in models_before}
+    model_bytes = run.model_bytes()
 
-    code, log = _run_main(run.argv("--no-metrics", ratios="0.5,1,1.5,2"))
-    run.finished_at = time.time()
-    assert code == 0, log
-    rows = run.results().to_pylist()
+    rows = run.rerun("--no-metrics", ratios="0.5,1,1.5,2")
     assert [r["id"] for r in rows] == run.ids
     for row in rows:
         src = run.source_sizes[row["id"]]
@@ -332,23 +331,17 @@ def test_new_ratio_reuses_the_saved_models(trained: S3Run) -> None:
         assert (new["width"], new["height"]) == _expected_size(1.5, src)
         assert _image_size(_get(run.client, new["uri"])) == _expected_size(1.5, src)
     assert run.models() == models_before  # not rewritten: same ETags and LastModified
-    assert {k: _get(run.client, f"s3://{run.bucket}/{k}") for k in models_before} == model_bytes
+    assert run.model_bytes() == model_bytes
 
 
-def test_overwrite_retrains_to_identical_bytes(trained: S3Run) -> None:
-    run = trained
-    assert run.first_code == 0, run.first_log
-    model_bytes = {k: _get(run.client, f"s3://{run.bucket}/{k}") for k in run.models()}
+def test_overwrite_retrains_to_identical_bytes(run: S3Run) -> None:
+    model_bytes = run.model_bytes()
     assert len(model_bytes) == 3
 
-    code, log = _run_main(run.argv("--no-metrics", "--resume", "overwrite"))
-    run.finished_at = time.time()
-    assert code == 0, log
-    rows = run.results().to_pylist()
-    for row in rows:
+    for row in run.rerun("--no-metrics", "--resume", "overwrite"):
         assert row["status"] == "ok", row
         assert row["train_seconds"] is not None and row["train_seconds"] > 0  # retrained
-    after = {k: _get(run.client, f"s3://{run.bucket}/{k}") for k in run.models()}
+    after = run.model_bytes()
     assert after.keys() == model_bytes.keys()
     for key, data in after.items():
         assert data == model_bytes[key], f"{key}: same seed and id, yet different bytes"
@@ -376,21 +369,9 @@ def test_bad_rows_fail_alone(
         Body=_parquet_bytes(pa.table({"uri": pa.array(uris, pa.string())})),
     )
     code, log = _run_main(
-        [
-            f"s3://{s3_bucket}/manifest.parquet",
-            "--output",
-            f"s3://{s3_bucket}/out",
-            "--endpoint-url",
-            s3_endpoint,
-            "--preset",
-            "tiny",
-            "--iterations",
-            "2",
-            "--ratios",
-            "1",
-            "--no-metrics",
-        ]
-    )
+        [f"s3://{s3_bucket}/manifest.parquet", "--output", f"s3://{s3_bucket}/out",
+         "--endpoint-url", s3_endpoint, *TINY, "--ratios", "1", "--no-metrics"]
+    )  # fmt: skip
     assert code == 1, log
     data = s3_client.get_object(Bucket=s3_bucket, Key="out/results.parquet")["Body"].read()
     rows = pq.read_table(io.BytesIO(data)).to_pylist()
@@ -441,17 +422,11 @@ def test_dry_run_runs_and_writes_nothing(
 def test_manifest_without_uri_column_is_refused(tmp_path: Path, no_ray: None) -> None:
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"path": ["a.png"], "id": ["a"]}), bad)
-    out = tmp_path / "out"
-    code, log = _run_main([str(bad), "--output", str(out)])
-    assert code == 2
-    assert "'uri'" in log and "path" in log
-    assert not out.exists()
+    run_refused([str(bad), "--output", str(tmp_path / "out")], ["'uri'", "path"])
 
 
 def test_missing_manifest_is_refused(tmp_path: Path, no_ray: None) -> None:
-    code, log = _run_main([str(tmp_path / "absent.parquet"), "--output", str(tmp_path / "out")])
-    assert code == 2
-    assert "absent.parquet" in log
+    run_refused([str(tmp_path / "absent.parquet"), "--output", str(tmp_path / "out")], ["absent.parquet"])
 
 
 @pytest.mark.parametrize(
@@ -468,11 +443,8 @@ def test_missing_manifest_is_refused(tmp_path: Path, no_ray: None) -> None:
 def test_bad_settings_are_refused(
     tmp_path: Path, local_manifest: Path, no_ray: None, flags: list[str], field_name: str
 ) -> None:
-    out = tmp_path / "out"
-    code, log = _run_main([str(local_manifest), "--output", str(out), *flags])
-    assert code == 2, log
+    log = run_refused([str(local_manifest), "--output", str(tmp_path / "out"), *flags])
     assert re.search(rf"^\s*{field_name}(\.\d+)?: ", log, re.MULTILINE), log
-    assert not out.exists()
 
 
 # --------------------------------------------------------------------------- 6. a started cluster
@@ -555,20 +527,8 @@ def test_run_py_joins_a_started_cluster(tmp_path: Path, example_images: list[Pat
     try:
         _wait_for_head(head, head_log, timeout=90)
         proc = subprocess.run(
-            [
-                sys.executable,
-                str(REPO / "run.py"),
-                os.path.relpath(data / "manifest.parquet", driver_cwd),
-                "--output",
-                "out",
-                "--preset",
-                "tiny",
-                "--iterations",
-                "2",
-                "--ratios",
-                "1,2",
-                "--no-metrics",
-            ],
+            [sys.executable, str(REPO / "run.py"), os.path.relpath(data / "manifest.parquet", driver_cwd),
+             "--output", "out", *TINY, "--ratios", "1,2", "--no-metrics"],
             cwd=driver_cwd,
             env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
             capture_output=True,
