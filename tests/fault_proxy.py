@@ -122,14 +122,17 @@ class FaultProxy:
                 chunks.append(chunk)
         rhead, _, rbody = b"".join(chunks).partition(b"\r\n\r\n")
         status, *lines = rhead.split(b"\r\n")
-        lines = [h for h in lines if h.split(b":", 1)[0].strip().lower() not in _HOP]
-        return b"\r\n".join([status, *lines, b"Connection: close"]) + b"\r\n\r\n" + rbody
+        return b"\r\n".join([status, *_end_to_end(lines), b"Connection: close"]) + b"\r\n\r\n" + rbody
+
+
+def _end_to_end(headers: list[bytes]) -> list[bytes]:
+    """The headers without the hop-by-hop ones the proxy sets itself (one request a connection)."""
+    return [h for h in headers if h.split(b":", 1)[0].strip().lower() not in _HOP]
 
 
 def _head(method: str, path: str, headers: list[bytes]) -> bytes:
-    keep = [h for h in headers if h.split(b":", 1)[0].strip().lower() not in _HOP]
     return (
-        b"\r\n".join([f"{method} {path} HTTP/1.1".encode(), *keep, b"Connection: close"])
+        b"\r\n".join([f"{method} {path} HTTP/1.1".encode(), *_end_to_end(headers), b"Connection: close"])
         + b"\r\n\r\n"
     )
 
@@ -138,30 +141,30 @@ def _reset(conn: socket.socket) -> None:
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-def _read_request(conn: socket.socket) -> tuple[str, str, list[bytes], bytes] | None:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
+def _recv_until(conn: socket.socket, buf: bytes, done: Callable[[bytes], bool]) -> bytes | None:
+    """``buf`` and what ``conn`` sends after it, until ``done(buf)``; None if it closes first."""
+    while not done(buf):
         chunk = conn.recv(65536)
         if not chunk:
             return None
         buf += chunk
+    return buf
+
+
+def _read_request(conn: socket.socket) -> tuple[str, str, list[bytes], bytes] | None:
+    buf = _recv_until(conn, b"", lambda b: b"\r\n\r\n" in b)
+    if buf is None:
+        return None
     head, _, body = buf.partition(b"\r\n\r\n")
     first, *headers = head.split(b"\r\n")
     method, path, _ = first.decode("latin-1").split(" ", 2)
     fields = {h.split(b":", 1)[0].strip().lower(): h.split(b":", 1)[1].strip() for h in headers}
     if fields.get(b"expect", b"").lower() == b"100-continue" and not body:
         conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+    rest: bytes | None = body
     if b"content-length" in fields:
         need = int(fields[b"content-length"])
-        while len(body) < need:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return None
-            body += chunk
+        rest = _recv_until(conn, body, lambda b: len(b) >= need)
     elif fields.get(b"transfer-encoding", b"").lower() == b"chunked":
-        while not body.endswith(b"0\r\n\r\n"):
-            chunk = conn.recv(65536)
-            if not chunk:
-                return None
-            body += chunk
-    return method, path, headers, body
+        rest = _recv_until(conn, body, lambda b: b.endswith(b"0\r\n\r\n"))
+    return None if rest is None else (method, path, headers, rest)
