@@ -17,6 +17,7 @@ The table of faults and how each is handled is in docs/reliability_faults.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -336,6 +337,15 @@ def _crash_hook(marker_dir: str) -> Callable[[], None]:
         real_step = ingan.train.Trainer.step
         current: dict[str, str] = {}
 
+        def exit_first_time(item_id: str) -> None:
+            """Kill this worker unless it was killed for ``item_id`` before (a marker file says)."""
+            try:
+                fd = os.open(os.path.join(marker_dir, item_id), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return
+            os.close(fd)
+            os._exit(1)
+
         def step(self: Any) -> Any:
             out = real_step(self)
             item_id = current.get("id", "")
@@ -343,13 +353,7 @@ def _crash_hook(marker_dir: str) -> Callable[[], None]:
                 with open(os.path.join(marker_dir, item_id + ".steps"), "a", encoding="utf-8") as f:
                     f.write(f"{self.iteration}\n")
                 if self.iteration == int(0.7 * self.cfg.iterations):
-                    try:
-                        fd = os.open(os.path.join(marker_dir, item_id), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                    except FileExistsError:
-                        pass
-                    else:
-                        os.close(fd)
-                        os._exit(1)
+                    exit_first_time(item_id)
             return out
 
         def process(item: Any, job: Any) -> Any:
@@ -357,15 +361,7 @@ def _crash_hook(marker_dir: str) -> Callable[[], None]:
             if item.id.startswith("crash-always"):
                 os._exit(1)
             if item.id.startswith("crash-once"):
-                try:
-                    fd = os.open(
-                        os.path.join(marker_dir, item.id), os.O_CREAT | os.O_EXCL | os.O_WRONLY
-                    )
-                except FileExistsError:
-                    pass
-                else:
-                    os.close(fd)
-                    os._exit(1)
+                exit_first_time(item.id)
             return real(item, job)
 
         pipeline.task.process = process
@@ -406,6 +402,7 @@ def proxy(s3_endpoint: str) -> Iterator[FaultProxy]:
 
 @dataclass
 class S3Setup:
+    client: Any
     bucket: str
     sources: list[Source]
     manifest_uri: str
@@ -414,6 +411,19 @@ class S3Setup:
     @property
     def out_uri(self) -> str:
         return f"s3://{self.bucket}/out"
+
+    def run(self, proxy: FaultProxy, rule: Callable[[Request], str], output: str | None = None) -> tuple[int, str]:
+        """The pipeline over this manifest through ``proxy`` faulting by ``rule``, as a user runs
+        it: (exit code, log)."""
+        proxy.rule = rule
+        return _run_main(
+            [self.manifest_uri, "--output", output or self.out_uri, "--config", str(self.config),
+             "--endpoint-url", proxy.url, *TINY, "--iterations", "2"]
+        )  # fmt: skip
+
+
+# One botocore attempt per call (the pipeline's own default, spelled out): only its loop retries.
+ONE_BOTOCORE_ATTEMPT = {"config_kwargs": {"retries": {"total_max_attempts": 1}}}
 
 
 def _s3_setup(
@@ -434,11 +444,21 @@ def _s3_setup(
     config = tmp_path / "run.yaml"
     opts = {"key": "testing", "secret": "testing", **(storage_options or {})}
     config.write_text(json.dumps({"storage_options": opts}))  # JSON is YAML
-    return S3Setup(bucket, sources, f"s3://{bucket}/manifest.parquet", config)
+    return S3Setup(client, bucket, sources, f"s3://{bucket}/manifest.parquet", config)
 
 
-def _s3_item_folders(client: Any, bucket: str) -> dict[str, dict[str, bytes]]:
+MakeSetup = Callable[..., S3Setup]
+
+
+@pytest.fixture
+def s3_setup(s3_client: Any, s3_bucket: str, tmp_path: Path) -> MakeSetup:
+    """``_s3_setup`` in the test's fresh bucket: called with the image count and storage options."""
+    return functools.partial(_s3_setup, s3_client, s3_bucket, tmp_path)
+
+
+def _s3_item_folders(setup: S3Setup) -> dict[str, dict[str, bytes]]:
     """item folder key prefix -> {rel path: bytes} of every object under out/items/."""
+    client, bucket = setup.client, setup.bucket
     folders: dict[str, dict[str, bytes]] = {}
     for page in client.get_paginator("list_objects_v2").paginate(
         Bucket=bucket, Prefix="out/items/"
@@ -451,11 +471,11 @@ def _s3_item_folders(client: Any, bucket: str) -> dict[str, dict[str, bytes]]:
     return folders
 
 
-def _check_s3_claims(client: Any, setup: S3Setup) -> set[str]:
+def _check_s3_claims(setup: S3Setup) -> set[str]:
     """Every S3 item folder that has a marker is complete and whole; returns their ids."""
     by_key = {layout.item_key(s.id): s for s in setup.sources}
     complete = set()
-    for prefix, files in _s3_item_folders(client, setup.bucket).items():
+    for prefix, files in _s3_item_folders(setup).items():
         if "done.json" not in files:
             continue
         src = by_key[prefix.split("/")[2]]
@@ -465,8 +485,8 @@ def _check_s3_claims(client: Any, setup: S3Setup) -> set[str]:
     return complete
 
 
-def _results(client: Any, setup: S3Setup) -> list[dict[str, Any]]:
-    data = client.get_object(Bucket=setup.bucket, Key="out/results.parquet")["Body"].read()
+def _results(setup: S3Setup) -> list[dict[str, Any]]:
+    data = setup.client.get_object(Bucket=setup.bucket, Key="out/results.parquet")["Body"].read()
     return pq.read_table(io.BytesIO(data)).to_pylist()
 
 
@@ -504,19 +524,11 @@ def test_s3fs_translated_errors_are_classified(code: str, status: int, transient
 
 
 @pytest.mark.slow
-def test_transient_storage_faults_are_survived(
-    local_ray: Path, proxy: FaultProxy, s3_client: Any, s3_bucket: str, tmp_path: Path
-) -> None:
+def test_transient_storage_faults_are_survived(local_ray: Path, proxy: FaultProxy, s3_setup: MakeSetup) -> None:
     # botocore makes at most three attempts here (by default five, with backoff of up to 8 s
     # between them) and gives up on a stalled answer after 2 s: the same paths, in less time.
     retries = {"mode": "standard", "total_max_attempts": 3}
-    setup = _s3_setup(
-        s3_client,
-        s3_bucket,
-        tmp_path,
-        3,
-        {"config_kwargs": {"read_timeout": 2, "retries": retries}},
-    )
+    setup = s3_setup(3, {"config_kwargs": {"read_timeout": 2, "retries": retries}})
     rotation = ["503", "500", "reset", "truncate", "drop_ack", "delay:0.3"]
     state = {"burst_path": None, "burst": 0, "stalled": False, "faults": 0}
 
@@ -536,17 +548,13 @@ def test_transient_storage_faults_are_survived(
             return rotation[state["faults"] % len(rotation)]
         return "pass"
 
-    proxy.rule = rule
-    code, log = _run_main(
-        [setup.manifest_uri, "--output", setup.out_uri, "--config", str(setup.config),
-         "--endpoint-url", proxy.url, *TINY, "--iterations", "2"]
-    )  # fmt: skip
+    code, log = setup.run(proxy, rule)
     assert code == 0, log
-    rows = _results(s3_client, setup)
+    rows = _results(setup)
     assert [r["status"] for r in rows] == ["ok"] * 3, rows
     # Storage faults are absorbed inside the task: none cost a resubmission.
     assert [r["attempts"] for r in rows] == [1, 1, 1]
-    assert _check_s3_claims(s3_client, setup) == {s.id for s in setup.sources}
+    assert _check_s3_claims(setup) == {s.id for s in setup.sources}
 
     injected = {a for _, a in proxy.faults()}
     assert set(rotation) | {"stall:4"} <= injected, injected
@@ -555,13 +563,11 @@ def test_transient_storage_faults_are_survived(
 
 
 def test_dead_endpoint_fails_rows_not_the_run(
-    local_ray: Path, proxy: FaultProxy, s3_client: Any, s3_bucket: str, tmp_path: Path
+    local_ray: Path, proxy: FaultProxy, s3_setup: MakeSetup, tmp_path: Path
 ) -> None:
     # One botocore attempt per call: each storage call then fails after the pipeline's own five
     # tries (about 3 s) instead of five botocore attempts per try (about 45 s, see the notes).
-    setup = _s3_setup(
-        s3_client, s3_bucket, tmp_path, 2, {"config_kwargs": {"retries": {"total_max_attempts": 1}}}
-    )
+    setup = s3_setup(2, ONE_BOTOCORE_ATTEMPT)
     down = {"since": None}
 
     def rule(req: Request) -> str:
@@ -571,12 +577,8 @@ def test_dead_endpoint_fails_rows_not_the_run(
             return "pass"
         return "reset" if req.n % 2 else "503"
 
-    proxy.rule = rule
     out = tmp_path / "out"  # a local output, so the results can still be written
-    code, log = _run_main(
-        [setup.manifest_uri, "--output", str(out), "--config", str(setup.config),
-         "--endpoint-url", proxy.url, *TINY, "--iterations", "2"]
-    )  # fmt: skip
+    code, log = setup.run(proxy, rule, str(out))
     assert code == 1, log
     rows = pq.read_table(out / "results.parquet").to_pylist()
     assert [r["id"] for r in rows] == [s.id for s in setup.sources]
@@ -591,12 +593,8 @@ def test_dead_endpoint_fails_rows_not_the_run(
 
 
 @pytest.mark.slow
-def test_failing_writes_leave_no_false_completion(
-    local_ray: Path, proxy: FaultProxy, s3_client: Any, s3_bucket: str, tmp_path: Path
-) -> None:
-    setup = _s3_setup(
-        s3_client, s3_bucket, tmp_path, 3, {"config_kwargs": {"retries": {"total_max_attempts": 1}}}
-    )
+def test_failing_writes_leave_no_false_completion(local_ray: Path, proxy: FaultProxy, s3_setup: MakeSetup) -> None:
+    setup = s3_setup(3, ONE_BOTOCORE_ATTEMPT)
     a, b, c = setup.sources
     key_a, key_b = layout.item_key(a.id), layout.item_key(b.id)
 
@@ -607,13 +605,9 @@ def test_failing_writes_leave_no_false_completion(
             return "reset"  # B's model is saved, then its output writes fail for good
         return "pass"
 
-    proxy.rule = rule
-    code, log = _run_main(
-        [setup.manifest_uri, "--output", setup.out_uri, "--config", str(setup.config),
-         "--endpoint-url", proxy.url, *TINY, "--iterations", "2"]
-    )  # fmt: skip
+    code, log = setup.run(proxy, rule)
     assert code == 1, log
-    rows = {r["id"]: r for r in _results(s3_client, setup)}
+    rows = {r["id"]: r for r in _results(setup)}
     for failed in (a, b):
         assert rows[failed.id]["status"] == "failed", rows[failed.id]
         assert rows[failed.id]["error_kind"] == "storage"
@@ -622,34 +616,27 @@ def test_failing_writes_leave_no_false_completion(
 
     # Only C claims completion, and its claim holds; A left nothing at all (no partial object
     # under any key), B only its saved model, which a rerun reuses rather than retrains.
-    assert _check_s3_claims(s3_client, setup) == {c.id}
-    folders = _s3_item_folders(s3_client, setup.bucket)
+    assert _check_s3_claims(setup) == {c.id}
+    folders = _s3_item_folders(setup)
     assert not [p for p in folders if f"/{key_a}/" in f"{p}/"]
     [b_files] = [f for p, f in folders.items() if f"/{key_b}/" in f"{p}/"]
     assert set(b_files) == {"model.pt"}
     checkpoint.load(b_files["model.pt"])
 
     # The endpoint recovers: the same command finishes the job, reusing B's model.
-    proxy.rule = lambda req: "pass"
-    code, log = _run_main(
-        [setup.manifest_uri, "--output", setup.out_uri, "--config", str(setup.config),
-         "--endpoint-url", proxy.url, *TINY, "--iterations", "2"]
-    )  # fmt: skip
+    code, log = setup.run(proxy, lambda req: "pass")
     assert code == 0, log
-    rows = {r["id"]: r for r in _results(s3_client, setup)}
+    rows = {r["id"]: r for r in _results(setup)}
     assert rows[a.id]["status"] == "ok" and rows[a.id]["train_seconds"] is not None
     assert rows[b.id]["status"] == "ok" and rows[b.id]["train_seconds"] is None
     assert rows[c.id]["status"] == "skipped"
-    assert _check_s3_claims(s3_client, setup) == {a.id, b.id, c.id}
+    assert _check_s3_claims(setup) == {a.id, b.id, c.id}
 
 
 def test_failed_upload_leaves_no_object(
     proxy: FaultProxy, s3_client: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    opts = {
-        "key": "testing", "secret": "testing", "endpoint_url": proxy.url,
-        "config_kwargs": {"retries": {"total_max_attempts": 1}},
-    }  # fmt: skip
+    opts = {"key": "testing", "secret": "testing", "endpoint_url": proxy.url, **ONE_BOTOCORE_ATTEMPT}
     body = os.urandom(300_000)
 
     # The pitfall Folder.write_bytes avoids: a file opened for writing on S3 is committed when
