@@ -128,7 +128,7 @@ def load_png(path: Path) -> torch.Tensor:
 
 
 def contact_sheet(rows: list[tuple[str, torch.Tensor, dict[str, torch.Tensor]]], path: Path, height: int = 128,
-                  max_width: int = 1400, max_bytes: int = 250_000) -> Path:
+                  max_width: int = 3200, max_bytes: int = 250_000) -> Path:
     """One row per image: the source, then each method's output, all scaled to ``height``.
 
     Written as a JPEG (quality 85) at ``path.with_suffix('.jpg')``, which is returned: the sheets are
