@@ -39,10 +39,8 @@ def main() -> None:
     if not 0 <= a < b <= min(o.shape[-1] for o in outs.values()):
         raise SystemExit(f"--columns {args.columns} is outside the outputs")
     strips = {m: o[:, :, a:b] for m, o in outs.items()}
-    # A strip is for looking at pixels: kept at 1:1 up to 2048 px, shrunk only if its file would pass
-    # the sheets' byte cap.
     out = contact_sheet([(path.stem, src[:, :, round(a / ratio):round(b / ratio)], strips)], args.out,
-                        height=src.shape[-2], max_width=2048)
+                        height=src.shape[-2])
     print(f"wrote {out}")
 
 
