@@ -36,7 +36,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ingan import images
-from ingan.config import ModelConfig, TrainConfig, get_preset
+from ingan.config import ModelConfig, TrainConfig
 from ingan.images import to_model_input
 from ingan.metrics import score_outputs
 from ingan.retarget import retarget_image
@@ -60,7 +60,7 @@ def evaluate(trainer: Trainer, src: torch.Tensor, max_side: int | None) -> dict[
     """Metrics of the current generator's outputs for the fixed targets of ``src``."""
     # A copy, finished as training finishes it (statistics calibrated when the config says so),
     # so evaluating never disturbs the training that goes on.
-    g = copy.deepcopy(trainer.generator)
+    g = copy.deepcopy(trainer.g)
     if trainer.cfg.norm_calibration > 0:
         trainer.calibrate_norm_stats(g, trainer.cfg.norm_calibration)
     g.eval()
@@ -78,8 +78,8 @@ def baseline(src: torch.Tensor) -> dict[str, dict[str, float]]:
 
 
 def run_image(src: torch.Tensor, model: ModelConfig, train: TrainConfig, eval_every: int, flop_every: int,
-              device: torch.device) -> list[dict[str, Any]]:
-    trainer = Trainer(to_model_input(src), model, train, device)
+              device: torch.device, trainer_cls: type[Trainer] = Trainer) -> list[dict[str, Any]]:
+    trainer = trainer_cls(to_model_input(src), model, train, device)
     trainer.g.train()
     trainer.d.train()
     points, flops, seconds = [], 0, 0.0
@@ -199,16 +199,13 @@ def main() -> None:
     if not args.label:
         ap.error("--label is required to train")
     device = pick_device(args.device)
-    preset = get_preset(args.preset)
-    model_over, train_over = parse_overrides(args.set)
-    model = dataclasses.replace(preset.model, **model_over)
-    train = dataclasses.replace(preset.train, **train_over).with_overrides(iterations=args.iterations)
+    model, train, trainer_cls = parse_overrides(args.set).apply(args.preset, args.iterations)
     paths = bench_images(args.images, args.image_set)
     per_image, base = {}, {}
     for path in paths:
         src = images.load(str(path))
         base[path.name] = baseline(src)
-        per_image[path.name] = run_image(src, model, train, args.eval_every, args.flop_every, device)
+        per_image[path.name] = run_image(src, model, train, args.eval_every, args.flop_every, device, trainer_cls)
         last = per_image[path.name][-1]
         print(f"{path.name}: {last['seconds']:.0f} s, {last['flops'] / 1e12:.2f} TFLOPs", flush=True)
         rows = summarise(per_image, base)

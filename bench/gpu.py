@@ -72,13 +72,9 @@ def step_flops(preset_name: str, device: torch.device, samples: int, **overrides
     return total / samples
 
 
-# Each preset in float32 and bfloat16; and fast with four crops per iteration as one batch: an
-# iteration's time on a GPU is mostly kernel launches, which a batch of crops shares. What it
-# would buy is its speed here against its quality: on the CPU, two crops per iteration at half the
-# iterations came close to one crop's quality, four at a quarter fell behind (BENCHMARKS.md).
+# Each preset in float32 and bfloat16.
 SPEED_CONFIGS: list[tuple[str, dict[str, Any]]] = [
-    *((name, over) for name in ("tiny", "cpu", "fast", "paper") for over in ({}, {"bf16": True})),
-    ("fast", {"crops_per_step": 4}),
+    (name, over) for name in ("tiny", "cpu", "fast", "paper") for over in ({}, {"bf16": True})
 ]
 
 

@@ -42,6 +42,7 @@ from .common import (
     parse_overrides,
     quality_label,
     save,
+    train_one,
 )
 
 METRICS = ("completeness", "coherence", "swd")
@@ -94,28 +95,12 @@ def output_path(method: str, image: str, target: str) -> Path:
 
 
 def _train_one(job: tuple[str, str, int | None, str, list[str]]) -> tuple[str, str, dict[str, torch.Tensor], float, float]:
-    """Worker: train ``preset`` (with ``--set`` overrides) on one image and retarget it to the
-    fixed targets."""
-    import dataclasses
-
-    from ingan.retarget import retarget_image
-    from ingan.train import train
-
+    """Worker: train ``preset`` (with ``--set`` overrides) on one image, retargeted to the fixed targets."""
     path, preset_name, iterations, device, overrides = job
-    torch.set_num_threads(1)
-    preset = get_preset(preset_name)
-    model_over, train_over = parse_overrides(overrides)
-    preset = dataclasses.replace(preset, model=dataclasses.replace(preset.model, **model_over),
-                                 train=dataclasses.replace(preset.train, **train_over))
-    train_cfg = preset.train.with_overrides(iterations=iterations)
-    src = images.load(path)
-    tg = targets(src.shape[-1], src.shape[-2])
-    t0 = time.perf_counter()
-    trainer = train(src, preset.model, train_cfg, device)
-    t1 = time.perf_counter()
-    outs = retarget_image(trainer.generator, src, [(h, w) for w, h in tg.values()], train_cfg.max_side)
-    t2 = time.perf_counter()
-    return path, preset_name, dict(zip(tg, outs, strict=True)), t1 - t0, t2 - t1
+    tg = targets(*Image.open(path).size)
+    outs, train_s, retarget_s = train_one(path, preset_name, [(w, h, None) for w, h in tg.values()],
+                                          iterations=iterations, overrides=overrides, device=device)
+    return path, preset_name, dict(zip(tg, outs, strict=True)), train_s, retarget_s
 
 
 def _save_png(t: torch.Tensor, path: Path) -> None:
@@ -190,7 +175,11 @@ def main() -> None:
         get_preset(p)  # unknown names fail before any training
     if args.set and not args.label:
         ap.error("--set needs --label, so the variant's outputs and results do not pass for the preset's")
-    parse_overrides(args.set)  # bad overrides fail before any training
+    try:  # bad overrides fail before any training
+        for p in presets:
+            parse_overrides(args.set).apply(p)
+    except (TypeError, ValueError) as exc:
+        ap.error(f"--set: {exc}")
     # A variant is named "preset+label": its outputs and rows are kept apart from the preset's own.
     names = {p: f"{p}+{args.label}" if args.label else p for p in presets}
     paths = bench_images(args.images, args.image_set)

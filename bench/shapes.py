@@ -20,10 +20,8 @@ where they are transparent.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import multiprocessing as mp
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +33,7 @@ from ingan.config import get_preset
 from ingan.metrics import score_against_resize
 from ingan.retarget import retarget_mask
 
-from .common import RESULTS, bench_images, machine, save
-
-Shape = tuple[int, int, tuple[float, float] | None]  # (W, H, shifts)
+from .common import RESULTS, Shape, bench_images, machine, save, train_one
 
 
 def targets(w: int, h: int) -> dict[str, Shape]:
@@ -53,20 +49,9 @@ SHAPED = ("trapezoid x1.5", "slant")
 
 
 def _train_one(job: tuple[str, str, float, int | None]) -> tuple[str, float, dict[str, torch.Tensor], float]:
-    from ingan.retarget import retarget_image
-    from ingan.train import train
-
     path, preset_name, max_shift, iterations = job
-    torch.set_num_threads(1)
-    preset = get_preset(preset_name)
-    cfg = dataclasses.replace(preset.train, max_shift=max_shift).with_overrides(iterations=iterations)
-    src = images.load(path)
-    tg = targets(src.shape[-1], src.shape[-2])
-    t0 = time.perf_counter()
-    trainer = train(src, preset.model, cfg, "cpu")
-    seconds = time.perf_counter() - t0
-    outs = retarget_image(trainer.generator, src, [(h, w) for w, h, _ in tg.values()], cfg.max_side,
-                          [sh for _, _, sh in tg.values()])
+    tg = targets(*Image.open(path).size)
+    outs, seconds, _ = train_one(path, preset_name, list(tg.values()), iterations=iterations, max_shift=max_shift)
     return path, max_shift, dict(zip(tg, outs, strict=True)), seconds
 
 

@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .config import ModelConfig, TrainConfig
+from .config import ModelConfig, TrainConfig, config_from_dict
 from .networks import Generator
 from .train import Trainer
 
@@ -89,8 +89,8 @@ def load(data: bytes | BinaryIO, map_location: str | torch.device = "cpu") -> Ch
     """Read a checkpoint; anything malformed raises ``CheckpointError`` with the reason."""
     payload = _read_payload(data, map_location, FORMAT, VERSION, "checkpoint")
     try:
-        model = ModelConfig(**payload["model_config"])
-        train = TrainConfig(**payload["train_config"])
+        model = config_from_dict(ModelConfig, payload["model_config"], strict=False)
+        train = config_from_dict(TrainConfig, payload["train_config"], strict=False)
         state = payload["generator"]
         ckpt = Checkpoint(model, train, state, dict(payload.get("meta", {})))
         ckpt.build_generator()  # validates every tensor name and shape now, not at first use
@@ -126,8 +126,12 @@ def resume_training(trainer: Trainer, data: bytes | BinaryIO) -> int:
     return the iteration it continues from. A state of another image or configuration, or a
     damaged one, raises ``CheckpointError`` and leaves the trainer unchanged."""
     payload = _read_payload(data, "cpu", STATE_FORMAT, STATE_VERSION, "training state")
-    if payload.get("model_config") != dataclasses.asdict(trainer.model_cfg) or \
-            payload.get("train_config") != dataclasses.asdict(trainer.cfg):
+    try:
+        same = config_from_dict(ModelConfig, payload["model_config"], strict=True) == trainer.model_cfg and \
+            config_from_dict(TrainConfig, payload["train_config"], strict=True) == trainer.cfg
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"the training state's settings cannot be continued here: {exc}") from exc
+    if not same:
         raise CheckpointError("the training state was saved with other settings")
     if payload.get("image_digest") != image_digest(trainer.image):
         raise CheckpointError("the training state belongs to another image")

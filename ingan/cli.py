@@ -20,9 +20,11 @@ import torch
 from . import checkpoint, images, metrics, retarget
 from .config import PRESETS, get_preset
 from .files import atomic_write
+from .fit import fit
 from .images import working_resolution
-from .retarget import retarget_image
-from .train import Progress, hms, pick_device, train
+from .progress import Progress, hms
+from .retarget import encode_output, retarget_image
+from .train import pick_device
 
 
 class CLIError(Exception):
@@ -58,14 +60,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     work_hw = working_resolution(tuple(image.shape[-2:]), train_cfg.max_side)
     print(f"training preset={preset.name} iterations={train_cfg.iterations} seed={train_cfg.seed} "
           f"device={device} image={image.shape[-1]}x{image.shape[-2]} working={work_hw[1]}x{work_hw[0]}", file=sys.stderr)
-    start = time.perf_counter()
-    trainer = train(image, preset.model, train_cfg, device, None if args.quiet else _print_progress)
-    seconds = time.perf_counter() - start
-    meta = {"preset": preset.name, "source_hw": list(image.shape[-2:]), "working_hw": list(work_hw),
-            "train_seconds": seconds, "device": str(device), "bf16": trainer.bf16, "torch": str(torch.__version__)}
-    data = checkpoint.save(checkpoint.from_generator(trainer.generator, preset.model, train_cfg, meta))
+    done = fit(image, preset.name, preset.model, train_cfg, device, progress=None if args.quiet else _print_progress)
+    data = checkpoint.save(done.checkpoint)
     atomic_write(args.out, data)
-    print(f"saved {args.out} ({len(data) / 1e6:.1f} MB) after {seconds:.1f} s", file=sys.stderr)
+    print(f"saved {args.out} ({len(data) / 1e6:.1f} MB) after {done.seconds:.1f} s", file=sys.stderr)
     return 0
 
 
@@ -89,16 +87,12 @@ def cmd_retarget(args: argparse.Namespace) -> int:
     sizes = [(h, w) for h, w, _ in args.size]
     shifts = [sh for _, _, sh in args.size]
     outs = retarget_image(g, image, sizes, ckpt.train.max_side, shifts)
-    ext = {"jpeg": "jpg"}.get(args.format, args.format)
-    for (h, w), sh, out in zip(sizes, shifts, outs, strict=True):
-        stem = os.path.join(args.out_dir, retarget.output_stem(w, h, sh))
-        mask = None if sh is None else retarget.retarget_mask((h, w), sh)
-        atomic_write(f"{stem}.{ext}", images.encode(out, args.format, mask=mask))
-        print(f"{stem}.{ext}")
-        if mask is not None and args.format == "jpeg":
-            # JPEG has no alpha: the frame goes beside it, the outside painted white.
-            atomic_write(f"{stem}.mask.png", images.encode_mask(mask))
-            print(f"{stem}.mask.png")
+    for sh, out in zip(shifts, outs, strict=True):
+        enc = encode_output(out, args.format, sh)
+        files = [(f"{enc.stem}.{enc.ext}", enc.data)] + ([(f"{enc.stem}.mask.png", enc.mask)] if enc.mask else [])
+        for name, data in files:
+            atomic_write(os.path.join(args.out_dir, name), data)
+            print(os.path.join(args.out_dir, name))
     print(f"{len(outs)} outputs in {time.perf_counter() - start:.2f} s", file=sys.stderr)
     return 0
 

@@ -8,9 +8,11 @@ reference schedule exactly: at 75,000 iterations the fractions land on 10k, 20k 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .geometry import MAX_SHIFT
 
@@ -27,18 +29,11 @@ class ModelConfig:
     d_scale_factor: float = 1.4  # scale k sees the image downscaled by d_scale_factor ** -k
     d_min_side: int = 16  # n_nets = ceil(log(crop / d_min_side) / log(d_scale_factor))
     d_min_map_side: int = 13  # a scale is weighted only if the fake's smaller side allows it
-    spectral_norm: bool = True  # on every conv but G's last; off only for ablations
     # G's output is the input image put through the same geometric transform plus what the
-    # network adds (clamped to [-1, 1]), instead of the network's tanh alone.
+    # network adds, instead of the network's tanh alone. The sum is clamped to [-1, 1] with the
+    # gradient passed straight through: a hard clamp gives none to pixels past either end, so a
+    # dark region pushed below -1 (a night sky one step from black) could never be trained back.
     image_skip: bool = False
-    # With image_skip, the clamp of that sum to [-1, 1] passes gradients straight through. A hard
-    # clamp gives none to pixels past either end, so a dark region pushed below -1 (a night sky
-    # one step from black) gets nothing from the cycle loss to bring it back: training can leave it
-    # black. The forward pass, and every output, is the same either way.
-    skip_clamp_grad: bool = True
-    # BatchNorm in each discriminator net, as in the reference; D sees the real crop and the fake
-    # in separate passes of batch size 1, so each is normalised by its own statistics.
-    d_batch_norm: bool = True
 
     def __post_init__(self) -> None:
         # Bounds that keep a network buildable in memory: a config read from a file (a checkpoint
@@ -64,7 +59,6 @@ class ModelConfig:
 class TrainConfig:
     iterations: int = 75_000
     crop_size: int = 256  # training crop side (clipped to the image minus one pixel)
-    crops_per_step: int = 1  # random crops per iteration, as one batch (all mapped to the same shape)
     max_side: int | None = None  # downscale the image so its longer side is at most this
     lr: float = 5e-5
     beta1: float = 0.5
@@ -75,39 +69,22 @@ class TrainConfig:
     max_scale: float = 2.25
     max_shift: float = 0.0  # top-corner shift range (normalised units); 0 = rectangular only
     rec_weight: float = 0.1  # cycle reconstruction weight in the main G step
-    second_g_step: bool = True  # extra G step on the inverse mapping alone
-    second_g_step_start: float = 10 / 75
+    second_g_step_start: float = 10 / 75  # from here on, an extra G step on the inverse mapping alone
     second_rec_weight: float = 1.0
-    # Weight of an L1 loss between the per-channel mean and standard deviation of G's output and
-    # of its input crop: a retargeted crop keeps its colours (0 = off).
-    tone_weight: float = 0.0
-    # Weight of a second fake for D: the real crop put through the iteration's geometric transform
-    # (a plain resize), so D learns that a stretch is not a retargeting (0 = off). Skipped for
-    # unshifted outputs within 20% of the crop's size on both axes (ingan.train.STRETCH_FREE),
-    # where a resize is close to the real crop.
-    stretch_negative: float = 0.0
     d_scale_pivot: float = 25 / 75  # coarse D scales weigh most before this, fine ones after
     noise: float = 1 / 255  # uniform input noise amplitude for G and D
     min_out_side: int = 16  # smallest sampled output side (D's finest net needs >= 9 px)
     seed: int = 0
-    deterministic: bool = True  # same seed + same device -> bit-identical weights
-    channels_last: bool = True  # NHWC tensors: faster convolutions on oneDNN and cuDNN
     # bfloat16 autocast for convolutions (losses and weights stay float32). None: on for a CPU
     # that computes bfloat16 natively (AVX512-BF16 or AMX), off on GPUs, where it measured slower
     # (ingan.train.bf16_by_default).
     bf16: bool | None = False
     norm_calibration: int = 0  # forward passes that re-estimate the final G's BatchNorm statistics (0 = off)
-    ema: float = 0.0  # decay of an exponential moving average of G's weights (0 = off); the
-    # average, not the last iterate, is then the trained generator
     log_every: int = 100
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_shift <= MAX_SHIFT:
             raise ValueError(f"max_shift {self.max_shift} must be within 0..{MAX_SHIFT} (normalised units)")
-        if not 0.0 <= self.tone_weight < math.inf:  # also refuses NaN
-            raise ValueError(f"tone_weight {self.tone_weight} must be a finite number >= 0")
-        if not 0.0 <= self.stretch_negative < math.inf:
-            raise ValueError(f"stretch_negative {self.stretch_negative} must be a finite number >= 0")
 
     def with_overrides(self, **kw: Any) -> TrainConfig:
         return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
@@ -154,6 +131,52 @@ PRESETS: dict[str, Preset] = {
         train=TrainConfig(iterations=1000, crop_size=64, max_side=96, lr=2e-4, log_every=50),
     ),
 }
+
+
+# Options that were tried and removed, each with the one value every model of this version is
+# trained with (the experiment log, docs/experiments.md, has what the others did).
+REMOVED_OPTIONS: dict[str, dict[str, object]] = {
+    "ModelConfig": {"spectral_norm": True, "d_batch_norm": True, "skip_clamp_grad": True},
+    "TrainConfig": {"crops_per_step": 1, "second_g_step": True, "tone_weight": 0.0, "stretch_negative": 0.0, "ema": 0.0,
+                    # Implementation choices, no longer switches: a seed always gives the same
+                    # weights on one device, and tensors are always NHWC (faster on oneDNN and cuDNN).
+                    "deterministic": True, "channels_last": True},
+}
+_Config = TypeVar("_Config", ModelConfig, TrainConfig)
+
+
+def config_from_dict(cls: type[_Config], data: dict[str, Any], *, strict: bool) -> _Config:
+    """A config saved by any version. A removed option is dropped; with ``strict`` (a training to
+    continue) one saved at another value than this version trains with raises ``ValueError``,
+    since going on would train something else. A generator does not need it: what it computes
+    is in its weights (a missing spectral norm shows as missing tensors when they are loaded)."""
+    fields = dict(data)
+    for name, value in REMOVED_OPTIONS[cls.__name__].items():
+        if name in fields and fields.pop(name) != value and strict:
+            raise ValueError(f"saved with {name}={data[name]!r}, an option this version no longer has")
+    return cls(**fields)
+
+
+def model_tag(preset: str, model: ModelConfig, train: TrainConfig, run_seed: int) -> str:
+    """Names the settings that change what a model learns, so outputs of different settings never
+    overwrite each other and a rerun with the same ones finds its models.
+
+    The fingerprint is spelled as tags were first written, so saved models keep their tags across
+    versions: removed options stand at the value they were trained with where the first tags
+    had them (spectral norm, the second G step, no weight average, deterministic NHWC training;
+    the clamp passing gradients, which names image-skip generators only), and options added after the first tags that were
+    then removed (crops per step, tone, stretched fakes, D's BatchNorm switch) are left out."""
+    net = dataclasses.asdict(model) | {"spectral_norm": True}
+    if model.image_skip:
+        net["skip_clamp_grad"] = True
+    learn = {k: v for k, v in dataclasses.asdict(train).items() if k not in ("log_every", "seed")}
+    learn |= {"second_g_step": True, "ema": 0.0, "deterministic": True, "channels_last": True}
+    # bfloat16 is how a model is computed, not what it learns (the same scores, measured): a
+    # model trained either way is found by a run set the other way, on any machine. Spelled as
+    # the float32 that every tag was first written with.
+    learn["bf16"] = False
+    blob = json.dumps([net, learn, run_seed], sort_keys=True)
+    return f"{preset}-{train.iterations}it-seed{run_seed}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
 
 def get_preset(name: str) -> Preset:

@@ -22,9 +22,10 @@ from .geometry import warp
 from .spectral import group_spectral_norms, spectral_norm
 
 
-def _conv(cin: int, cout: int, k: int, sn: bool, stride: int = 1, pad: bool = True) -> nn.Module:
-    """Conv with the reference's init (xavier-normal, gain 0.01, zero bias) and optional spectral
-    norm; reflection padding keeps borders free of the zero-padding frame artefact."""
+def _conv(cin: int, cout: int, k: int, sn: bool = True, stride: int = 1, pad: bool = True) -> nn.Module:
+    """Conv with the reference's init (xavier-normal, gain 0.01, zero bias) and spectral norm
+    (every conv but G's last); reflection padding keeps borders free of the zero-padding frame
+    artefact."""
     conv = nn.Conv2d(cin, cout, k, stride=stride)
     nn.init.xavier_normal_(conv.weight, gain=0.01)
     nn.init.zeros_(conv.bias)
@@ -35,19 +36,19 @@ def _conv(cin: int, cout: int, k: int, sn: bool, stride: int = 1, pad: bool = Tr
     return conv
 
 
-def _conv_bn_act(cin: int, cout: int, k: int, sn: bool) -> nn.Sequential:
+def _conv_bn_act(cin: int, cout: int, k: int) -> nn.Sequential:
     # BatchNorm at batch size 1 normalises over one image, i.e. acts as instance norm in training.
-    return nn.Sequential(_conv(cin, cout, k, sn), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2))
+    return nn.Sequential(_conv(cin, cout, k), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2))
 
 
 class ResBlock(nn.Module):
-    def __init__(self, ch: int, squeeze: int, sn: bool) -> None:
+    def __init__(self, ch: int, squeeze: int) -> None:
         super().__init__()
         mid = ch // squeeze
         self.body = nn.Sequential(
-            _conv(ch, mid, 1, sn), nn.BatchNorm2d(mid), nn.LeakyReLU(0.2),
-            _conv(mid, mid, 3, sn), nn.BatchNorm2d(mid), nn.LeakyReLU(0.2),
-            _conv(mid, ch, 1, sn), nn.BatchNorm2d(ch),
+            _conv(ch, mid, 1), nn.BatchNorm2d(mid), nn.LeakyReLU(0.2),
+            _conv(mid, mid, 3), nn.BatchNorm2d(mid), nn.LeakyReLU(0.2),
+            _conv(mid, ch, 1), nn.BatchNorm2d(ch),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -57,15 +58,15 @@ class ResBlock(nn.Module):
 class Generator(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        sn, c = cfg.spectral_norm, cfg.g_channels
+        c = cfg.g_channels
         widths = [c * 2**i for i in range(cfg.g_downsamples + 1)]  # 64, 128, 256, 512
         self.stride = 2**cfg.g_downsamples
-        self.entry = _conv_bn_act(3, c, 7, sn)
-        self.down = nn.ModuleList(_conv_bn_act(widths[i], widths[i + 1], 3, sn) for i in range(cfg.g_downsamples))
-        self.bottleneck = nn.Sequential(*(ResBlock(widths[-1], cfg.g_res_squeeze, sn) for _ in range(cfg.g_res_blocks)))
-        self.up = nn.ModuleList(_conv_bn_act(widths[i + 1], widths[i], 3, sn) for i in reversed(range(cfg.g_downsamples)))
+        self.entry = _conv_bn_act(3, c, 7)
+        self.down = nn.ModuleList(_conv_bn_act(widths[i], widths[i + 1], 3) for i in range(cfg.g_downsamples))
+        self.bottleneck = nn.Sequential(*(ResBlock(widths[-1], cfg.g_res_squeeze) for _ in range(cfg.g_res_blocks)))
+        self.up = nn.ModuleList(_conv_bn_act(widths[i + 1], widths[i], 3) for i in reversed(range(cfg.g_downsamples)))
         self.exit = _conv(c, 3, 7, sn=False)
-        self.image_skip, self.skip_clamp_grad = cfg.image_skip, cfg.skip_clamp_grad
+        self.image_skip = cfg.image_skip
         group_spectral_norms(self)  # the residual blocks' layers share shapes
 
     def features(self, x: Tensor) -> Tensor:
@@ -98,9 +99,9 @@ class Generator(nn.Module):
             if image is None:
                 raise ValueError("this generator adds its output to the warped input: pass image=")
             y = warp(image, out_hw, matrix) + self.exit(x)[..., :h, :w]
-            if self.skip_clamp_grad:
-                return y + (y.clamp(-1, 1) - y).detach()  # clamped values, identity gradient
-            return y.clamp(-1, 1)
+            # Clamped values with the identity's gradient: pixels pushed past black or white can
+            # still be pulled back (ModelConfig.image_skip).
+            return y + (y.clamp(-1, 1) - y).detach()
         return torch.tanh(self.exit(x))[..., :h, :w]  # (B, 3, h, w)
 
     def forward(self, x: Tensor, out_hw: tuple[int, int] | None = None, matrix: Tensor | None = None) -> Tensor:
@@ -111,17 +112,15 @@ class Generator(nn.Module):
 class DiscriminatorNet(nn.Module):
     """One scale: unpadded convs with a 9x9 receptive field at that scale."""
 
-    def __init__(self, c: int, sn: bool, batch_norm: bool = True) -> None:
+    def __init__(self, c: int) -> None:
         super().__init__()
-
-        def norm(ch: int) -> nn.Module:
-            return nn.BatchNorm2d(ch) if batch_norm else nn.Identity()
-
+        # BatchNorm as in the reference: D sees the real crop and the fake in separate passes of
+        # batch size 1, so each is normalised by its own statistics.
         self.body = nn.Sequential(
-            _conv(3, c, 3, sn, pad=False), nn.LeakyReLU(0.2),
-            _conv(c, 2 * c, 3, sn, stride=2, pad=False), norm(2 * c), nn.LeakyReLU(0.2),
-            _conv(2 * c, 2 * c, 3, sn, pad=False), norm(2 * c), nn.LeakyReLU(0.2),
-            _conv(2 * c, 1, 1, sn, pad=False),
+            _conv(3, c, 3, pad=False), nn.LeakyReLU(0.2),
+            _conv(c, 2 * c, 3, stride=2, pad=False), nn.BatchNorm2d(2 * c), nn.LeakyReLU(0.2),
+            _conv(2 * c, 2 * c, 3, pad=False), nn.BatchNorm2d(2 * c), nn.LeakyReLU(0.2),
+            _conv(2 * c, 1, 1, pad=False),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -132,7 +131,7 @@ class MultiScaleDiscriminator(nn.Module):
     def __init__(self, cfg: ModelConfig, crop_size: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.nets = nn.ModuleList(DiscriminatorNet(cfg.d_channels, cfg.spectral_norm, cfg.d_batch_norm) for _ in range(cfg.n_d_nets(crop_size)))
+        self.nets = nn.ModuleList(DiscriminatorNet(cfg.d_channels) for _ in range(cfg.n_d_nets(crop_size)))
         group_spectral_norms(self)  # layer k of every scale's net: one batched normalisation
 
     def n_scales_for(self, hw: tuple[int, int]) -> int:

@@ -11,16 +11,18 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .geometry import MAX_SHIFT, homography, valid_mask
-from .images import to_model_input, to_uint8, working_image
+from .images import encode, encode_mask, to_model_input, to_uint8, working_image
 from .networks import Generator
 
 MIN_SIDE = 8
 MAX_SIDE = 16384
+SHIFT_DECIMALS = 4  # a shift's one spelling in names and records
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
 Shifts = tuple[float, float]
@@ -55,7 +57,7 @@ def check_shifts(shifts: Sequence[float]) -> Shifts:
         if not math.isfinite(v) or abs(v) > MAX_SHIFT:
             raise ValueError(f"{name} shift {v} is out of range: each top-corner shift must be within "
                              f"-{MAX_SHIFT}..{MAX_SHIFT} (normalised units; 2 is the frame's width)")
-        out.append(round(v, 4) + 0.0)  # + 0.0: no negative zero in names
+        out.append(round(v, SHIFT_DECIMALS) + 0.0)  # + 0.0: no negative zero in names
     return out[0], out[1]
 
 
@@ -173,3 +175,26 @@ def retarget_image(
             y = torch.where(retarget_mask((h, w), sh).to(y.device), y, y.new_full((), -1.0))
         outs.append(to_uint8(y))
     return outs
+
+
+@dataclass(frozen=True)
+class EncodedOutput:
+    """An output ready to store: ``stem.ext``, and for a shaped JPEG its frame as ``stem.mask.png``."""
+
+    stem: str  # output_stem: size and shifts
+    ext: str  # file extension of the format ("jpg" for JPEG)
+    data: bytes
+    mask: bytes | None  # PNG of the frame (255 inside), only where the format has no alpha
+
+
+def encode_output(image: Tensor, fmt: str, shifts: Shifts | None = None,
+                  fill: tuple[int, int, int] = (255, 255, 255)) -> EncodedOutput:
+    """A retargeted uint8 (3, H, W) output encoded as ``fmt`` (png, webp or jpeg). A shaped one is
+    transparent outside its frame in PNG and WebP; JPEG has no alpha, so the outside is painted
+    ``fill`` and the frame comes as a mask file of its own."""
+    h, w = image.shape[-2:]
+    fmt = {"jpg": "jpeg"}.get(fmt.lower(), fmt.lower())
+    mask = None if shifts is None else retarget_mask((h, w), shifts)
+    data = encode(image, fmt, mask=mask, fill=fill)
+    mask_png = encode_mask(mask) if mask is not None and fmt == "jpeg" else None
+    return EncodedOutput(output_stem(w, h, shifts), {"jpeg": "jpg"}.get(fmt, fmt), data, mask_png)

@@ -11,11 +11,8 @@ inside a forked scope, so the same seed on the same device gives bit-identical w
 from __future__ import annotations
 
 import contextlib
-import copy
-import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,36 +20,10 @@ from torch import Tensor
 
 from . import losses, spectral
 from .config import ModelConfig, TrainConfig
-from .geometry import homography, warp
-from .images import to_model_input, working_image
+from .geometry import homography
+from .images import working_image
 from .networks import Generator, MultiScaleDiscriminator
-
-# With ``stretch_negative``, outputs within this factor of the crop's size on both axes get no
-# stretched fake: a resize that small is close to the real crop, and D would be taught to call
-# nearly real patches fake.
-STRETCH_FREE = 1.2
-
-
-@dataclass(frozen=True)
-class Progress:
-    iteration: int  # iterations completed
-    total: int
-    losses: dict[str, float]
-    seconds: float  # wall time since training started
-    rate: float  # iterations per second so far
-
-    @property
-    def eta(self) -> float:
-        return (self.total - self.iteration) / self.rate if self.rate > 0 else math.inf
-
-
-def hms(seconds: float) -> str:
-    """A duration as H:MM:SS ("?" when unknown: an infinite ETA)."""
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
+from .progress import Progress
 
 ProgressFn = Callable[[Progress], None]
 SnapshotFn = Callable[["Trainer"], None]
@@ -86,6 +57,13 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def _descend(opt: torch.optim.Optimizer, loss: Tensor) -> None:
+    """One optimiser step on ``loss``."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 @contextlib.contextmanager
 def _seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Seed the global RNG (which module init uses) without disturbing the caller's stream."""
@@ -115,14 +93,13 @@ class Trainer:
         self.crop_hw = (min(train_cfg.crop_size, h - 1), min(train_cfg.crop_size, w - 1))
         if min(self.crop_hw) < train_cfg.min_out_side:
             raise ValueError(f"image {w}x{h} is too small to train on: need at least {train_cfg.min_out_side + 1} px per side")
-        if self.device.type == "cuda" and train_cfg.deterministic:
+        if self.device.type == "cuda":  # the same seed gives the same weights on a GPU too
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
         self.g, self.d = build_models(model_cfg, max(self.crop_hw), train_cfg.seed, self.device)
-        if train_cfg.channels_last:
-            # oneDNN (CPU) and cuDNN (tensor cores) both run NHWC convolutions without reorders.
-            self.g.to(memory_format=torch.channels_last)
-            self.d.to(memory_format=torch.channels_last)
+        # oneDNN (CPU) and cuDNN (tensor cores) both run NHWC convolutions without reorders.
+        self.g.to(memory_format=torch.channels_last)
+        self.d.to(memory_format=torch.channels_last)
         betas = (train_cfg.beta1, train_cfg.beta2)
         # Fused Adam: one kernel per parameter group instead of a dozen small ops per tensor.
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=train_cfg.lr, betas=betas, fused=True)
@@ -134,32 +111,14 @@ class Trainer:
         self.rng = torch.Generator().manual_seed(train_cfg.seed)  # crops, shapes, shifts (CPU)
         self.noise_rng = torch.Generator(device=self.device).manual_seed(train_cfg.seed + 1)
         self.iteration = 0
-        # The averaged generator: a copy whose parameters trail G's (its buffers, BatchNorm
-        # running statistics and spectral-norm vectors, are copied as they are).
-        self.g_ema = copy.deepcopy(self.g).requires_grad_(False) if train_cfg.ema > 0 else None
-
-    @property
-    def generator(self) -> Generator:
-        """The trained generator: the weight average when ``ema`` is on, else G itself."""
-        return self.g if self.g_ema is None else self.g_ema
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        assert self.g_ema is not None
-        # Warm-up: early on the average follows G closely instead of remembering its random init.
-        decay = min(self.cfg.ema, (1 + self.iteration) / (10 + self.iteration))
-        for p_ema, p in zip(self.g_ema.parameters(), self.g.parameters(), strict=True):
-            p_ema.lerp_(p, 1 - decay)
-        for b_ema, b in zip(self.g_ema.buffers(), self.g.buffers(), strict=True):
-            b_ema.copy_(b)
 
     @torch.no_grad()
     def calibrate_norm_stats(self, g: Generator, passes: int) -> None:
-        """Re-estimate ``g``'s BatchNorm running statistics as an equal-weight average over
-        ``passes`` forward passes drawn like training (random crop, random output shape at the
-        curriculum's full range). Training leaves them as a momentum-0.1 average of the last dozen
-        or so random crops and shapes, so eval-mode outputs would shift from one iteration to the
-        next; the weight average (``ema``) needs statistics of its own in any case."""
+        """Re-estimate ``g``'s BatchNorm running statistics (G's, or a copy of it) as an
+        equal-weight average over ``passes`` forward passes drawn like training (random crop,
+        random output shape at the curriculum's full range). Training leaves them as a
+        momentum-0.1 average of the last dozen or so random crops and shapes, so eval-mode outputs
+        would shift from one iteration to the next."""
         norms = [m for m in g.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         saved = [m.momentum for m in norms]
         was_training = g.training
@@ -187,15 +146,13 @@ class Trainer:
 
     # -- continuing an interrupted training -----------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything the remaining iterations depend on: weights and buffers of G, D (and the
-        average), optimiser and schedule states, both RNG streams and the iteration. Loaded into a
+        """Everything the remaining iterations depend on: weights and buffers of G and D, optimiser and schedule states, both RNG streams and the iteration. Loaded into a
         trainer built with the same image and configs, training goes on exactly as if it had never
         stopped (bit-identical on the CPU)."""
         return {
             "iteration": self.iteration,
             "g": self.g.state_dict(),
             "d": self.d.state_dict(),
-            "g_ema": None if self.g_ema is None else self.g_ema.state_dict(),
             "opt_g": self.opt_g.state_dict(),
             "opt_d": self.opt_d.state_dict(),
             "sched_g": self.sched_g.state_dict(),
@@ -210,12 +167,10 @@ class Trainer:
         iteration = state["iteration"]
         if not isinstance(iteration, int) or not 0 <= iteration <= self.cfg.iterations:
             raise ValueError(f"iteration {iteration!r} is outside this training's 0..{self.cfg.iterations}")
-        if (state["g_ema"] is None) != (self.g_ema is None):
-            raise ValueError("the saved state and this training disagree on the weight average")
+        if state.get("g_ema") is not None:  # saved by a version that could average G's weights
+            raise ValueError("the saved state holds a weight average, which this version does not train")
         self.g.load_state_dict(state["g"])
         self.d.load_state_dict(state["d"])
-        if self.g_ema is not None:
-            self.g_ema.load_state_dict(state["g_ema"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.sched_g.load_state_dict(state["sched_g"])
@@ -249,25 +204,12 @@ class Trainer:
         return out_hw, matrix
 
     def random_crop(self) -> Tensor:
-        """(crops_per_step, 3, ch, cw) crops at random places of the working image."""
+        """(1, 3, ch, cw): a crop at a random place of the working image."""
         h, w = self.image.shape[-2:]
         ch, cw = self.crop_hw
-        crops = []
-        for _ in range(self.cfg.crops_per_step):
-            top = int(torch.randint(0, h - ch + 1, (), generator=self.rng))
-            left = int(torch.randint(0, w - cw + 1, (), generator=self.rng))
-            crops.append(self.image[None, :, top:top + ch, left:left + cw])
-        return crops[0] if len(crops) == 1 else torch.cat(crops)
-
-    def _stretched(self, real: Tensor, out_hw: tuple[int, int], matrix: Tensor | None) -> Tensor | None:
-        """The real crop resized (and warped) to the fake's shape, D's second fake; None when
-        the option is off or the shape is too close to the crop's for a resize to look wrong."""
-        if self.cfg.stretch_negative <= 0:
-            return None
-        near = all(abs(math.log(o / c)) < math.log(STRETCH_FREE) for o, c in zip(out_hw, real.shape[-2:], strict=True))
-        if matrix is None and near:
-            return None
-        return warp(real, out_hw, matrix)
+        top = int(torch.randint(0, h - ch + 1, (), generator=self.rng))
+        left = int(torch.randint(0, w - cw + 1, (), generator=self.rng))
+        return self.image[None, :, top:top + ch, left:left + cw]
 
     def _noisy(self, x: Tensor) -> Tensor:
         n = torch.rand(x.shape, generator=self.noise_rng, device=x.device, dtype=x.dtype)
@@ -275,63 +217,73 @@ class Trainer:
 
     # -- one iteration --------------------------------------------------------------------------
     def step(self) -> dict[str, Tensor]:
-        cfg, g, d = self.cfg, self.g, self.d
+        """One iteration of InGAN: a random crop is G's input and D's real example; G maps it to a
+        random output shape and back (one G step), D learns the crop from the fake (one D step),
+        and past ``second_g_step_start`` a second G step trains the inverse mapping alone."""
+        cfg, d = self.cfg, self.d
         real = self.random_crop()
         out_hw, matrix = self.sample_target()
         inverse = None if matrix is None else torch.linalg.inv(matrix)
-        progress = self.iteration / cfg.iterations
-        weights = d.scale_weights(progress, cfg.d_scale_pivot, d.n_scales_for(out_hw))
+        weights = d.scale_weights(self.iteration / cfg.iterations, cfg.d_scale_pivot, d.n_scales_for(out_hw))
 
-        # G step: fool D at the new shape, and come back to the crop through the inverse map.
-        # spectral.cached(): spectral-normalised weights are computed once per step, not once per
-        # call (G runs twice, D once here), each group of equal shapes in one batched pass.
-        d.requires_grad_(False)
-        with spectral.cached(), self.autocast:
-            fake = g(self._noisy(real), out_hw, matrix)  # (1, 3, *out_hw)
-            rec = g(fake, real.shape[-2:], inverse)
-            loss_g_adv = losses.g_adv_loss(d(self._noisy(fake), weights).float())
-            loss_rec = losses.reconstruction_loss(rec.float(), real)
-            loss_tone = losses.tone_loss(fake.float(), real) if cfg.tone_weight > 0 else None
-        loss_g = loss_g_adv + cfg.rec_weight * loss_rec
-        if loss_tone is not None:
-            loss_g = loss_g + cfg.tone_weight * loss_tone
-        self.opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        self.opt_g.step()
+        fake, report = self._g_step(real, out_hw, matrix, inverse, weights)
+        report.update(self._d_step(real, fake.detach(), out_hw, matrix, weights))
+        if self.iteration >= cfg.second_g_step_start * cfg.iterations:
+            report["rec2"] = self._inverse_g_step(real, fake.detach(), inverse)
 
-        # D step on the same real crop and the (detached) fake.
-        d.requires_grad_(True)
-        stretched = self._stretched(real, out_hw, matrix)
-        with spectral.cached(), self.autocast:
-            d_real = d(self._noisy(real), weights).float()
-            d_fake = d(self._noisy(fake.detach()), weights).float()
-            loss_d = losses.d_loss(d_real, d_fake)
-            if stretched is not None:
-                d_stretched = d(self._noisy(stretched), weights).float()
-                loss_d = loss_d + cfg.stretch_negative * losses.d_fake_loss(d_stretched)
-        self.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        self.opt_d.step()
-
-        out = {"g_adv": loss_g_adv.detach(), "rec": loss_rec.detach(), "d": loss_d.detach()}
-        if loss_tone is not None:
-            out["tone"] = loss_tone.detach()
-        if cfg.second_g_step and self.iteration >= cfg.second_g_step_start * cfg.iterations:
-            # Inverse mapping alone, from the fake as a fixed input.
-            with self.autocast:
-                rec2 = g(fake.detach(), real.shape[-2:], inverse).float()
-            loss_rec2 = losses.reconstruction_loss(rec2, real)
-            self.opt_g.zero_grad(set_to_none=True)
-            (cfg.second_rec_weight * loss_rec2).backward()
-            self.opt_g.step()
-            out["rec2"] = loss_rec2.detach()
-
-        if self.g_ema is not None:
-            self._update_ema()
         self.sched_g.step()
         self.sched_d.step()
         self.iteration += 1
-        return out
+        return report
+
+    def _g_step(self, real: Tensor, out_hw: tuple[int, int], matrix: Tensor | None, inverse: Tensor | None,
+                weights: list[float]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Fool D at the new shape, and come back to the crop through the inverse map."""
+        g, d = self.g, self.d
+        d.requires_grad_(False)
+        # spectral.cached(): spectral-normalised weights are computed once per step, not once per
+        # call (G runs twice, D once here), each group of equal shapes in one batched pass.
+        with spectral.cached(), self.autocast:
+            fake = g(self._noisy(real), out_hw, matrix)  # (1, 3, *out_hw)
+            rec = g(fake, real.shape[-2:], inverse)
+            loss_adv = losses.g_adv_loss(d(self._noisy(fake), weights).float())
+            loss_rec = losses.reconstruction_loss(rec.float(), real)
+            extra = self.extra_g_losses(real, fake)
+        _descend(self.opt_g, sum(extra.values(), loss_adv + self.cfg.rec_weight * loss_rec))
+        return fake, {"g_adv": loss_adv.detach(), "rec": loss_rec.detach(), **{k: v.detach() for k, v in extra.items()}}
+
+    def _d_step(self, real: Tensor, fake: Tensor, out_hw: tuple[int, int], matrix: Tensor | None,
+                weights: list[float]) -> dict[str, Tensor]:
+        """D on the same real crop and the (detached) fake."""
+        d = self.d
+        d.requires_grad_(True)
+        with spectral.cached(), self.autocast:
+            d_real = d(self._noisy(real), weights).float()
+            d_fake = d(self._noisy(fake), weights).float()
+            loss = losses.d_loss(d_real, d_fake)
+            extra = self.extra_d_losses(real, out_hw, matrix, weights)
+        loss = sum(extra.values(), loss)
+        _descend(self.opt_d, loss)
+        return {"d": loss.detach(), **{k: v.detach() for k, v in extra.items()}}
+
+    def _inverse_g_step(self, real: Tensor, fake: Tensor, inverse: Tensor | None) -> Tensor:
+        """The inverse mapping alone, from the fake as a fixed input."""
+        with self.autocast:
+            rec = self.g(fake, real.shape[-2:], inverse).float()
+        loss = losses.reconstruction_loss(rec, real)
+        _descend(self.opt_g, self.cfg.second_rec_weight * loss)
+        return loss.detach()
+
+    # -- hooks for experiments (bench/lab.py): InGAN itself adds nothing ------------------------
+    def extra_g_losses(self, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
+        """Weighted terms added to G's loss, computed inside the step's autocast and reported
+        under their names."""
+        return {}
+
+    def extra_d_losses(self, real: Tensor, out_hw: tuple[int, int], matrix: Tensor | None,
+                       weights: list[float]) -> dict[str, Tensor]:
+        """Weighted terms added to D's loss (extra fakes, say), as ``extra_g_losses``."""
+        return {}
 
     def run(self, progress: ProgressFn | None = None, snapshot: SnapshotFn | None = None,
             snapshot_every_s: float | None = None) -> None:
@@ -356,22 +308,7 @@ class Trainer:
                 progress(Progress(done, self.cfg.iterations, {k: float(v) for k, v in out.items()},
                                   elapsed, (done - first) / elapsed if elapsed > 0 else 0.0))
         if self.cfg.norm_calibration > 0:
-            self.calibrate_norm_stats(self.generator, self.cfg.norm_calibration)
+            self.calibrate_norm_stats(self.g, self.cfg.norm_calibration)
         self.g.eval()
         self.d.eval()
-        if self.g_ema is not None:
-            self.g_ema.eval()
 
-
-def train(
-    image: Tensor,
-    model_cfg: ModelConfig,
-    train_cfg: TrainConfig,
-    device: torch.device | str = "auto",
-    progress: ProgressFn | None = None,
-) -> Trainer:
-    """Train on ``image`` ((3, H, W), uint8 or float in [0, 1]) and return the finished trainer;
-    its ``generator`` is in eval mode, ready for ``retarget``."""
-    trainer = Trainer(to_model_input(image), model_cfg, train_cfg, device)
-    trainer.run(progress)
-    return trainer

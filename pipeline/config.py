@@ -7,9 +7,6 @@ credentials: they are excluded from every dump that is logged or written.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -17,18 +14,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from ingan.config import PRESETS, ModelConfig, TrainConfig, get_preset
+from ingan.config import PRESETS, ModelConfig, TrainConfig, get_preset, model_tag
 from ingan.geometry import MAX_SHIFT
 from ingan.retarget import parse_shape, parse_size, shape_name
 
 from .storage import RetryPolicy, Storage
-
-# Settings added after tags were first written, at their defaults: (model settings, training settings).
-# (bf16 is not one of them: it never names a model, see model_tag.)
-_TAG_NEW_DEFAULTS: tuple[dict[str, object], dict[str, object]] = (
-    {"d_batch_norm": True},
-    {"crops_per_step": 1, "tone_weight": 0.0, "stretch_negative": 0.0},
-)
 
 
 class ConfigError(ValueError):
@@ -150,28 +140,9 @@ class RunConfig(BaseModel):
         return p.model, p.train.with_overrides(iterations=self.iterations, max_shift=self.max_shift, bf16=self.bf16)
 
     def model_tag(self, preset: str) -> str:
-        """Names the settings that change what a model learns, so outputs of different settings
-        never overwrite each other and a rerun with the same ones finds its models."""
+        """The name of this run's models of ``preset``: ``ingan.config.model_tag``."""
         model, train = self.model_settings(preset)
-        net = dataclasses.asdict(model)
-        learn = {k: v for k, v in dataclasses.asdict(train).items() if k not in ("log_every", "seed")}
-        # bfloat16 is how a model is computed, not what it learns (the same scores, measured): a
-        # model trained either way is found by a run set the other way, on any machine. Spelled
-        # as the float32 that every tag was first written with, so existing tags stay.
-        learn["bf16"] = False
-        # Settings added after tags were first written name the model only when they differ from
-        # their default, so an upgrade does not send every saved model back to training.
-        for settings, defaults in zip((net, learn), _TAG_NEW_DEFAULTS, strict=True):
-            for name, default in defaults.items():
-                if settings.get(name) == default:
-                    del settings[name]
-        # The skip clamp's gradient changes what an image-skip generator learns and nothing that
-        # another generator learns; tags from before it existed were trained with a hard clamp.
-        if not (net["image_skip"] and net["skip_clamp_grad"]):
-            del net["skip_clamp_grad"]
-        blob = json.dumps([net, learn, self.seed], sort_keys=True)
-        return f"{preset}-{train.iterations}it-seed{self.seed}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
-
+        return model_tag(preset, model, train, self.seed)
 
 def check_ratio(r: float) -> float:
     if not math.isfinite(r) or r <= 0:

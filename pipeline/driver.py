@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from ingan.config import get_preset
-from ingan.train import hms
+from ingan.progress import hms
 
 from . import cluster, executor, report
 from .config import ConfigError, RunConfig, load_config
@@ -227,7 +227,7 @@ def run(cfg: RunConfig, manifest_uri: str, dry_run: bool = False) -> int:
     slots = gpus_planned / num_gpus if num_gpus else cluster.cluster_cpus() / cfg.num_cpus
     in_flight = cfg.max_in_flight or max(4, int(2 * slots))
     res = executor.Resources(cfg.num_cpus, num_gpus, in_flight, cfg.retries, cfg.timeout_s)
-    job = Job(cfg, preset, cfg.model_tag(preset))
+    job = Job.of(cfg, preset)
     resolved = {**cfg.public_dict(), "preset_resolved": preset, "model_tag": job.tag, "num_gpus_resolved": num_gpus,
                 "max_in_flight_resolved": in_flight, "manifest": manifest_uri}
     out.write_json("config.json", resolved)

@@ -17,6 +17,7 @@ pipeline builds on:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -29,8 +30,6 @@ from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import split_protocol
-
-from ingan.files import atomic_write
 
 T = TypeVar("T")
 
@@ -262,11 +261,25 @@ class Folder:
         """Write ``data`` whole under ``rel`` (replacing it) and return its URI."""
         path = self.path(rel)
         if self.is_local:
-            self._retry(lambda: atomic_write(path, data), "write", rel)
+            self._retry(lambda: self._put_then_rename(path, data), "write", rel)
         else:
             # One put of the whole buffer: S3 never exposes a partial object under the key.
             self._retry(lambda: self.fs.pipe_file(path, data), "write", rel)
         return self.uri(rel)
+
+    def _put_then_rename(self, path: str, data: bytes) -> None:
+        """A local file written whole as S3 writes an object: under a name of its own in the same
+        folder, then renamed over ``path``, so neither a reader nor a crash mid-write ever sees a
+        part of it."""
+        self.fs.makedirs(self.fs._parent(path), exist_ok=True)
+        part = f"{path}.part-{os.getpid()}-{random.getrandbits(32):08x}"
+        try:
+            self.fs.pipe_file(part, data)
+            self.fs.mv(part, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.fs.rm_file(part)
+            raise
 
     def write_text(self, rel: str, text: str) -> str:
         return self.write_bytes(rel, text.encode("utf-8"))

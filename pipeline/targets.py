@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 
 from ingan.retarget import MAX_SIDE as MAX_OUTPUT_SIDE
-from ingan.retarget import Shifts, check_shifts, parse_shape, parse_size
+from ingan.retarget import SHIFT_DECIMALS, Shifts, parse_shape, parse_size
 
 from .config import RunConfig
 from .records import item_seed
@@ -84,6 +84,7 @@ def variants(cfg: RunConfig, item_id: str) -> list[Target]:
         shifts = None
         if cfg.augment_shift > 0:
             m = cfg.augment_shift
-            shifts = check_shifts((rng.uniform(-m, m), rng.uniform(-m, m)))
+            # Within range by the config's bound on augment_shift; rounded as every shift is spelled.
+            shifts = (round(rng.uniform(-m, m), SHIFT_DECIMALS) + 0.0, round(rng.uniform(-m, m), SHIFT_DECIMALS) + 0.0)
         out.append(Target(f"variant:{digest}:{i}", ratio=ratio, shifts=shifts, scale=scale, variant=i))
     return out

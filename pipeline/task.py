@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,24 +20,36 @@ import torch
 from ingan import checkpoint, images
 from ingan import metrics as quality
 from ingan.config import ModelConfig, TrainConfig
-from ingan.images import to_model_input, working_resolution
-from ingan.retarget import Shifts, retarget_image, retarget_mask
-from ingan.train import Progress, Trainer, pick_device
+from ingan.fit import fit
+from ingan.progress import Progress
+from ingan.retarget import EncodedOutput, Shifts, encode_output, retarget_image
+from ingan.train import pick_device
 
 from . import layout, records
 from .config import RunConfig
 from .records import Item, Record
 from .storage import Folder, StorageError, UnsupportedURIError, check_uri, read_uri
-from .targets import Target, TargetError, targets_of
+from .targets import Target, TargetError, targets_of, variants
 
 MARKER_VERSION = 1
+OutputKey = tuple[int, int, Shifts | None]  # an output's (W, H, top-corner shifts)
+
+
 @dataclass(frozen=True)
 class Job:
-    """Everything a task needs besides its item; built once by the driver."""
+    """Everything a task needs besides its item; built once by the driver (``Job.of``)."""
 
     cfg: RunConfig
     preset: str
-    tag: str
+    tag: str  # names the models of these settings (ingan.config.model_tag)
+    model: ModelConfig
+    train: TrainConfig  # the run's settings; each image trains with its own seed
+    targets: tuple[Target, ...]  # the configured targets, the same for every image
+
+    @classmethod
+    def of(cls, cfg: RunConfig, preset: str) -> Job:
+        model, train = cfg.model_settings(preset)
+        return cls(cfg, preset, cfg.model_tag(preset), model, train, tuple(targets_of(cfg)))
 
 
 class ItemError(Exception):
@@ -93,46 +106,55 @@ def process(item: Item, job: Job) -> Record:
 
 
 def _process(item: Item, job: Job, started: float) -> Record:
+    # In stages: what the image needs from storage, the model (trained and stored, or the saved
+    # one), the outputs made, then stored with the marker last.
     cfg = job.cfg
     folder = Folder(cfg.output, cfg.storage())
-    targets = targets_of(cfg, item.id)
+    targets = [*job.targets, *(variants(cfg, item.id) if cfg.augment else [])]
     marker_rel = layout.marker_path(item.id, job.tag)
+    done = _read_marker(folder, marker_rel) if cfg.resume == "incremental" else None
+    if done is not None and {t.name for t in targets} <= set(done["targets"]):
+        return _skipped(item, folder, done, targets, started)
 
-    done = None
-    if cfg.resume == "incremental":
-        done = _read_marker(folder, marker_rel)
-        if done is not None and {t.name for t in targets} <= set(done["targets"]):
-            return _skipped(item, folder, done, targets, started)
-
-    uri = check_uri(item.uri, cfg.allowed_schemes)
-    data = read_uri(uri, folder.storage, max_bytes=cfg.max_image_bytes)
+    data = read_uri(check_uri(item.uri, cfg.allowed_schemes), folder.storage, max_bytes=cfg.max_image_bytes)
     source = images.decode(data, cfg.max_image_pixels)  # (3, H, W) uint8
     src_h, src_w = source.shape[-2:]
     if min(src_h, src_w) < cfg.min_image_side:
         raise ItemError("too_small", f"image is {src_w}x{src_h}: at least {cfg.min_image_side} px per side is needed to train")
-    # Each target's (W, H, shifts); several targets may resolve to the same output.
+    # Each target's (W, H, shifts), known before any training; several may be the same output.
     shapes = {t.name: (*t.resolve(src_w, src_h, cfg.ratio_policy), t.shifts) for t in targets}
-
+    model_rel, state_rel = layout.model_path(item.id, job.tag), layout.training_state_path(item.id, job.tag)
+    # The saved model, when this run may reuse one (fan-out to new targets costs no training);
+    # else the training state a lost task left, to continue from.
+    saved = _read_if_there(folder, model_rel) if cfg.resume == "incremental" or cfg.retarget_only else None
+    if saved is None and cfg.retarget_only:
+        raise ItemError("no_model", "retarget-only run, but this image has no saved model")
+    state = None if saved is not None else _read_if_there(folder, state_rel, missing_ok=True)
     deadline = Deadline(cfg.timeout_s)
-    model_rel = layout.model_path(item.id, job.tag)
-    ckpt, train_seconds = _model(folder, model_rel, source, item, job, deadline)
-    device = pick_device("auto")
-    g = ckpt.build_generator(device)
+    snapshot = _state_writer(folder, state_rel)
+    train_cfg = dataclasses.replace(job.train, seed=records.item_seed(cfg.seed, item.id))
+
+    ckpt, train_seconds = None, None
+    if saved is not None:
+        with contextlib.suppress(checkpoint.CheckpointError):  # a damaged model is retrained, not trusted
+            ckpt = checkpoint.load(saved)
+    if ckpt is None:
+        fitted = fit(source, job.preset, job.model, train_cfg, "auto", progress=deadline.check, state=state,
+                     snapshot=snapshot, snapshot_every_s=cfg.checkpoint_every_s, meta={"id": item.id})
+        ckpt, train_seconds = fitted.checkpoint, fitted.seconds
+        model_bytes = checkpoint.save(ckpt)
+        folder.write_bytes(model_rel, model_bytes)  # before any output: a later failure keeps the training
+        # The model supersedes the state; one left behind by a failed removal is never used.
+        with contextlib.suppress(StorageError):
+            folder.remove(state_rel)
 
     unique = sorted(set(shapes.values()), key=lambda k: (k[0], k[1], k[2] or (0.0, 0.0)))
-    outs = retarget_image(g, source, [(h, w) for w, h, _ in unique], ckpt.train.max_side, [sh for _, _, sh in unique])
-    deadline.check()
-    # Each output beside a bicubic resize to the same size (and frame), scored the same way: the
-    # verdict a nightly job filters on.
-    scored = quality.score_against_resize(source, dict(zip(unique, outs, strict=True)), cfg.metrics_max_side) if cfg.metrics else {}
-    written = {key: _write_output(folder, item, job, key, out) for key, out in zip(unique, outs, strict=True)}
-    outputs = []
-    for t in targets:
-        key = shapes[t.name]
-        outputs.append({**written[key], **scored.get(key, records.UNSCORED), "ratio": t.ratio, "target": t.name,
-                        "variant": t.variant, "scale": t.scale})
+    made = _outputs(ckpt, source, unique, job, deadline)
+    written = {key: _write_output(folder, item, job, key, enc) for key, enc in made.encoded.items()}
+    outputs = [{**written[shapes[t.name]], **made.scores.get(shapes[t.name], records.UNSCORED), "ratio": t.ratio,
+                "target": t.name, "variant": t.variant, "scale": t.scale} for t in targets]
     preview_rel = layout.source_preview_path(item.id, job.tag)
-    folder.write_bytes(preview_rel, images.thumbnail_jpeg(images.to_pil(source), 256))
+    folder.write_bytes(preview_rel, made.preview)
     folder.write_json(layout.metrics_path(item.id, job.tag), {"id": item.id, "outputs": outputs})
     # Outputs that earlier runs made with this same saved model stay listed (their files are
     # still there), so a rerun of any earlier night's targets is skipped, not retargeted again.
@@ -144,27 +166,70 @@ def _process(item: Item, job: Job, started: float) -> Record:
               "outputs": outputs + earlier, "source_width": src_w, "source_height": src_h,
               "model_rel": model_rel, "source_rel": preview_rel}
     folder.write_json(marker_rel, marker)  # last: its presence means everything above exists
-
     return records.ok(item, started, outputs=outputs, source_rel=preview_rel, source_width=src_w,
                       source_height=src_h, model_uri=folder.uri(model_rel), train_seconds=train_seconds)
 
 
-def _write_output(folder: Folder, item: Item, job: Job, key: tuple[int, int, Shifts | None], out: torch.Tensor) -> dict[str, Any]:
-    """Write one output (a shaped one transparent outside its frame, or for JPEG painted
-    ``fill_color`` with its frame in a mask file) and return its record fields."""
+def _read_if_there(folder: Folder, rel: str, missing_ok: bool = False) -> bytes | None:
+    """The object's bytes, or None where there is none. With ``missing_ok`` an object that cannot
+    be read is as good as missing (a training state: without it, training starts over); without
+    it, storage that cannot be read fails the image now, since it could not be written either."""
+    try:
+        return folder.read_bytes(rel)
+    except FileNotFoundError:
+        return None
+    except StorageError:
+        if missing_ok:
+            return None
+        raise
+
+
+def _state_writer(folder: Folder, rel: str) -> Callable[[bytes], None]:
+    """Saves the training state every ``checkpoint_every_s``, so a retried task (a lost worker or
+    node, a killed driver's rerun) loses at most that much training. A resumed training ends
+    with the same weights as an uninterrupted one, so resuming is right in every resume mode."""
+
+    def write(data: bytes) -> None:
+        # A missed save only means less to resume from: training goes on.
+        with contextlib.suppress(StorageError):
+            folder.write_bytes(rel, data)
+
+    return write
+
+
+@dataclass(frozen=True)
+class _Made:
+    encoded: dict[OutputKey, EncodedOutput]  # by (W, H, shifts)
+    scores: dict[OutputKey, dict[str, float]]  # empty when metrics are off
+    preview: bytes  # the source as a small JPEG, for the report
+
+
+def _outputs(ckpt: checkpoint.Checkpoint, source: torch.Tensor, keys: list[OutputKey], job: Job,
+             deadline: Deadline) -> _Made:
+    """Every output of the image, encoded, with its scores: all the model work after training."""
     cfg = job.cfg
+    g = ckpt.build_generator(pick_device("auto"))
+    outs = retarget_image(g, source, [(h, w) for w, h, _ in keys], ckpt.train.max_side, [sh for _, _, sh in keys])
+    # Each output beside a bicubic resize to the same size (and frame), scored the same way: the
+    # verdict a nightly job filters on.
+    scores = quality.score_against_resize(source, dict(zip(keys, outs, strict=True)), cfg.metrics_max_side) if cfg.metrics else {}
+    encoded = {key: encode_output(out, cfg.image_format, key[2], tuple(cfg.fill_color)) for key, out in zip(keys, outs, strict=True)}
+    made = _Made(encoded, scores, images.thumbnail_jpeg(images.to_pil(source), 256))
+    deadline.check()  # nothing is written for an image past its limit
+    return made
+
+
+def _write_output(folder: Folder, item: Item, job: Job, key: OutputKey, enc: EncodedOutput) -> dict[str, Any]:
+    """Store one encoded output (and a JPEG's frame mask) and return its record fields."""
     w, h, shifts = key
-    ext = {"jpeg": "jpg"}.get(cfg.image_format, cfg.image_format)
-    rel = layout.output_path(item.id, job.tag, w, h, ext, shifts)
-    mask = None if shifts is None else retarget_mask((h, w), shifts)
-    data = images.encode(out, cfg.image_format, mask=mask, fill=tuple(cfg.fill_color))
-    fields: dict[str, Any] = {"width": w, "height": h, "rel": rel, "uri": folder.write_bytes(rel, data),
+    rel = layout.output_path(item.id, job.tag, w, h, enc.ext, shifts)
+    fields: dict[str, Any] = {"width": w, "height": h, "rel": rel, "uri": folder.write_bytes(rel, enc.data),
                               "shift_left": 0.0 if shifts is None else shifts[0],
                               "shift_right": 0.0 if shifts is None else shifts[1],
                               "mask_uri": None, "mask_rel": None}
-    if mask is not None and cfg.image_format == "jpeg":
+    if enc.mask is not None:
         mask_rel = layout.mask_path(item.id, job.tag, w, h, shifts)  # type: ignore[arg-type]
-        fields.update(mask_rel=mask_rel, mask_uri=folder.write_bytes(mask_rel, images.encode_mask(mask)))
+        fields.update(mask_rel=mask_rel, mask_uri=folder.write_bytes(mask_rel, enc.mask))
     return fields
 
 
@@ -188,67 +253,3 @@ def _skipped(item: Item, folder: Folder, done: dict[str, Any], targets: list[Tar
                            source_rel=done.get("source_rel"), source_width=done.get("source_width"),
                            source_height=done.get("source_height"),
                            model_uri=folder.uri(done["model_rel"]) if done.get("model_rel") else None)
-
-
-def _model(folder: Folder, rel: str, source: torch.Tensor, item: Item, job: Job, deadline: Deadline) -> tuple[checkpoint.Checkpoint, float | None]:
-    """The image's generator: the saved one when it exists (fan-out to new targets costs no
-    training), else trained now and saved before any output is written."""
-    cfg = job.cfg
-    if cfg.resume == "incremental" or cfg.retarget_only:
-        try:
-            return checkpoint.load(folder.read_bytes(rel)), None
-        except FileNotFoundError:
-            if cfg.retarget_only:
-                raise ItemError("no_model", "retarget-only run, but this image has no saved model") from None
-        except checkpoint.CheckpointError:
-            pass  # a damaged model is retrained, not trusted
-    model_cfg, train_cfg = cfg.model_settings(job.preset)
-    train_cfg = dataclasses.replace(train_cfg, seed=records.item_seed(cfg.seed, item.id))
-    t0 = time.perf_counter()
-    state_rel = layout.training_state_path(item.id, job.tag)
-    try:
-        trainer = _train(folder, state_rel, source, model_cfg, train_cfg, cfg.checkpoint_every_s, deadline)
-    except torch.OutOfMemoryError:
-        # One retry at half the crop and working size: a large image on a shared (fractional)
-        # GPU is the usual cause, and a smaller model input fits where the full one did not.
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        train_cfg = _smaller(train_cfg, source)
-        trainer = _train(folder, state_rel, source, model_cfg, train_cfg, cfg.checkpoint_every_s, deadline)
-    seconds = time.perf_counter() - t0
-    work_hw = working_resolution(tuple(source.shape[-2:]), train_cfg.max_side)
-    # No timings here: a retried or overwritten task must write the same bytes (the seconds are
-    # in the result record instead).
-    meta = {"id": item.id, "preset": job.preset, "source_hw": list(source.shape[-2:]), "working_hw": list(work_hw),
-            "device": str(trainer.device), "bf16": trainer.bf16, "torch": str(torch.__version__)}
-    ckpt = checkpoint.from_generator(trainer.generator, model_cfg, train_cfg, meta)
-    folder.write_bytes(rel, checkpoint.save(ckpt))
-    # The model supersedes the state; one left behind by a failed removal is never used.
-    with contextlib.suppress(StorageError):
-        folder.remove(state_rel)
-    return ckpt, seconds
-
-
-def _train(folder: Folder, state_rel: str, source: torch.Tensor, model_cfg: ModelConfig, train_cfg: TrainConfig,
-           every_s: float, deadline: Deadline) -> Trainer:
-    """Train, continuing from the image's saved training state when there is one that matches,
-    and saving the state every ``every_s`` seconds (0: never) so a retried task (a lost worker or
-    node, a killed driver's rerun) loses at most that much training. A resumed training ends
-    with the same weights as an uninterrupted one, so resuming is right in every resume mode."""
-    trainer = Trainer(to_model_input(source), model_cfg, train_cfg, "auto")
-    # None, damaged, or of other settings: training starts from the beginning.
-    with contextlib.suppress(FileNotFoundError, checkpoint.CheckpointError, StorageError):
-        checkpoint.resume_training(trainer, folder.read_bytes(state_rel))
-
-    def snapshot(t: Trainer) -> None:
-        # A missed save only means less to resume from: training goes on.
-        with contextlib.suppress(StorageError):
-            folder.write_bytes(state_rel, checkpoint.save_training_state(t))
-
-    trainer.run(deadline.check, snapshot if every_s > 0 else None, every_s)
-    return trainer
-
-
-def _smaller(cfg: TrainConfig, source: torch.Tensor) -> TrainConfig:
-    side = max(source.shape[-2:]) if cfg.max_side is None else cfg.max_side
-    return dataclasses.replace(cfg, crop_size=max(32, cfg.crop_size // 2), max_side=max(64, side // 2))

@@ -227,3 +227,12 @@ def single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def brick40() -> torch.Tensor:
+    """A real texture, 40 x 40 uint8 (3, H, W): small enough for a few tiny-preset iterations in
+    about a second (crops of 39 px, 4 discriminator scales)."""
+    from support import texture
+
+    return texture("brick.png", 40)

@@ -96,3 +96,59 @@ def record(id_: str, status: str = "ok", **overrides: object) -> dict[str, Any]:
     }
     rec.update(overrides)
     return rec
+
+
+def assert_same_state(a: Any, b: Any) -> None:
+    """Two modules (or two state dicts) hold the same tensors under the same names, bit for bit."""
+    import torch
+
+    sa = a.state_dict() if isinstance(a, torch.nn.Module) else a
+    sb = b.state_dict() if isinstance(b, torch.nn.Module) else b
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_ingan(*args: str, ok: bool = False, timeout: float = 300) -> Any:
+    """``python -m ingan ARGS`` in a subprocess from the repository root (a
+    ``subprocess.CompletedProcess`` with text output); with ``ok`` it must have succeeded."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "ingan", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def image_mode_and_size(path: Path) -> tuple[str, tuple[int, int]]:
+    """The Pillow mode and (width, height) of the image file at ``path``."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.mode, im.size
+
+
+def texture(name: str, side: int) -> Any:
+    """The committed test image ``name`` downscaled to ``side`` x ``side``: a uint8 (3, H, W) tensor."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    with Image.open(IMAGES_DIR / name) as img:
+        small = img.convert("RGB").resize((side, side), Image.Resampling.BOX)
+    return torch.from_numpy(np.asarray(small).copy()).permute(2, 0, 1).contiguous()
+
+
+def tiny_train_config(iterations: int, seed: int = 0, **overrides: Any) -> Any:
+    """The tiny preset's TrainConfig for a short run. Its working size (96 px) is above the tests'
+    small images, so they train as they are."""
+    import dataclasses
+
+    from ingan.config import get_preset
+
+    return dataclasses.replace(get_preset("tiny").train, iterations=iterations, seed=seed, **overrides)

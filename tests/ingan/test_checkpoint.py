@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import assert_same_state
 
 from ingan import checkpoint
 from ingan.checkpoint import CheckpointError
@@ -52,10 +53,7 @@ def test_round_trip_is_bit_identical(trained: Trainer, saved: bytes) -> None:
 
     g = ckpt.build_generator()
     assert not g.training
-    original, loaded = trained.g.state_dict(), g.state_dict()
-    assert original.keys() == loaded.keys()
-    for k in original:
-        assert torch.equal(original[k], loaded[k]), k
+    assert_same_state(trained.g, g)
 
     image = to_model_input(_source())
     assert not trained.g.training
@@ -201,6 +199,30 @@ def test_oversized_model_config_is_refused_before_anything_is_built(saved: bytes
         checkpoint.load(_torch_bytes({**payload, "model_config": {**payload["model_config"], **change}}))
 
 
+# --------------------------------------------------------------------------- older versions
+
+# The options earlier versions saved in every config, at the one value this version trains with.
+OLD_MODEL_OPTIONS = {"spectral_norm": True, "d_batch_norm": True, "skip_clamp_grad": True}
+OLD_TRAIN_OPTIONS = {"second_g_step": True, "ema": 0.0, "crops_per_step": 1, "tone_weight": 0.0,
+                     "stretch_negative": 0.0, "deterministic": True, "channels_last": True}
+
+
+def _as_older_versions_saved(payload: dict, **train: object) -> dict:
+    """``payload`` with the removed options in its configs (``train`` overriding their values)."""
+    return {**payload, "model_config": {**payload["model_config"], **OLD_MODEL_OPTIONS},
+            "train_config": {**payload["train_config"], **OLD_TRAIN_OPTIONS, **train}}
+
+
+@pytest.mark.parametrize("train", [{}, {"tone_weight": 1.0, "ema": 0.99}], ids=["as-trained-now", "other-values"])
+def test_a_checkpoint_of_an_older_version_still_loads(trained: Trainer, saved: bytes, train: dict) -> None:
+    """A generator does not need the removed options, whatever their values: what it computes is
+    in its weights."""
+    payload = torch.load(io.BytesIO(saved), weights_only=True)
+    ckpt = checkpoint.load(_torch_bytes(_as_older_versions_saved(payload, **train)))
+    assert ckpt.model == TINY.model and ckpt.train == trained.cfg
+    assert_same_state(ckpt.build_generator(), trained.g)
+
+
 # --------------------------------------------------------------------------- training states
 
 
@@ -234,11 +256,8 @@ def test_resumed_training_ends_bit_identical_to_an_uninterrupted_one() -> None:
     resumed = _state_trainer()
     assert checkpoint.resume_training(resumed, _interrupted_state(at=8)) == 8
     resumed.run()
-    for name in ("g", "d"):
-        a, b = getattr(whole, name).state_dict(), getattr(resumed, name).state_dict()
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), (name, k)
+    assert_same_state(whole.g, resumed.g)
+    assert_same_state(whole.d, resumed.d)
     assert whole.opt_g.param_groups[0]["lr"] == resumed.opt_g.param_groups[0]["lr"]
 
 
@@ -255,7 +274,8 @@ def _fresh_state(t: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in t.g.state_dict().items()}
 
 
-@pytest.mark.parametrize("other", ["seed", "image", "garbage", "truncated", "model", "iteration", "precision"])
+@pytest.mark.parametrize("other", ["seed", "image", "garbage", "truncated", "model", "iteration", "precision",
+                                   "removed-option"])
 def test_a_state_of_other_settings_or_damaged_is_refused_and_changes_nothing(other: str) -> None:
     state = _interrupted_state(at=6)
     t = _state_trainer()
@@ -281,14 +301,20 @@ def test_a_state_of_other_settings_or_damaged_is_refused_and_changes_nothing(oth
         assert payload["bf16"] is t.bf16
         payload["bf16"] = not t.bf16
         state = _torch_bytes(payload)
+    elif other == "removed-option":  # an older version's training with the tone loss on
+        payload = torch.load(io.BytesIO(state), weights_only=True)
+        state = _torch_bytes(_as_older_versions_saved(payload, tone_weight=1.0))
     before = _fresh_state(t)
     with pytest.raises(CheckpointError):
         checkpoint.resume_training(t, state)
     assert t.iteration == 0
-    after = t.g.state_dict()
-    for k, v in before.items():
-        assert torch.equal(v, after[k]), k
+    assert_same_state(before, t.g)
     assert checkpoint.resume_training(_state_trainer(), _interrupted_state(at=6)) == 6  # the state itself is good
+
+
+def test_an_older_versions_state_at_todays_values_continues() -> None:
+    payload = torch.load(io.BytesIO(_interrupted_state(at=6)), weights_only=True)
+    assert checkpoint.resume_training(_state_trainer(), _torch_bytes(_as_older_versions_saved(payload))) == 6
 
 
 def test_a_model_checkpoint_is_not_a_training_state(saved: bytes) -> None:

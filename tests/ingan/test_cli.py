@@ -5,19 +5,11 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
-
-REPO = Path(__file__).resolve().parents[2]
-IMAGES = Path(__file__).resolve().parents[1] / "data" / "images"
-
-
-def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ingan", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+from support import IMAGES_DIR, image_mode_and_size, run_ingan
 
 
 def _assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> str:
@@ -39,7 +31,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def image(workdir: Path) -> Path:
     """A small RGB texture (40 x 32)."""
     path = workdir / "gravel.png"
-    with Image.open(IMAGES / "gravel.png") as im:
+    with Image.open(IMAGES_DIR / "gravel.png") as im:
         im.convert("RGB").resize((40, 32), Image.Resampling.BOX).save(path)
     return path
 
@@ -47,7 +39,7 @@ def image(workdir: Path) -> Path:
 @pytest.fixture(scope="module")
 def trained(workdir: Path, image: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
     out = workdir / "m.pt"
-    proc = _run("train", str(image), "--preset", "tiny", "--iterations", "3", "--out", str(out))
+    proc = run_ingan("train", str(image), "--preset", "tiny", "--iterations", "3", "--out", str(out))
     return out, proc
 
 
@@ -66,29 +58,26 @@ def test_train_writes_a_checkpoint_and_reports_progress(trained: tuple[Path, sub
 
     ckpt = checkpoint.load(out.read_bytes())
     assert ckpt.train.iterations == 3
-    assert ckpt.meta["source_hw"] == [32, 40]
+    assert ckpt.meta["source_hw"] == [32, 40] and ckpt.meta["preset"] == "tiny"
     assert ckpt.meta["bf16"] is False  # the precision it was trained in, resolved
+    assert "train_seconds" not in ckpt.meta  # no timings: the same training writes the same bytes
 
 
 def test_retarget_writes_exact_sizes(trained: tuple[Path, subprocess.CompletedProcess[str]], image: Path, workdir: Path) -> None:
     model, _ = trained
     out_dir = workdir / "out"
-    proc = _run("retarget", str(model), str(image), "--size", "37x21", "--size", "64x64", "--out-dir", str(out_dir))
-    assert proc.returncode == 0, proc.stderr
-    with Image.open(out_dir / "37x21.png") as im:
-        assert im.size == (37, 21)  # 37 wide, 21 high
-        assert im.mode == "RGB"
-    with Image.open(out_dir / "64x64.png") as im:
-        assert im.size == (64, 64)
+    proc = run_ingan("retarget", str(model), str(image), "--size", "37x21", "--size", "64x64", "--out-dir", str(out_dir),
+                     ok=True)
+    assert image_mode_and_size(out_dir / "37x21.png") == ("RGB", (37, 21))  # 37 wide, 21 high
+    assert image_mode_and_size(out_dir / "64x64.png") == ("RGB", (64, 64))
     assert proc.stdout.split() == [str(out_dir / "37x21.png"), str(out_dir / "64x64.png")]
 
 
 def test_score_prints_json(image: Path, workdir: Path) -> None:
     other = workdir / "other.png"
-    with Image.open(IMAGES / "brick.png") as im:
+    with Image.open(IMAGES_DIR / "brick.png") as im:
         im.convert("RGB").resize((48, 32), Image.Resampling.BOX).save(other)
-    proc = _run("score", str(image), str(other), "--max-patches", "512")
-    assert proc.returncode == 0, proc.stderr
+    proc = run_ingan("score", str(image), str(other), "--max-patches", "512", ok=True)
     result = json.loads(proc.stdout)
     assert set(result) >= {"completeness", "coherence", "swd"}
     assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in result.values())
@@ -97,10 +86,10 @@ def test_score_prints_json(image: Path, workdir: Path) -> None:
 def test_unreadable_image(workdir: Path) -> None:
     text = workdir / "page.png"
     text.write_text("<html><body>not an image</body></html>")
-    proc = _run("train", str(text), "--iterations", "1", "--out", str(workdir / "never.pt"))
+    proc = run_ingan("train", str(text), "--iterations", "1", "--out", str(workdir / "never.pt"))
     _assert_one_line_error(proc, "error: not a recognised image format")
     assert not (workdir / "never.pt").exists()
-    proc = _run("train", str(workdir / "missing.png"), "--iterations", "1", "--out", str(workdir / "never.pt"))
+    proc = run_ingan("train", str(workdir / "missing.png"), "--iterations", "1", "--out", str(workdir / "never.pt"))
     _assert_one_line_error(proc, "error: cannot read")
 
 
@@ -108,7 +97,7 @@ def test_unreadable_image(workdir: Path) -> None:
 def test_bad_size(trained: tuple[Path, subprocess.CompletedProcess[str]], image: Path, workdir: Path, size: str) -> None:
     model, _ = trained
     out_dir = workdir / f"bad-{size}"
-    proc = _run("retarget", str(model), str(image), "--size", size, "--out-dir", str(out_dir))
+    proc = run_ingan("retarget", str(model), str(image), "--size", size, "--out-dir", str(out_dir))
     line = _assert_one_line_error(proc, "--size")
     assert ("too small" in line) if size == "3x3" else ("WIDTHxHEIGHT" in line)
     assert not out_dir.exists()
@@ -118,7 +107,7 @@ def test_corrupt_checkpoint(image: Path, workdir: Path) -> None:
     bad = workdir / "bad.pt"
     bad.write_bytes(b"\x00garbage" * 100)
     out_dir = workdir / "from-bad"
-    proc = _run("retarget", str(bad), str(image), "--size", "32x32", "--out-dir", str(out_dir))
+    proc = run_ingan("retarget", str(bad), str(image), "--size", "32x32", "--out-dir", str(out_dir))
     _assert_one_line_error(proc, f"error: {bad}: not a readable checkpoint")
     assert not out_dir.exists()
 
@@ -144,17 +133,14 @@ def test_a_long_narrow_image_trains_and_retargets(workdir: Path) -> None:
     """2000x30 under tiny's 96 px cap: the working image keeps a 17 px short side (the cap is
     raised for it) instead of shrinking to 1 px, as the pipeline does it."""
     strip = workdir / "strip.png"
-    with Image.open(IMAGES / "gravel.png") as im:
+    with Image.open(IMAGES_DIR / "gravel.png") as im:
         im.convert("RGB").resize((2000, 30), Image.Resampling.BOX).save(strip)
     model = workdir / "strip.pt"
-    proc = _run("train", str(strip), "--preset", "tiny", "--iterations", "2", "--out", str(model))
-    assert proc.returncode == 0, proc.stderr
+    proc = run_ingan("train", str(strip), "--preset", "tiny", "--iterations", "2", "--out", str(model), ok=True)
     assert "working=1134x17" in proc.stderr, proc.stderr
     out_dir = workdir / "strip-out"
-    proc = _run("retarget", str(model), str(strip), "--size", "1000x30", "--out-dir", str(out_dir))
-    assert proc.returncode == 0, proc.stderr
-    with Image.open(out_dir / "1000x30.png") as im:
-        assert im.size == (1000, 30)
+    run_ingan("retarget", str(model), str(strip), "--size", "1000x30", "--out-dir", str(out_dir), ok=True)
+    assert image_mode_and_size(out_dir / "1000x30.png") == ("RGB", (1000, 30))
 
 
 @pytest.mark.parametrize(("hw", "cap", "expected"), [

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ingan.config import get_preset
+from ingan.fit import fit
 from ingan.retarget import retarget_image
-from ingan.train import train
 
 pytestmark = [
     pytest.mark.gpu,
@@ -27,7 +27,8 @@ def test_cuda_training_runs_and_inference_is_deterministic() -> None:
     # grid_sample and bilinear upsampling accumulate with atomics there. Inference is exact.
     preset = get_preset("tiny")
     cfg = dataclasses.replace(preset.train, iterations=4)
-    a = train(_image(), preset.model, cfg, "cuda")
+    a = fit(_image(), preset.name, preset.model, cfg, "cuda").trainer
+    assert not a.g.training
     assert next(a.g.parameters()).is_cuda
     assert all(torch.isfinite(p).all() for p in a.g.parameters())
     outs = retarget_image(a.g, _image(), [(37, 91), (8, 48)], cfg.max_side)
@@ -39,6 +40,6 @@ def test_cuda_training_runs_and_inference_is_deterministic() -> None:
 def test_cuda_bf16_autocast_trains() -> None:
     preset = get_preset("tiny")
     cfg = dataclasses.replace(preset.train, iterations=3, bf16=True)
-    t = train(_image(), preset.model, cfg, "cuda")
+    t = fit(_image(), preset.name, preset.model, cfg, "cuda").trainer
     assert all(torch.isfinite(p).all() for p in t.g.parameters())
     assert next(t.g.parameters()).dtype == torch.float32  # weights stay float32 under autocast

@@ -10,16 +10,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import image_bytes
 
 from ingan.images import ImageDecodeError, decode, encode, load, to_uint8
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def _save(im: Image.Image, fmt: str, **kw: object) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 def _noise(w: int, h: int, seed: int = 0) -> Image.Image:
@@ -35,7 +30,7 @@ def _assert_rgb(t: torch.Tensor, h: int, w: int) -> None:
 
 def _png_declaring(width: int, height: int) -> bytes:
     """A valid 1x1 PNG whose IHDR is patched to declare ``width`` x ``height`` (CRC fixed)."""
-    data = bytearray(_save(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"))
+    data = bytearray(image_bytes(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"))
     assert data[12:16] == b"IHDR"
     data[16:24] = struct.pack(">II", width, height)
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
@@ -70,7 +65,7 @@ def test_binary_junk() -> None:
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 def test_truncated(fmt: str) -> None:
-    data = _save(_noise(64, 48), fmt)
+    data = image_bytes(_noise(64, 48), fmt)
     decode(data)  # the whole file is fine
     for cut in (len(data) // 2, len(data) - 40):
         with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
@@ -78,7 +73,7 @@ def test_truncated(fmt: str) -> None:
 
 
 def test_header_only_png_is_an_error() -> None:
-    data = _save(_noise(16, 16), "PNG")
+    data = image_bytes(_noise(16, 16), "PNG")
     with pytest.raises(ImageDecodeError):
         decode(data[:40])  # signature + IHDR, no pixel data
 
@@ -99,7 +94,7 @@ def test_declared_size_over_our_own_limit() -> None:
 
 
 def test_small_max_pixels_rejects_a_large_flat_image() -> None:
-    data = _save(Image.new("L", (1200, 1000), 77), "PNG")  # mostly constant: a few KB
+    data = image_bytes(Image.new("L", (1200, 1000), 77), "PNG")  # mostly constant: a few KB
     assert len(data) < 20_000
     with pytest.raises(ImageDecodeError, match="exceeds the 100,000-pixel limit"):
         decode(data, max_pixels=100_000)
@@ -116,41 +111,37 @@ def test_load_of_a_missing_file(tmp_path: object) -> None:
 
 def test_rgb_png_decodes_exactly() -> None:
     im = _noise(23, 17)
-    t = decode(_save(im, "PNG"))
+    t = decode(image_bytes(im, "PNG"))
     _assert_rgb(t, 17, 23)
     assert np.array_equal(t.permute(1, 2, 0).numpy(), np.asarray(im))
 
 
 def test_grayscale() -> None:
     arr = np.arange(12 * 20, dtype=np.uint8).reshape(12, 20)
-    t = decode(_save(Image.fromarray(arr, "L"), "PNG"))
+    t = decode(image_bytes(Image.fromarray(arr, "L"), "PNG"))
     _assert_rgb(t, 12, 20)
     for c in range(3):
         assert np.array_equal(t[c].numpy(), arr)
 
 
-def test_la_alpha_over_white() -> None:
-    im = Image.new("LA", (6, 4), (40, 255))
-    im.putpixel((0, 0), (40, 0))  # fully transparent
-    im.putpixel((1, 0), (0, 128))  # half-transparent black
-    t = decode(_save(im, "PNG"))
+@pytest.mark.parametrize(("mode", "opaque", "clear"), [
+    ("LA", (40, 255), [(40, 0)]),
+    ("RGBA", (10, 20, 30, 255), [(0, 0, 0, 0), (200, 0, 0, 0)]),  # transparent black and red
+])
+def test_alpha_is_composited_over_white(mode: str, opaque: tuple[int, ...], clear: list[tuple[int, ...]]) -> None:
+    """Fully transparent pixels turn white whatever their colour, half-transparent black turns
+    mid grey, opaque ones keep theirs."""
+    half_black = (0,) * (len(opaque) - 1) + (128,)
+    im = Image.new(mode, (6, 4), opaque)
+    for x, value in enumerate([*clear, half_black]):
+        im.putpixel((x, 0), value)
+    t = decode(image_bytes(im, "PNG"))
     _assert_rgb(t, 4, 6)
-    assert t[:, 0, 0].tolist() == [255, 255, 255]
-    assert all(abs(v - 127) <= 1 for v in t[:, 0, 1].tolist())
-    assert t[:, 3, 5].tolist() == [40, 40, 40]
-
-
-def test_rgba_alpha_over_white() -> None:
-    im = Image.new("RGBA", (5, 3), (10, 20, 30, 255))
-    im.putpixel((0, 0), (0, 0, 0, 0))  # fully transparent black -> white
-    im.putpixel((1, 0), (200, 0, 0, 0))  # fully transparent red -> white too
-    im.putpixel((2, 0), (0, 0, 0, 128))  # half-transparent black -> mid grey
-    t = decode(_save(im, "PNG"))
-    _assert_rgb(t, 3, 5)
-    assert t[:, 0, 0].tolist() == [255, 255, 255]
-    assert t[:, 0, 1].tolist() == [255, 255, 255]
-    assert all(abs(v - 127) <= 1 for v in t[:, 0, 2].tolist())
-    assert t[:, 2, 4].tolist() == [10, 20, 30]
+    for x in range(len(clear)):
+        assert t[:, 0, x].tolist() == [255, 255, 255], x
+    assert all(abs(v - 127) <= 1 for v in t[:, 0, len(clear)].tolist())
+    colour = list(opaque[:-1]) * (3 if mode == "LA" else 1)
+    assert t[:, 3, 5].tolist() == colour
 
 
 def test_palette_and_palette_transparency() -> None:
@@ -158,13 +149,13 @@ def test_palette_and_palette_transparency() -> None:
     im.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * (256 * 3 - 9))
     im.putpixel((1, 0), 1)
     im.putpixel((2, 0), 2)
-    t = decode(_save(im, "PNG"))
+    t = decode(image_bytes(im, "PNG"))
     _assert_rgb(t, 2, 4)
     assert t[:, 0, 0].tolist() == [255, 0, 0]
     assert t[:, 0, 1].tolist() == [0, 255, 0]
     assert t[:, 0, 2].tolist() == [0, 0, 255]
     # Index 2 marked transparent: its pixels become white.
-    t = decode(_save(im, "PNG", transparency=2))
+    t = decode(image_bytes(im, "PNG", transparency=2))
     assert t[:, 0, 2].tolist() == [255, 255, 255]
     assert t[:, 0, 0].tolist() == [255, 0, 0]
 
@@ -172,7 +163,7 @@ def test_palette_and_palette_transparency() -> None:
 def test_cmyk_jpeg() -> None:
     im = Image.new("CMYK", (16, 8), (0, 0, 0, 0))  # no ink: white
     im.paste((0, 0, 0, 255), (8, 0, 16, 8))  # full black ink on the right
-    t = decode(_save(im, "JPEG", quality=95))
+    t = decode(image_bytes(im, "JPEG", quality=95))
     _assert_rgb(t, 8, 16)
     assert t[:, :, :6].min() > 240
     assert t[:, :, 10:].max() < 15
@@ -180,7 +171,7 @@ def test_cmyk_jpeg() -> None:
 
 def test_16_bit_png_is_scaled_not_clipped() -> None:
     arr = np.array([[0, 1000, 32768, 65535]], dtype=np.uint16).repeat(3, axis=0)  # (3, 4)
-    data = _save(Image.fromarray(arr), "PNG")
+    data = image_bytes(Image.fromarray(arr), "PNG")
     with Image.open(io.BytesIO(data)) as im:
         assert im.mode.startswith("I")  # really a 16-bit file
     t = decode(data)
@@ -195,7 +186,7 @@ def test_16_bit_png_is_scaled_not_clipped() -> None:
 
 def test_dark_16_bit_png_stays_dark() -> None:
     arr = np.full((4, 4), 200, dtype=np.uint16)  # 200 of 65535: nearly black
-    t = decode(_save(Image.fromarray(arr), "PNG"))
+    t = decode(image_bytes(Image.fromarray(arr), "PNG"))
     assert t.max() <= 1
 
 
@@ -204,37 +195,37 @@ def test_exif_rotated_jpeg_is_transposed() -> None:
     im.paste((10, 10, 230), (20, 0, 40, 20))  # stored right half blue
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
-    t = decode(_save(im, "JPEG", exif=exif.tobytes(), quality=95))
+    t = decode(image_bytes(im, "JPEG", exif=exif.tobytes(), quality=95))
     _assert_rgb(t, 40, 20)  # width and height swap
     top, bottom = t[:, :15].float().mean(dim=(1, 2)), t[:, -15:].float().mean(dim=(1, 2))
     assert top[0] > 180 and top[2] < 60  # the stored left (red) is the displayed top
     assert bottom[2] > 180 and bottom[0] < 60
 
 
+def _decode_frames(frames: list[Image.Image], fmt: str, **opts: object) -> torch.Tensor:
+    """``frames`` saved as one file of format ``fmt`` (checked to hold them all), decoded."""
+    data = image_bytes(frames[0], fmt, save_all=True, append_images=frames[1:], **opts)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.n_frames == len(frames)
+    return decode(data)
+
+
 def test_animated_gif_gives_its_first_frame() -> None:
     frames = [Image.new("RGB", (16, 12), c) for c in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
-    data = _save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
-    with Image.open(io.BytesIO(data)) as im:
-        assert im.n_frames == 3
-    t = decode(data)
+    t = _decode_frames(frames, "GIF", duration=50, loop=0)
     _assert_rgb(t, 12, 16)
     assert t[0].min() > 240 and t[1].max() < 15 and t[2].max() < 15
 
 
 def test_multi_page_tiff_gives_its_first_page() -> None:
-    first = Image.new("RGB", (20, 10), (0, 200, 0))
-    second = Image.new("RGB", (30, 30), (200, 0, 0))
-    data = _save(first, "TIFF", save_all=True, append_images=[second])
-    with Image.open(io.BytesIO(data)) as im:
-        assert im.n_frames == 2
-    t = decode(data)
+    t = _decode_frames([Image.new("RGB", (20, 10), (0, 200, 0)), Image.new("RGB", (30, 30), (200, 0, 0))], "TIFF")
     _assert_rgb(t, 10, 20)
     assert t[:, 0, 0].tolist() == [0, 200, 0]
 
 
 def test_float_tiff_in_8_bit_range() -> None:
     arr = np.linspace(0.0, 255.0, 16, dtype=np.float32).reshape(4, 4)
-    t = decode(_save(Image.fromarray(arr, "F"), "TIFF"))
+    t = decode(image_bytes(Image.fromarray(arr, "F"), "TIFF"))
     _assert_rgb(t, 4, 4)
     expected = torch.from_numpy(np.floor(arr + 0.5).astype(np.uint8))
     assert (t[0].int() - expected.int()).abs().max() <= 1
@@ -245,7 +236,7 @@ def test_float_tiff_in_unit_range_keeps_its_tones() -> None:
     """Float images from most tools hold [0, 1]: mid-grey 0.5 must decode as 128, not black."""
     arr = np.linspace(0.0, 1.0, 16, dtype=np.float32).reshape(4, 4)
     arr[0, 0] = np.nan  # a missing sample is black, not an error
-    t = decode(_save(Image.fromarray(arr, "F"), "TIFF"))
+    t = decode(image_bytes(Image.fromarray(arr, "F"), "TIFF"))
     _assert_rgb(t, 4, 4)
     expected = np.floor(np.nan_to_num(arr) * 255 + 0.5).astype(np.uint8)
     assert (t[0].int() - torch.from_numpy(expected).int()).abs().max() <= 1

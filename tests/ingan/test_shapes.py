@@ -4,21 +4,26 @@ inside the frame only, and the limits on shifts."""
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support import shrunk_photo
+from support import image_mode_and_size, run_ingan, shrunk_photo
 
 from ingan import images, metrics
 from ingan.config import ModelConfig, TrainConfig
 from ingan.geometry import homography, valid_mask
 from ingan.networks import Generator
-from ingan.retarget import check_shifts, output_stem, parse_shape, retarget_image, retarget_mask
+from ingan.retarget import (
+    check_shifts,
+    encode_output,
+    output_stem,
+    parse_shape,
+    retarget_image,
+    retarget_mask,
+)
 
 SHIFTS = (0.3, -0.45)
 
@@ -73,27 +78,42 @@ def test_the_mask_is_the_warped_frame() -> None:
 @pytest.mark.parametrize("fmt", ["png", "webp"])
 def test_png_and_webp_carry_the_frame_as_alpha(fmt: str, g: Generator, source: torch.Tensor) -> None:
     out = retarget_image(g, source, [(40, 90)], None, SHIFTS)[0]
-    mask = retarget_mask((40, 90), SHIFTS)
-    with Image.open(io.BytesIO(images.encode(out, fmt, mask=mask))) as im:
+    enc = encode_output(out, fmt, SHIFTS)
+    assert (enc.stem, enc.ext, enc.mask) == ("90x40_tl+0.3_tr-0.45", fmt, None)  # the alpha is the frame
+    with Image.open(io.BytesIO(enc.data)) as im:
         assert im.mode == "RGBA" and im.size == (90, 40)
         alpha = torch.from_numpy(np.asarray(im.getchannel("A")).copy())
+    mask = retarget_mask((40, 90), SHIFTS)
     assert torch.equal(alpha > 127, mask)
-    assert set(alpha.unique().tolist()) <= {0, 255}
+    assert set(alpha.unique().tolist()) <= {0, 255} and (alpha[~mask] == 0).all()
 
 
 def test_jpeg_paints_the_fill_and_the_mask_file_holds_the_frame(g: Generator, source: torch.Tensor) -> None:
     out = retarget_image(g, source, [(40, 90)], None, SHIFTS)[0]
     mask = retarget_mask((40, 90), SHIFTS)
-    with Image.open(io.BytesIO(images.encode(out, "jpeg", mask=mask, fill=(0, 255, 0)))) as im:
+    enc = encode_output(out, "jpeg", SHIFTS, fill=(0, 255, 0))
+    assert (enc.stem, enc.ext) == ("90x40_tl+0.3_tr-0.45", "jpg")
+    with Image.open(io.BytesIO(enc.data)) as im:
         assert im.mode == "RGB"
         rgb = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float()
     # Far from the edge (JPEG blurs it), the outside is the fill colour.
     far = ~torch.nn.functional.max_pool2d(mask[None, None].float(), 9, 1, 4)[0, 0].bool()
     assert far.any()
     assert (rgb[1, far] > 230).all() and (rgb[0, far] < 25).all() and (rgb[2, far] < 25).all()
-    with Image.open(io.BytesIO(images.encode_mask(mask))) as m:
-        assert m.mode == "L"
+    assert enc.mask is not None
+    with Image.open(io.BytesIO(enc.mask)) as m:
+        assert m.format == "PNG" and m.mode == "L"
         assert torch.equal(torch.from_numpy(np.asarray(m).copy()) == 255, mask)
+
+
+@pytest.mark.parametrize(("fmt", "ext"), [("png", "png"), ("jpeg", "jpg"), ("jpg", "jpg"), ("WEBP", "webp")])
+def test_a_rectangle_is_encoded_whole_without_a_mask(fmt: str, ext: str, g: Generator, source: torch.Tensor) -> None:
+    out = retarget_image(g, source, [(40, 60)], None)[0]
+    enc = encode_output(out, fmt)
+    assert (enc.stem, enc.ext, enc.mask) == ("60x40", ext, None)
+    with Image.open(io.BytesIO(enc.data)) as im:
+        assert (im.mode, im.size) == ("RGB", (60, 40))
+    assert torch.equal(images.decode(encode_output(out, "png").data), out)  # lossless: the output itself
 
 
 def test_a_shaped_output_is_scored_inside_its_frame_only(source: torch.Tensor) -> None:
@@ -165,25 +185,22 @@ def test_cli_writes_a_transparent_png_and_a_jpeg_with_its_mask(tmp_path: Path, s
     image = tmp_path / "src.png"
     images.to_pil(source).save(image)
     model = tmp_path / "m.pt"
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "ingan", *args], capture_output=True, text=True, timeout=300)
-
-    proc = run("train", str(image), "--preset", "tiny", "--iterations", "2", "--max-shift", "0.3", "--quiet", "--out", str(model))
-    assert proc.returncode == 0, proc.stderr
+    run_ingan("train", str(image), "--preset", "tiny", "--iterations", "2", "--max-shift", "0.3", "--quiet", "--out", str(model),
+              ok=True)
     out = tmp_path / "out"
-    proc = run("retarget", str(model), str(image), "--size", "90x40@0.3,-0.45", "--size", "60x40", "--out-dir", str(out))
-    assert proc.returncode == 0, proc.stderr
-    with Image.open(out / "90x40_tl+0.3_tr-0.45.png") as im:
-        assert im.mode == "RGBA" and im.size == (90, 40)
+    shaped = "90x40_tl+0.3_tr-0.45"
+    proc = run_ingan("retarget", str(model), str(image), "--size", "90x40@0.3,-0.45", "--size", "60x40", "--out-dir", str(out),
+                     ok=True)
+    assert proc.stdout.split() == [str(out / f"{shaped}.png"), str(out / "60x40.png")]
+    with Image.open(out / f"{shaped}.png") as im:
         alpha = torch.from_numpy(np.asarray(im.getchannel("A")).copy())
     assert torch.equal(alpha == 255, retarget_mask((40, 90), SHIFTS))
-    with Image.open(out / "60x40.png") as im:
-        assert im.mode == "RGB"
-    proc = run("retarget", str(model), str(image), "--size", "90x40@0.3,-0.45", "--format", "jpeg", "--out-dir", str(out))
-    assert proc.returncode == 0, proc.stderr
-    assert (out / "90x40_tl+0.3_tr-0.45.jpg").is_file() and (out / "90x40_tl+0.3_tr-0.45.mask.png").is_file()
-    proc = run("retarget", str(model), str(image), "--size", "90x40@0.3,-1.2", "--out-dir", str(tmp_path / "none"))
+    assert image_mode_and_size(out / "60x40.png") == ("RGB", (60, 40))
+    proc = run_ingan("retarget", str(model), str(image), "--size", "90x40@0.3,-0.45", "--format", "jpeg", "--out-dir", str(out),
+                     ok=True)
+    assert proc.stdout.split() == [str(out / f"{shaped}.jpg"), str(out / f"{shaped}.mask.png")]
+    assert image_mode_and_size(out / f"{shaped}.mask.png") == ("L", (90, 40))
+    proc = run_ingan("retarget", str(model), str(image), "--size", "90x40@0.3,-1.2", "--out-dir", str(tmp_path / "none"))
     assert proc.returncode == 2 and "shift" in proc.stderr
     assert not (tmp_path / "none").exists()
 

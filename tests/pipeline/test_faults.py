@@ -694,7 +694,7 @@ def _run_items(
         output=str(out), preset="tiny", iterations=iterations, ratios=list(RATIOS), metrics=False,
         checkpoint_every_s=checkpoint_every_s,
     )
-    job = Job(cfg, "tiny", cfg.model_tag("tiny"))
+    job = Job.of(cfg, "tiny")
     res = executor.Resources(
         num_cpus=1, num_gpus=0, max_in_flight=4, retries=retries, timeout_s=None
     )

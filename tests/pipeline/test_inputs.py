@@ -521,7 +521,7 @@ def test_hostile_ids_handed_to_tasks_directly_cannot_escape_or_collide(
     cfg = driver.absolute_output(
         RunConfig(output=str(out), preset="tiny", iterations=2, metrics=False, ratios=[1.0])
     )
-    job = Job(cfg, "tiny", cfg.model_tag("tiny"))
+    job = Job.of(cfg, "tiny")
     items = [Item(i, item_id, str(src), {}) for i, item_id in enumerate(HOSTILE_IDS)]
     before = _watch(tmp_path.parent, tmp_path, tmp_path / "deep", Path("/"))
     records: dict[str, dict[str, Any]] = {}
@@ -599,7 +599,7 @@ def test_secrets_stay_out_of_logs_and_outputs_when_reads_fail(
 def test_reprs_never_show_credentials() -> None:
     options = {"key": ACCESS_KEY, "secret": SECRET_KEY}
     cfg = RunConfig(output="s3://bucket/out", storage_options=options)
-    job = Job(cfg, "tiny", cfg.model_tag("tiny"))
+    job = Job.of(cfg, "tiny")
     texts = {
         "Folder repr": repr(Folder("/tmp/somewhere", Storage(options))),
         "RunConfig repr": repr(cfg),

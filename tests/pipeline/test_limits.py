@@ -27,7 +27,7 @@ from PIL import Image
 from support import parquet_bytes as _parquet
 from support import run_refused
 
-import pipeline.task as task_module
+import ingan.fit as fit_module
 from ingan import checkpoint
 from pipeline import driver, layout
 from pipeline.config import RunConfig
@@ -49,7 +49,7 @@ def _job(out: Path, **settings: Any) -> Job:
     """A Job as ``driver.run`` builds it: absolute output, resolved preset, the config's tag."""
     settings = {"preset": "tiny", "iterations": 2, "metrics": False, "ratios": [1.0], **settings}
     cfg = driver.absolute_output(RunConfig(output=str(out), **settings))
-    return Job(cfg, "tiny", cfg.model_tag("tiny"))
+    return Job.of(cfg, "tiny")
 
 
 def _files(root: Path) -> list[str]:
@@ -193,18 +193,18 @@ def test_timeout_gives_a_timeout_record_quickly(tmp_path: Path, single_thread: N
 
 
 def _fake_train(monkeypatch: pytest.MonkeyPatch, failures: int, exc: BaseException) -> list[Any]:
-    """Patch the task's training to raise ``exc`` on its first ``failures`` calls and train for
-    real after that; returns the list of train configs it was called with."""
-    real = task_module._train
+    """Patch the training under ``ingan.fit.fit`` to raise ``exc`` on its first ``failures`` calls
+    and train for real after that; returns the list of train configs it was called with."""
+    real = fit_module._fit
     calls: list[Any] = []
 
-    def fake(folder: Any, state_rel: str, source: Any, model_cfg: Any, train_cfg: Any, *args: Any) -> Any:
+    def fake(train_cfg: Any, *args: Any) -> Any:
         calls.append(train_cfg)
         if len(calls) <= failures:
             raise exc
-        return real(folder, state_rel, source, model_cfg, train_cfg, *args)
+        return real(train_cfg, *args)
 
-    monkeypatch.setattr(task_module, "_train", fake)
+    monkeypatch.setattr(fit_module, "_fit", fake)
     return calls
 
 
@@ -274,7 +274,7 @@ import json, sys
 from pipeline.config import RunConfig
 from pipeline.task import Item, Job, process
 cfg = RunConfig(output=sys.argv[2], preset="tiny", iterations=2, metrics=False, ratios=[1.0])
-print(json.dumps(process(Item(0, "locked", sys.argv[1], {}), Job(cfg, "tiny", cfg.model_tag("tiny")))))
+print(json.dumps(process(Item(0, "locked", sys.argv[1], {}), Job.of(cfg, "tiny"))))
 """
 
 

@@ -116,7 +116,7 @@ def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _job(out: Path, **settings: Any) -> Job:
     cfg = RunConfig(output=str(out), preset="tiny", iterations=2, **settings)
-    return Job(cfg, "tiny", cfg.model_tag("tiny"))
+    return Job.of(cfg, "tiny")
 
 
 def test_shaped_targets_are_written_transparent_with_exact_sizes(tmp_path: Path, photo: Path, single_thread: None) -> None:

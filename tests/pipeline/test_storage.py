@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from ingan import files
 from pipeline import storage
 from pipeline.storage import (
     Folder,
@@ -145,8 +144,8 @@ def test_local_write_failing_midway_leaves_nothing(
             self._f.flush()
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    # The atomic write calls the builtin ``open``; a module global of that name takes precedence.
-    monkeypatch.setattr(files, "open", DiskFills, raising=False)
+    # A local write goes through the folder's filesystem: its files fill the disk.
+    monkeypatch.setattr(folder.fs, "open", lambda path, mode, **_: DiskFills(path, mode))
     _writes_fail(folder, "No space left")
 
     assert sorted(os.listdir(tmp_path)) == ["old.bin"]

@@ -22,7 +22,7 @@ def _job(out: Path, **settings: Any) -> Job:
     cfg = RunConfig(
         output=str(out), preset="tiny", iterations=2, metrics=False, ratios=[1.0], **settings
     )
-    return Job(cfg, "tiny", cfg.model_tag("tiny"))
+    return Job.of(cfg, "tiny")
 
 
 def _process(tmp_path: Path, uri: str | None, **settings: Any) -> dict[str, Any]:
