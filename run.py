@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Retarget every image of a Parquet manifest with its own InGAN.
 
-    python run.py manifests/example.parquet --output output/example
+    python run.py manifests/example.parquet --output output/example --iterations 600
     ray submit cluster.yaml run.py s3://bucket/manifest.parquet --output s3://bucket/out
 
 Self-contained on purpose: ``ray submit`` copies only this file to the head node, so everything
