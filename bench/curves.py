@@ -3,7 +3,7 @@ training FLOPs and wall seconds, beside a bicubic resize to the same sizes.
 
     python -m bench.curves --preset cpu [--set crop_size=96 --set model.g_channels=24 ...]
                            [--iterations N] [--eval-every N] [--image-set S] [--images a.png,b.png] --label NAME
-    python -m bench.curves --plot NAME [NAME ...] --out bench/results/curves_x.png
+    python -m bench.curves --plot NAME [NAME ...] --out bench/results/curves_x.jpg
 
 Each image of the set is trained in turn with the same configuration. At every evaluation point
 the generator (the weight average when ``ema`` is on), in eval mode, retargets the image to the
@@ -192,7 +192,7 @@ def main() -> None:
     ap.add_argument("--image", help="with --plot: compare the runs on this one image (e.g. china.png)")
     args = ap.parse_args()
     if args.plot:
-        plot(args.plot, args.out or RESULTS / f"curves_{'_'.join(args.plot)}.png", args.image)
+        plot(args.plot, args.out or RESULTS / f"curves_{'_'.join(args.plot)}.jpg", args.image)
         for lb in args.plot:
             print(table(lb, restrict(json.loads((CURVES / f"{lb}.json").read_text()), args.image)))
         return

@@ -12,7 +12,7 @@ pipeline runs them on a CPU node; each one's training and retargeting seconds ar
 Writes ``bench/results/quality_<presets>.json`` (per image and means; ``quality_<presets>_<set>``
 for an image set other than the standard one), the outputs under
 ``bench/results/quality_outputs/<method>/`` (``--reuse`` scores those again without training),
-and one contact sheet per target, ``bench/results/quality_<presets>_<target>.png``: each row is one
+and one contact sheet per target, ``bench/results/quality_<presets>_<target>.jpg``: each row is one
 image, the source first, then each method's output at the same height.
 """
 
@@ -232,7 +232,7 @@ def main() -> None:
     label = quality_label([names[p] for p in presets], args.image_set)
     for t in TARGETS:
         sheet_rows = [(p.name, images.load(str(p)), {m: outputs[p.name][m][t] for m in methods}) for p in paths]
-        contact_sheet(sheet_rows, RESULTS / f"quality_{label}_{_slug(t)}.png")
+        contact_sheet(sheet_rows, RESULTS / f"quality_{label}_{_slug(t)}.jpg")
     summary: dict[str, Any] = {"machine": ran_on, "presets": [names[p] for p in presets], "overrides": args.set,
                                "jobs": args.jobs, "reused": args.reuse,
                                "iterations": {names[p]: get_preset(p).train.with_overrides(iterations=args.iterations).iterations

@@ -12,7 +12,7 @@ right by 0.4), and every output is scored with the pipeline's own scoring
 through the same frame).
 
 Writes ``bench/results/shapes_<preset>.json`` (per image and means) and a contact sheet
-``bench/results/shapes_<preset>.png``: per image, the source, then for each shape in turn
+``bench/results/shapes_<preset>.jpg``: per image, the source, then for each shape in turn
 (trapezoid x1.5, slant) the resize in the frame and both models' outputs, over a checkerboard
 where they are transparent.
 """
@@ -88,7 +88,8 @@ def contact_sheet(rows: list[tuple[str, list[tuple[str, Image.Image]]]], path: P
             sheet.paste(tile, (x, y + label_h))
             x += im.width + pad
         y += max(im.height for _, im in cells) + label_h + pad
-    sheet.convert("RGB").save(path, optimize=True)
+    # JPEG: a sheet of photographs is several MB as PNG (committed pictures stay under 300 KB).
+    sheet.convert("RGB").save(path, quality=85, optimize=True)
 
 
 def main() -> None:
@@ -144,7 +145,7 @@ def main() -> None:
     summary: dict[str, Any] = {"machine": ran_on, "preset": args.preset, "max_shift": args.max_shift, "jobs": args.jobs,
                                "images": [p.name for p in paths], "train_seconds": seconds, "rows": rows, "mean": mean}
     save(f"shapes_{args.preset}", summary)
-    contact_sheet(sheet_rows, RESULTS / f"shapes_{args.preset}.png")
+    contact_sheet(sheet_rows, RESULTS / f"shapes_{args.preset}.jpg")
     for r in mean:
         print(f"{r['target']:>15} {r['variant']:>26}  C+C {r['bds'] * 1e3:6.2f} (resize {r['resize_bds'] * 1e3:6.2f})  "
               f"SWD {r['swd']:.3f} (resize {r['resize_swd']:.3f})  beats {r['beats_resize']}/{r['images']}")
