@@ -61,6 +61,16 @@ class RunConfig(BaseModel):
     checkpoint_every_s: float = Field(
         300, ge=0, description="save the training state this often (seconds; 0: never), so a retried task resumes")
     resume: Literal["incremental", "overwrite"] = "incremental"
+    # Runs sharing an output folder (pipeline.runs): each renews its heartbeat while it lives, and
+    # one silent for stale_after_s is dead, its leftovers removed by the next run to start.
+    heartbeat_s: float = Field(
+        30.0, gt=0, le=3600, description="how often a live run renews its heartbeat, runs/{run id}.json in the output")
+    stale_after_s: float = Field(
+        600.0, gt=0, description="a run whose heartbeat is older than this is dead: its leftover parts are removed, "
+                                 "a results lock it left may be broken")
+    lock_wait_s: float = Field(
+        60.0, ge=0, le=3600, description="how long a finishing run waits for results.lock before it writes its "
+                                         "rows as results.{run id}.parquet instead (exit code 1)")
     retarget_only: bool = Field(False, description="never train: images without a saved model fail")
     allowed_schemes: list[str] = Field(default_factory=lambda: ["file", "s3"], description="URI schemes inputs may use")
     max_image_pixels: int = Field(64_000_000, ge=1, description="larger declared images are refused")
@@ -121,6 +131,13 @@ class RunConfig(BaseModel):
     def _some_target(self) -> RunConfig:
         if not self.ratios and not self.sizes and not self.shapes and not self.augment:
             raise ValueError("nothing to produce: give at least one ratio, size or shape, or augment")
+        return self
+
+    @model_validator(mode="after")
+    def _heartbeat_within_stale(self) -> RunConfig:
+        # A live run whose beats are further apart than this would look dead between two of them.
+        if self.stale_after_s < 2 * self.heartbeat_s:
+            raise ValueError(f"stale_after_s ({self.stale_after_s:g}) must be at least twice heartbeat_s ({self.heartbeat_s:g})")
         return self
 
     # -- derived ---------------------------------------------------------------------------------

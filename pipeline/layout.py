@@ -1,8 +1,12 @@
 """Where everything lives under the output URI. The one place that names paths.
 
     {output}/config.json                     resolved config of the latest run (no secrets)
-    {output}/results.parquet                 one row per manifest row, in manifest order
-    {output}/results.parts/part-*.parquet    rows as they finish, while a run goes on; removed at its end
+    {output}/results.parquet                 one row per manifest row, in manifest order (the rows of
+                                             runs that overlapped the last one to finish beside its own)
+    {output}/results.{run_id}.parquet        a run's rows, where it could not take results.lock
+    {output}/results.lock                    held by the run merging its rows into results.parquet
+    {output}/results.parts/{run_id}/part-*.parquet   a run's rows as they finish; removed at its end
+    {output}/runs/{run_id}.json              a live run's heartbeat; removed at its end
     {output}/summary.json                    counts, durations, error kinds, versions
     {output}/report.html                     contact sheet, self-contained
     {output}/items/{key}/{tag}/model.pt      generator checkpoint (weights + config only)
@@ -29,6 +33,22 @@ from ingan.retarget import Shifts, output_stem
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _SLUG_MAX = 48
+
+PARTS_DIR = "results.parts"
+RUNS_DIR = "runs"
+RESULTS_LOCK = "results.lock"
+
+
+def run_parts_dir(run_id: str) -> str:
+    return f"{PARTS_DIR}/{run_id}"
+
+
+def heartbeat_path(run_id: str) -> str:
+    return f"{RUNS_DIR}/{run_id}.json"
+
+
+def side_results_path(run_id: str) -> str:
+    return f"results.{run_id}.parquet"
 
 
 def item_key(item_id: str) -> str:

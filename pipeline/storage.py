@@ -281,6 +281,57 @@ class Folder:
                 self.fs.rm_file(part)
             raise
 
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Write ``data`` under ``rel`` only where nothing is there yet, atomically: True when this
+        call created it, False when something already was. Two callers racing for one name never
+        both get True (a lock). Locally the file is created with ``O_CREAT | O_EXCL``; on S3 it is
+        one conditional put (``If-None-Match: *``). ``data`` should be unique to the caller: a try
+        whose answer was lost (the put applied, the reply reset) is retried, finds the object, and
+        it is still this caller's when it holds the same bytes."""
+        path = self.path(rel)
+
+        def _create() -> bool:
+            try:
+                if self.is_local:
+                    self.fs.makedirs(self.fs._parent(path), exist_ok=True)
+                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                    try:
+                        with os.fdopen(fd, "wb") as f:
+                            f.write(data)
+                    except BaseException:
+                        os.unlink(path)  # created but not written (a full disk): nobody's
+                        raise
+                else:
+                    self.fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if _already_exists(exc):
+                    return False
+                raise
+            return True
+
+        if self._retry(_create, "create", rel):
+            return True
+        try:
+            return self.read_bytes(rel) == data
+        except FileNotFoundError:  # removed since: the caller may try again
+            return False
+
+    def modified(self, rel: str) -> float | None:
+        """When ``rel`` was last written, in seconds since the epoch by the storage's clock (the
+        object's LastModified on S3, the file's mtime locally); None when there is nothing."""
+        path = self.path(rel)
+
+        def _mtime() -> float | None:
+            self.fs.invalidate_cache(path)  # a cached listing would answer for an object long gone
+            try:
+                return self.fs.modified(path).timestamp()
+            except FileNotFoundError:
+                return None
+
+        return self._retry(_mtime, "stat", rel)
+
     def write_text(self, rel: str, text: str) -> str:
         return self.write_bytes(rel, text.encode("utf-8"))
 
@@ -309,6 +360,17 @@ class Folder:
             return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
         return self._retry(_ls, "list", rel)
+
+
+def _already_exists(exc: OSError) -> bool:
+    """A conditional S3 put refused because the key exists: s3fs raises ``FileExistsError`` only
+    when the error names its condition, and a plain ``OSError`` otherwise, keeping botocore's
+    error as the cause. A 409 is a conditional put racing another on the same key: one of them
+    wins, and it is not this one yet."""
+    response = getattr(exc.__cause__, "response", None) or {}
+    code = (response.get("Error") or {}).get("Code")
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
 
 
 def _strip_trailing_slash(base: str) -> str:
