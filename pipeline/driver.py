@@ -21,11 +21,11 @@ import pyarrow as pa
 from ingan.config import get_preset
 from ingan.progress import hms
 
-from . import cluster, executor, report
+from . import cluster, executor, report, runs
 from .config import ConfigError, RunConfig, load_config
 from .manifest import ManifestError, load_manifest
 from .records import RESULT_SCHEMA_BASE, Item, Record
-from .results import PARTS_DIR, ResultStream
+from .results import Finished, ResultStream
 from .storage import Folder, StorageError, scheme_of
 from .task import Job
 
@@ -201,21 +201,48 @@ def run(cfg: RunConfig, manifest_uri: str, dry_run: bool = False) -> int:
     table = load_manifest(manifest_uri, storage)
     carried = _carried_fields(table)
     out = Folder(cfg.output, storage)
-    n = table.num_rows
-
     if dry_run:
-        preset = cfg.preset if cfg.preset != "auto" else "auto (fast with GPUs, cpu without)"
-        _log(f"dry run: {n} images from {manifest_uri} -> {out.uri('')}")
-        _log(f"preset {preset}; ratios {cfg.ratios} ({cfg.ratio_policy}); sizes {cfg.sizes}; shapes {cfg.shapes}; "
-             f"format {cfg.image_format}")
-        if cfg.augment:
-            _log(f"augment: {cfg.augment} variants per image, salt {cfg.augment_salt!r}, ratios {list(cfg.augment_ratios)}, "
-                 f"scales {list(cfg.augment_scales)}, shifts up to +-{cfg.augment_shift:g}")
-        _log(f"resume {cfg.resume}; retries {cfg.retries}; timeout {cfg.timeout_s} s; carried columns {[c[1] for c in carried]}")
-        _log(json.dumps(cfg.public_dict(), indent=2, default=str))
-        return 0
+        return _dry_run(cfg, manifest_uri, out, table.num_rows, carried)
 
     started = time.time()
+    run_id = runs.new_run_id(started)
+    job, res, resolved = _plan(cfg, manifest_uri, run_id, out, table.num_rows)
+    out.write_json("config.json", resolved)
+    # Other runs may write into this output at once: the heartbeat tells them this one lives,
+    # and which runs it saw live decides whose rows its results keep.
+    heartbeat = runs.Heartbeat(out, run_id, manifest_uri, cfg.heartbeat_s, cfg.stale_after_s, started)
+    live = heartbeat.start()
+    try:
+        _tidy(out, run_id, cfg.stale_after_s, live)
+        carried_schema = pa.schema([f for _, _, f in carried])
+        stream = ResultStream(out, carried_schema, run_id=run_id, started=started, keep=cfg.report_max_items)
+        progress = ProgressLine(table.num_rows)
+
+        def on_record(item: Item, rec: Record) -> None:
+            stream.add(item.index, rec)
+            progress.update(rec["status"])
+
+        executor.run_items(_items(table, carried, manifest_uri), job, res, on_record)
+        return _finish(cfg, out, stream, heartbeat.overlapped(), resolved, manifest_uri)
+    finally:
+        heartbeat.stop()
+
+
+def _dry_run(cfg: RunConfig, manifest_uri: str, out: Folder, n: int, carried: list[tuple[str, str, pa.Field]]) -> int:
+    preset = cfg.preset if cfg.preset != "auto" else "auto (fast with GPUs, cpu without)"
+    _log(f"dry run: {n} images from {manifest_uri} -> {out.uri('')}")
+    _log(f"preset {preset}; ratios {cfg.ratios} ({cfg.ratio_policy}); sizes {cfg.sizes}; shapes {cfg.shapes}; "
+         f"format {cfg.image_format}")
+    if cfg.augment:
+        _log(f"augment: {cfg.augment} variants per image, salt {cfg.augment_salt!r}, ratios {list(cfg.augment_ratios)}, "
+             f"scales {list(cfg.augment_scales)}, shifts up to +-{cfg.augment_shift:g}")
+    _log(f"resume {cfg.resume}; retries {cfg.retries}; timeout {cfg.timeout_s} s; carried columns {[c[1] for c in carried]}")
+    _log(json.dumps(cfg.public_dict(), indent=2, default=str))
+    return 0
+
+
+def _plan(cfg: RunConfig, manifest_uri: str, run_id: str, out: Folder, n: int) -> tuple[Job, executor.Resources, dict[str, Any]]:
+    """Join or start Ray, and size the run to it: the job, its resources and the resolved config."""
     _log(f"connecting to Ray: {cluster.connect(timeout_s=cfg.connect_timeout_s)}")
     gpus_now = cluster.cluster_gpus()
     # GPU workers may scale from zero: tasks are submitted for the GPUs the autoscaler may bring
@@ -229,43 +256,75 @@ def run(cfg: RunConfig, manifest_uri: str, dry_run: bool = False) -> int:
     res = executor.Resources(cfg.num_cpus, num_gpus, in_flight, cfg.retries, cfg.timeout_s)
     job = Job.of(cfg, preset)
     resolved = {**cfg.public_dict(), "preset_resolved": preset, "model_tag": job.tag, "num_gpus_resolved": num_gpus,
-                "max_in_flight_resolved": in_flight, "manifest": manifest_uri}
-    out.write_json("config.json", resolved)
+                "max_in_flight_resolved": in_flight, "manifest": manifest_uri, "run_id": run_id}
     _log(f"{n} images -> {out.uri('')} | preset {preset} | {num_gpus:g} GPU + {cfg.num_cpus:g} CPU per task "
          f"| {in_flight} in flight | cluster GPUs now: {gpus_now:g}, at most: {gpus_planned:g}")
+    return job, res, resolved
 
-    carried_schema = pa.schema([f for _, _, f in carried])
-    stream = ResultStream(out, carried_schema, keep=cfg.report_max_items)
-    progress = ProgressLine(n)
 
-    def on_record(item: Item, rec: Record) -> None:
-        stream.add(item.index, rec)
-        progress.update(rec["status"])
+def _tidy(out: Folder, run_id: str, stale_after_s: float, live: set[str]) -> None:
+    _log(f"run {run_id}; other live runs in this output: {', '.join(sorted(live)) or 'none'}")
+    try:
+        removed = runs.remove_dead(out, run_id, stale_after_s)
+    except (StorageError, OSError) as exc:
+        # A dead run's leftovers are in folders of their own: harmless to this run, which goes on.
+        _log(f"warning: cannot remove what dead runs left in {out.uri('')}: {exc}")
+        return
+    if removed:
+        _log(f"removed what dead runs left (no heartbeat for {stale_after_s:g} s): {', '.join(removed)}")
 
-    executor.run_items(_items(table, carried, manifest_uri), job, res, on_record)
-    finished = time.time()
+
+def _finish(cfg: RunConfig, out: Folder, stream: ResultStream, overlapped: frozenset[str], resolved: dict[str, Any],
+            manifest_uri: str) -> int:
+    """Write the results, summary and report; log what happened; the exit code."""
+    started, finished = stream.started, time.time()
+    summary = stream.tally.summary(config=resolved, started=started, finished=finished, versions=_versions())
+    # Rendered before results.lock is taken (its thumbnails are many reads): the lock is held
+    # only for the writes, so the results table, summary and report are one run's.
+    html = report.render_report(out, stream.first_records(), title=f"InGAN retargeting: {manifest_uri}",
+                                max_items=cfg.report_max_items, counts=stream.tally)
+    unwritten: list[str] = []
+
+    def beside() -> None:
+        try:
+            report.write_summary(out, summary)
+            out.write_text(report.REPORT_NAME, html)
+        except StorageError as exc:
+            unwritten.append(str(exc))
 
     try:
-        results_uri = stream.finish()
+        done = stream.finish(overlapped, cfg.lock_wait_s, cfg.stale_after_s, beside)
     except StorageError as exc:
         # The per-image outputs are safe under their markers; keep the rows not yet written too.
         results_uri = Folder(os.path.abspath(".")).write_bytes(f"ingan-results-{int(finished)}.parquet",
                                                                 stream.unwritten_bytes())
         _log(f"error: cannot write results to {out.uri('')}: {exc}\nrows written so far: "
-             f"{out.uri(PARTS_DIR)}; the others kept locally: {results_uri}")
+             f"{out.uri(stream.parts_dir)}; the others kept locally: {results_uri}")
         return 1
-    summary = stream.tally.summary(config=resolved, started=started, finished=finished, versions=_versions())
-    report.write_summary(out, summary)
-    report_uri = report.write_report(out, stream.first_records(), title=f"InGAN retargeting: {manifest_uri}",
-                                     max_items=cfg.report_max_items, counts=stream.tally)
     counts = stream.tally.status_counts()
     _log(f"done in {hms(finished - started)}: ok={counts['ok']} skipped={counts['skipped']} failed={counts['failed']}")
-    _log(f"results: {results_uri}\nsummary: {out.uri(report.SUMMARY_NAME)}\nreport:  {report_uri}")
+    _log_results(done, stream, cfg, out)
+    for problem in unwritten:
+        _log(f"error: cannot write the summary or report: {problem}")
     for rec in stream.failures:
         _log(f"  failed {rec['id']}: [{rec['error_kind']}] {rec['error']}")
     if counts["failed"] > len(stream.failures):
         _log(f"  ... and {counts['failed'] - len(stream.failures)} more failures in results.parquet")
-    return 0 if counts["failed"] == 0 else 1
+    return 0 if counts["failed"] == 0 and not done.aside and not done.missing and not unwritten else 1
+
+
+def _log_results(done: Finished, stream: ResultStream, cfg: RunConfig, out: Folder) -> None:
+    if done.aside:
+        _log(f"error: {done.aside}: this run's {done.rows} rows are in {done.uri}; {report.RESULTS_NAME}, "
+             f"{report.SUMMARY_NAME} and {report.REPORT_NAME} are left as they were")
+    else:
+        others = f", and {done.kept} rows of runs that overlapped it" if done.kept else ""
+        _log(f"results: {done.uri} ({done.rows} rows of run {stream.run_id}{others})\n"
+             f"summary: {out.uri(report.SUMMARY_NAME)}\nreport:  {out.uri(report.REPORT_NAME)}")
+    if done.missing:
+        _log(f"error: {done.missing} rows of this run are missing from its table: another run removed its parts, "
+             f"taking it for dead (no heartbeat for {cfg.stale_after_s:g} s); rerun the same command to list them "
+             "(the images that finished are skipped)")
 
 
 def main(argv: list[str] | None = None) -> int:

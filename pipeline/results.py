@@ -1,39 +1,82 @@
 """Finished records on their way to ``results.parquet``, with the driver's memory flat in the
-manifest's length.
+manifest's length, and beside the rows of other runs writing into the same output.
 
 Records arrive in completion order. Each goes into a small buffer that is written as one Parquet
-part under ``results.parts/`` every ``flush_rows`` records or ``flush_s`` seconds, so a killed
-driver leaves its finished rows on storage (``pyarrow.parquet.read_table`` opens the folder as
-one table). Beside the buffer only the run's ``Tally`` and the first ``keep`` records in manifest
-order (the report's contact sheet) stay in memory. ``finish`` puts the parts together into one
-``results.parquet`` in manifest order and removes them.
+part under ``results.parts/{run_id}/`` every ``flush_rows`` records or ``flush_s`` seconds, so a
+killed driver leaves its finished rows on storage (``pyarrow.parquet.read_table`` opens the folder
+as one table). Beside the buffer only the run's ``Tally`` and the first ``keep`` records in
+manifest order (the report's contact sheet) stay in memory. ``finish`` puts this run's parts
+together in manifest order and, under ``results.lock``, writes them as ``results.parquet`` with
+the rows the current one holds of runs that overlapped this one (shards of one batch, written
+into one output at once), then removes this run's parts, and only these.
+
+Which run wrote which rows is in the table's key-value metadata (``RUNS_KEY``), not in a column:
+a list of segments, one per run in row order, with its row count, start and finish. A run's own
+rows are complete for its manifest (an image another run finished is ``skipped`` or ``ok``, never
+missing), so where two runs share ids the rows of the one finishing last are kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
+import json
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import report
+from . import layout, report, runs
 from .storage import Folder, StorageError
 
-PARTS_DIR = "results.parts"
+PARTS_DIR = layout.PARTS_DIR
+RUNS_KEY = b"ingan_batch.runs"  # key-value metadata of a results table: its runs' segments
 _MERGE_ROWS = 1024  # rows per row group of the final table
 _OPEN_PARTS = 16  # parts kept decoded while merging (completion order is nearly manifest order)
 INDEX_COLUMN = "manifest_index"  # in the parts only: the final table is in manifest order
 
 
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive rows of a results table written by one run, and when that run lived."""
+
+    run: str
+    rows: int
+    started: float
+    finished: float
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Where ``ResultStream.finish`` put the run's rows."""
+
+    uri: str
+    rows: int  # this run's rows in it
+    kept: int  # rows of overlapping runs kept beside them
+    missing: int  # rows this run recorded that its parts no longer hold (removed by a run that took it for dead)
+    aside: str | None = None  # why the rows went to results.{run_id}.parquet instead of results.parquet
+
+
+class MergeError(Exception):
+    """The current results.parquet cannot take this run's rows (columns of clashing types)."""
+
+
 class ResultStream:
-    def __init__(self, folder: Folder, carried_schema: pa.Schema | None, keep: int = 200,
-                 flush_rows: int = 256, flush_s: float = 10.0) -> None:
+    def __init__(self, folder: Folder, carried_schema: pa.Schema | None, *, run_id: str | None = None,
+                 started: float | None = None, keep: int = 200, flush_rows: int = 256,
+                 flush_s: float = 10.0) -> None:
         self.folder, self.carried_schema = folder, carried_schema
+        # Parts under the run's own id: another run in the same output never lists, merges or
+        # removes them (a dead run's are removed by the next run to start: runs.remove_dead).
+        self.run_id = run_id or runs.new_run_id()
+        self.started = time.time() if started is None else started
+        self.parts_dir = layout.run_parts_dir(self.run_id)
         self.keep, self.flush_rows, self.flush_s = keep, flush_rows, flush_s
         self.tally = report.Tally()
         self.failures: list[Mapping[str, Any]] = []  # the first few, for the log
@@ -41,8 +84,6 @@ class ResultStream:
         self._first: list[tuple[int, int, Mapping[str, Any]]] = []  # heap of (-index, seq, record)
         self._parts = 0
         self._last_flush = time.monotonic()
-        # A part left by an earlier, killed run would mix its rows into this one's table.
-        folder.remove(PARTS_DIR, recursive=True)
 
     def add(self, index: int, rec: Mapping[str, Any]) -> None:
         self.tally.add(rec)
@@ -65,7 +106,7 @@ class ResultStream:
         if not self._buffer:
             return
         with contextlib.suppress(StorageError):
-            self.folder.write_bytes(f"{PARTS_DIR}/part-{self._parts:06d}.parquet", self._part_bytes())
+            self.folder.write_bytes(f"{self.parts_dir}/part-{self._parts:06d}.parquet", self._part_bytes())
             self._parts += 1
             self._buffer.clear()
 
@@ -73,47 +114,78 @@ class ResultStream:
         """The first ``keep`` records in manifest order."""
         return [rec for _, _, rec in sorted(self._first, key=lambda e: -e[0])]
 
-    def finish(self) -> str:
-        """Write ``results.parquet`` (manifest order) from the parts and return its URI; raises
-        ``StorageError`` when storage fails, leaving the parts in place.
+    def finish(self, overlapped: Collection[str] = (), lock_wait_s: float = 60.0, stale_after_s: float = 600.0,
+               beside: Callable[[], object] | None = None) -> Finished:
+        """Write this run's rows (manifest order) into ``results.parquet``, with the rows it holds
+        of runs that overlapped this one (``overlapped``: the runs seen live; and any that
+        finished after this one started), then call ``beside`` (summary, report) under the same
+        lock, and remove this run's parts. Raises ``StorageError`` when storage fails, leaving
+        the parts in place. Where the lock stays taken for ``lock_wait_s``, or the current table
+        cannot take these rows, they go to ``results.{run_id}.parquet`` and the rest is left as
+        it is (``Finished.aside`` says why)."""
+        own, mine = self._own_table()
+        missing = self.tally.total - mine.rows
+        with runs.results_lock(self.folder, self.run_id, lock_wait_s, stale_after_s) as held:
+            if not held:
+                return self._aside(own, mine, missing, f"{layout.RESULTS_LOCK} was held by another run for {lock_wait_s:g} s")
+            try:
+                data, kept = _merge_current(self.folder, own, mine, set(overlapped))
+            except MergeError as exc:
+                return self._aside(own, mine, missing, f"{report.RESULTS_NAME} cannot take them: {exc}")
+            uri = self.folder.write_bytes(report.RESULTS_NAME, data)
+            if beside is not None:
+                beside()
+        self._remove_parts()
+        return Finished(uri, mine.rows, kept, missing)
+
+    def _aside(self, own: bytes, mine: Segment, missing: int, why: str) -> Finished:
+        uri = self.folder.write_bytes(layout.side_results_path(self.run_id), own)
+        self._remove_parts()
+        return Finished(uri, mine.rows, 0, missing, why)
+
+    def _remove_parts(self) -> None:
+        with contextlib.suppress(StorageError):
+            self.folder.remove(self.parts_dir, recursive=True)
+
+    def _own_table(self) -> tuple[bytes, Segment]:
+        """This run's parts as one table in manifest order, and its segment.
 
         Each part is sorted by manifest row when written, so the table is a k-way merge of the
         parts' row numbers, written ``_MERGE_ROWS`` rows at a time with at most ``_OPEN_PARTS``
         parts decoded at once: memory stays flat however many rows the run had."""
         self.flush()
         if self._buffer:
-            raise StorageError(f"cannot write result parts under {self.folder.uri(PARTS_DIR)}")
-        names = self.folder.list(PARTS_DIR)
+            raise StorageError(f"cannot write result parts under {self.folder.uri(self.parts_dir)}")
+        names = self.folder.list(self.parts_dir)
         schema = pa.schema([*report.results_table([], self.carried_schema).schema])
         open_parts: OrderedDict[int, pa.Table] = OrderedDict()
 
         def part(k: int, columns: list[str] | None = None) -> pa.Table:
             if columns is not None:  # the row numbers only: not cached
-                return pq.read_table(pa.BufferReader(self.folder.read_bytes(f"{PARTS_DIR}/{names[k]}")), columns=columns)
+                return pq.read_table(pa.BufferReader(self.folder.read_bytes(f"{self.parts_dir}/{names[k]}")), columns=columns)
             if k not in open_parts:
                 if len(open_parts) >= _OPEN_PARTS:
                     open_parts.popitem(last=False)
-                open_parts[k] = pq.read_table(pa.BufferReader(self.folder.read_bytes(f"{PARTS_DIR}/{names[k]}")))
+                open_parts[k] = pq.read_table(pa.BufferReader(self.folder.read_bytes(f"{self.parts_dir}/{names[k]}")))
             open_parts.move_to_end(k)
             return open_parts[k]
 
         def run(k: int) -> list[tuple[int, int, int]]:
             return [(index, k, row) for row, index in enumerate(part(k, [INDEX_COLUMN]).column(0).to_pylist())]
 
-        runs = [run(k) for k in range(len(names))]
-        sink = pa.BufferOutputStream()
+        runs_ = [run(k) for k in range(len(names))]
+        sink, rows = pa.BufferOutputStream(), 0
         with pq.ParquetWriter(sink, schema) as writer:
             chunk: list[tuple[int, int, int]] = []
-            for entry in heapq.merge(*runs):
+            for entry in heapq.merge(*runs_):
                 chunk.append(entry)
                 if len(chunk) == _MERGE_ROWS:
                     writer.write_table(self._rows(chunk, part, schema))
-                    chunk = []
+                    rows, chunk = rows + len(chunk), []
             writer.write_table(self._rows(chunk, part, schema))
-        uri = self.folder.write_bytes(report.RESULTS_NAME, sink.getvalue().to_pybytes())
-        with contextlib.suppress(StorageError):
-            self.folder.remove(PARTS_DIR, recursive=True)
-        return uri
+            mine = Segment(self.run_id, rows + len(chunk), self.started, time.time())
+            writer.add_key_value_metadata({RUNS_KEY: _segments_json([mine])})
+        return sink.getvalue().to_pybytes(), mine
 
     @staticmethod
     def _rows(chunk: list[tuple[int, int, int]], part: Any, schema: pa.Schema) -> pa.Table:
@@ -140,3 +212,123 @@ class ResultStream:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         return sink.getvalue().to_pybytes()
+
+
+def _segments_json(segments: list[Segment]) -> bytes:
+    return json.dumps([dataclasses.asdict(s) for s in segments]).encode()
+
+
+def segments(f: pq.ParquetFile) -> list[Segment]:
+    """The runs that wrote a results table, in row order; empty where the table does not say (a
+    table of an earlier version, or one edited by hand) or says what does not add up."""
+    try:
+        found = [Segment(str(s["run"]), int(s["rows"]), float(s["started"]), float(s["finished"]))
+                 for s in json.loads((f.metadata.metadata or {})[RUNS_KEY])]
+    except (KeyError, TypeError, ValueError):
+        return []
+    ok = all(s.rows >= 0 for s in found) and sum(s.rows for s in found) == f.metadata.num_rows
+    return found if ok else []
+
+
+def overlapping(found: list[Segment], mine: Segment, seen: Collection[str]) -> set[int]:
+    """Which segments to keep beside this run's rows: those of runs it saw live or that finished
+    after it started, and, link by link, of runs that overlapped those (shards started one after
+    another are one batch, even where the last never met the first). A run that ended before
+    this one started, and overlapped none that did, is an earlier batch: replaced."""
+    keep = {i for i, s in enumerate(found) if s.run != mine.run and (s.run in seen or s.finished >= mine.started)}
+    grew = True
+    while grew:
+        grew = False
+        for i, s in enumerate(found):
+            if i not in keep and s.run != mine.run and any(
+                    s.started <= found[k].finished and found[k].started <= s.finished for k in keep):
+                keep.add(i)
+                grew = True
+    return keep
+
+
+def _merge_current(folder: Folder, own: bytes, mine: Segment, seen: set[str]) -> tuple[bytes, int]:
+    """This run's table merged with the rows to keep of the current results.parquet, and how
+    many rows were kept; this run's table alone where there is nothing to keep."""
+    try:
+        current = pq.ParquetFile(pa.BufferReader(folder.read_bytes(report.RESULTS_NAME)))
+    except FileNotFoundError:
+        return own, 0
+    except (pa.ArrowException, OSError):  # unreadable: it holds no row to keep
+        return own, 0
+    found = segments(current)
+    keep = overlapping(found, mine, seen)
+    if not keep:
+        return own, 0
+    own_file = pq.ParquetFile(pa.BufferReader(own))
+    try:
+        schema = pa.unify_schemas([own_file.schema_arrow.remove_metadata(), current.schema_arrow.remove_metadata()])
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise MergeError(str(exc).splitlines()[0]) from None
+    spans, start = [], 0
+    for i, s in enumerate(found):
+        if i in keep:
+            spans.append((s, start, start + s.rows))
+        start += s.rows
+    # Segments in their runs' start order: this run's goes before the first kept run started after it.
+    at = next((k for k, (s, _, _) in enumerate(spans) if (s.started, s.run) > (mine.started, mine.run)), len(spans))
+    return _write_merged(own_file, current, [*spans[:at], None, *spans[at:]], mine, schema)
+
+
+def _write_merged(own: pq.ParquetFile, current: pq.ParquetFile, plan: list[tuple[Segment, int, int] | None],
+                  mine: Segment, schema: pa.Schema) -> tuple[bytes, int]:
+    """``plan``'s segments of ``current`` (rows ``lo``..``hi``, less the ids this run has) and
+    this run's rows (``None``), in that order, a batch at a time."""
+    own_ids = own.read(columns=["id"]).column("id").combine_chunks()
+    rows, written, kept = _Rows(current), [], 0
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(sink, schema) as writer:
+        for step in plan:
+            if step is None:
+                for batch in own.iter_batches(batch_size=_MERGE_ROWS):
+                    writer.write_table(_conform(batch, schema))
+                written.append(mine)
+                continue
+            seg, lo, hi = step
+            n = 0
+            for batch in rows.between(lo, hi):
+                batch = batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=own_ids)))
+                writer.write_table(_conform(batch, schema))
+                n += batch.num_rows
+            if n:
+                written.append(dataclasses.replace(seg, rows=n))
+                kept += n
+        writer.add_key_value_metadata({RUNS_KEY: _segments_json(written)})
+    return sink.getvalue().to_pybytes(), kept
+
+
+def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.Table:
+    """``batch`` with ``schema``'s columns in its order; a column it lacks (another manifest's
+    carried column) is null."""
+    names = set(batch.schema.names)
+    columns = [batch.column(f.name).cast(f.type) if f.name in names else pa.nulls(batch.num_rows, f.type)
+               for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+class _Rows:
+    """A Parquet file's rows in order, a range at a time, with one batch decoded at once."""
+
+    def __init__(self, f: pq.ParquetFile) -> None:
+        self._batches = f.iter_batches(batch_size=_MERGE_ROWS)
+        self._batch: pa.RecordBatch | None = None
+        self._start = 0  # row number of the batch's first row
+
+    def between(self, lo: int, hi: int) -> Iterator[pa.RecordBatch]:
+        """Rows ``lo``..``hi - 1``; ``lo`` is never below an earlier call's ``hi``."""
+        while lo < hi:
+            if self._batch is None or lo >= self._start + self._batch.num_rows:
+                if self._batch is not None:
+                    self._start += self._batch.num_rows
+                self._batch = next(self._batches, None)
+                if self._batch is None:
+                    return
+                continue
+            end = min(hi, self._start + self._batch.num_rows)
+            yield self._batch.slice(lo - self._start, end - lo)
+            lo = end

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +154,23 @@ def tiny_train_config(iterations: int, seed: int = 0, **overrides: Any) -> Any:
     from ingan.config import get_preset
 
     return dataclasses.replace(get_preset("tiny").train, iterations=iterations, seed=seed, **overrides)
+
+
+def processes() -> Iterator[tuple[int, int, str]]:
+    """(pid, session id, command line) of every live process."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        # Fields after the parenthesised command name: state ppid pgrp session ...
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z":
+            yield int(entry), int(fields[3]), cmd.strip()
+
+
+def session_members(sid: int) -> list[tuple[int, str]]:
+    return [(pid, cmd) for pid, session, cmd in processes() if session == sid]

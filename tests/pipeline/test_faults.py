@@ -42,7 +42,9 @@ from fault_proxy import FaultProxy, Request
 from PIL import Image
 from support import free_port as _free_port
 from support import parquet_bytes as _parquet_bytes
+from support import processes as _processes
 from support import run_main as _run_main
+from support import session_members as _session_members
 from support import shrunk_photo
 
 from ingan import checkpoint
@@ -217,26 +219,6 @@ def test_node_loss_mid_training_is_retried(cluster: tuple[Any, list[Any]], tmp_p
 
 
 # --------------------------------------------------------------------------- 3. a killed driver
-
-
-def _processes() -> Iterator[tuple[int, int, str]]:
-    """(pid, session id, command line) of every live process."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        # Fields after the parenthesised command name: state ppid pgrp session ...
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z":
-            yield int(entry), int(fields[3]), cmd.strip()
-
-
-def _session_members(sid: int) -> list[tuple[int, str]]:
-    return [(pid, cmd) for pid, session, cmd in _processes() if session == sid]
 
 
 @pytest.mark.slow

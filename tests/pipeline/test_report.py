@@ -45,7 +45,7 @@ def write_results(folder: Folder, records: list[dict], carried_schema: pa.Schema
     stream = ResultStream(folder, carried_schema)
     for i, rec in enumerate(records):
         stream.add(i, rec)
-    return stream.finish()
+    return stream.finish().uri
 
 
 def _summarize(records: list[dict], **run: Any) -> dict[str, Any]:
