@@ -6,7 +6,8 @@ as two users or two cron jobs start them; the second starts once the first's hea
 written (its Ray is up and its tasks go out) and the test checks, from the second's log, that the
 first was live then. What must hold: every manifest row once in the final ``results.parquet``,
 with a status its files bear out, both runs exiting 0, and nothing left of either run but its
-results (no parts, heartbeat or lock).
+results (no parts, heartbeat or lock). Last, a run in this process that finds ``results.lock``
+taken for longer than it may wait: its rows go to a table of its own, and it exits 1.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from support import parquet_bytes, session_members, shrunk_photo
+from support import parquet_bytes, run_main, session_members, shrunk_photo
 
 from pipeline import layout
 from pipeline.results import RUNS_KEY
@@ -269,3 +270,25 @@ def test_the_same_command_twice_at_once_on_s3(tmp_path: Path, drivers: Drivers, 
     leftovers = [k for k in keys("out/") if k.startswith(("out/results.parts/", "out/runs/", "out/results.lock"))
                  or re.fullmatch(r"out/results\..+\.parquet", k)]
     assert leftovers == []
+
+
+def test_a_run_that_cannot_take_the_lock_puts_its_rows_aside(tmp_path: Path, local_ray: None) -> None:
+    """results.lock held by a live run for longer than lock_wait_s: the rows are kept in a
+    table of the run's own, the log names it and the exit code is 1."""
+    sources = _sources(tmp_path / "images", NAMES[:1])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / layout.RESULTS_LOCK).write_text('{"run_id": "a run still writing"}')
+    config = tmp_path / "run.yaml"
+    config.write_text("lock_wait_s: 1\n")
+    code, log = run_main([str(_manifest(tmp_path / "manifest.parquet", sources)), "--output", str(out),
+                          "--config", str(config), "--preset", "tiny", "--iterations", "2", "--ratios", "1,2",
+                          "--no-metrics"])
+    assert code == 1, log
+    run_id, _ = _run_line(log)
+    aside = out / layout.side_results_path(run_id)
+    assert f"this run's 1 rows are in {aside}" in log
+    _check_rows(pq.read_table(aside).to_pylist(), sources, lambda uri: Path(uri).read_bytes())
+    assert not (out / "results.parquet").exists()
+    assert (out / layout.RESULTS_LOCK).read_text() == '{"run_id": "a run still writing"}'
+    assert not any(out.glob(f"{layout.PARTS_DIR}/*")) and not any(out.glob(f"{layout.RUNS_DIR}/*"))
