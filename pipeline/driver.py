@@ -206,13 +206,14 @@ def run(cfg: RunConfig, manifest_uri: str, dry_run: bool = False) -> int:
 
     started = time.time()
     run_id = runs.new_run_id(started)
-    job, res, resolved = _plan(cfg, manifest_uri, run_id, out, table.num_rows)
-    out.write_json("config.json", resolved)
-    # Other runs may write into this output at once: the heartbeat tells them this one lives,
-    # and which runs it saw live decides whose rows its results keep.
+    # Other runs may write into this output at once: the heartbeat tells them this one lives
+    # (from its start, before Ray is up), and which runs it saw live decides whose rows its
+    # results keep.
     heartbeat = runs.Heartbeat(out, run_id, manifest_uri, cfg.heartbeat_s, cfg.stale_after_s, started)
     live = heartbeat.start()
     try:
+        job, res, resolved = _plan(cfg, manifest_uri, run_id, out, table.num_rows)
+        out.write_json("config.json", resolved)
         _tidy(out, run_id, cfg.stale_after_s, live)
         carried_schema = pa.schema([f for _, _, f in carried])
         stream = ResultStream(out, carried_schema, run_id=run_id, started=started, keep=cfg.report_max_items)

@@ -147,7 +147,7 @@ def results_lock(folder: Folder, run_id: str, wait_s: float, stale_after_s: floa
     finally:
         # Only while it is still this run's: one held past stale_after_s may have been broken
         # and taken by another run since.
-        if mine is not None and _read(folder, layout.RESULTS_LOCK) == mine:
+        if mine is not None and folder.read_if_there(layout.RESULTS_LOCK) == mine:
             with contextlib.suppress(StorageError, OSError):
                 folder.remove(layout.RESULTS_LOCK)
 
@@ -160,22 +160,16 @@ def _take(folder: Folder, run_id: str, wait_s: float, stale_after_s: float, poll
                            "taken_utc": _utc(now)}).encode()
         if folder.create_exclusive(layout.RESULTS_LOCK, mine):
             return mine
-        held = _read(folder, layout.RESULTS_LOCK)
+        held = folder.read_if_there(layout.RESULTS_LOCK)
         changed = folder.modified(layout.RESULTS_LOCK)
         if held is None or changed is None:
             continue  # released meanwhile: try again at once
         if time.time() - changed > stale_after_s:
             # Broken only if it is still the lock judged stale, not one taken since.
-            if _read(folder, layout.RESULTS_LOCK) == held:
+            if folder.read_if_there(layout.RESULTS_LOCK) == held:
                 folder.remove(layout.RESULTS_LOCK)
             continue
         if time.monotonic() >= deadline:
             return None
         time.sleep(poll_s)
 
-
-def _read(folder: Folder, rel: str) -> bytes | None:
-    try:
-        return folder.read_bytes(rel)
-    except FileNotFoundError:
-        return None

@@ -251,6 +251,13 @@ class Folder:
     def read_bytes(self, rel: str) -> bytes:
         return self._retry(lambda: self.fs.cat_file(self.path(rel)), "read", rel)
 
+    def read_if_there(self, rel: str) -> bytes | None:
+        """The object's bytes, or None where there is none."""
+        try:
+            return self.read_bytes(rel)
+        except FileNotFoundError:
+            return None
+
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
 

@@ -175,9 +175,7 @@ def _read_if_there(folder: Folder, rel: str, missing_ok: bool = False) -> bytes 
     be read is as good as missing (a training state: without it, training starts over); without
     it, storage that cannot be read fails the image now, since it could not be written either."""
     try:
-        return folder.read_bytes(rel)
-    except FileNotFoundError:
-        return None
+        return folder.read_if_there(rel)
     except StorageError:
         if missing_ok:
             return None

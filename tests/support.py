@@ -6,7 +6,8 @@ import contextlib
 import io
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,20 @@ def shrunk_photo(name: str, out: Path, short_side: int = 48) -> tuple[int, int]:
     out.parent.mkdir(parents=True, exist_ok=True)
     small.save(out)
     return small.size
+
+
+@dataclass(frozen=True)
+class Source:
+    """A test photo copied beside a manifest: its id, file and (W, H)."""
+
+    id: str
+    path: Path
+    size: tuple[int, int]
+
+
+def photo_sources(folder: Path, names: Iterable[str], short_side: int) -> list[Source]:
+    """The committed test photos ``names`` shrunk to ``short_side`` px on the short side, in ``folder``."""
+    return [Source(Path(n).stem, folder / n, shrunk_photo(n, folder / n, short_side)) for n in names]
 
 
 def free_port() -> int:

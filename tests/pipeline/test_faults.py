@@ -40,12 +40,12 @@ import ray
 import torch
 from fault_proxy import FaultProxy, Request
 from PIL import Image
+from support import Source, photo_sources
 from support import free_port as _free_port
 from support import parquet_bytes as _parquet_bytes
 from support import processes as _processes
 from support import run_main as _run_main
 from support import session_members as _session_members
-from support import shrunk_photo
 
 from ingan import checkpoint
 from pipeline import executor, layout
@@ -66,16 +66,9 @@ TINY = ["--preset", "tiny", "--ratios", ",".join(map(str, RATIOS)), "--no-metric
 # --------------------------------------------------------------------------- helpers
 
 
-@dataclass(frozen=True)
-class Source:
-    id: str
-    path: Path
-    size: tuple[int, int]  # (W, H)
-
-
 def _sources(out_dir: Path, n: int) -> list[Source]:
     """``n`` example photos shrunk to SHORT_SIDE px on the short side."""
-    return [Source(Path(name).stem, out_dir / name, shrunk_photo(name, out_dir / name, SHORT_SIDE)) for name in NAMES[:n]]
+    return photo_sources(out_dir, NAMES[:n], SHORT_SIDE)
 
 
 def _local_manifest(path: Path, sources: list[Source]) -> Path:

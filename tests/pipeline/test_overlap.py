@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from support import parquet_bytes, run_main, session_members, shrunk_photo
+from support import Source, parquet_bytes, photo_sources, run_main, session_members
 
 from pipeline import layout
 from pipeline.results import RUNS_KEY
@@ -45,15 +45,8 @@ RUN_LINE = re.compile(r"^run (\S+); other live runs in this output: (.*)$", re.M
 pytestmark = pytest.mark.slow
 
 
-@dataclass(frozen=True)
-class Source:
-    id: str
-    path: Path
-    size: tuple[int, int]
-
-
 def _sources(folder: Path, names: tuple[str, ...] = NAMES) -> list[Source]:
-    return [Source(Path(n).stem, folder / n, shrunk_photo(n, folder / n, SHORT_SIDE)) for n in names]
+    return photo_sources(folder, names, SHORT_SIDE)
 
 
 def _manifest(path: Path, sources: list[Source], uris: list[str] | None = None) -> Path:
