@@ -63,6 +63,7 @@ def smaller(cfg: TrainConfig, image: Tensor) -> TrainConfig:
 def _fit(train_cfg: TrainConfig, image: Tensor, preset: str, model_cfg: ModelConfig, device: torch.device | str,
          progress: ProgressFn | None, state: bytes | None, snapshot: Callable[[bytes], None] | None,
          snapshot_every_s: float, meta: dict[str, Any] | None, trainer_cls: type[Trainer]) -> Fit:
+    """One training at ``train_cfg``: what ``fit`` tries, and tries again smaller."""
     trainer = trainer_cls(to_model_input(image), model_cfg, train_cfg, device)
     resumed_from = 0
     if state is not None:

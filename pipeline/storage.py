@@ -278,7 +278,7 @@ class Folder:
         """A local file written whole as S3 writes an object: under a name of its own in the same
         folder, then renamed over ``path``, so neither a reader nor a crash mid-write ever sees a
         part of it."""
-        self.fs.makedirs(self.fs._parent(path), exist_ok=True)
+        self.fs.makedirs(os.path.dirname(path), exist_ok=True)
         part = f"{path}.part-{os.getpid()}-{random.getrandbits(32):08x}"
         try:
             self.fs.pipe_file(part, data)
@@ -300,7 +300,7 @@ class Folder:
         def _create() -> bool:
             try:
                 if self.is_local:
-                    self.fs.makedirs(self.fs._parent(path), exist_ok=True)
+                    self.fs.makedirs(os.path.dirname(path), exist_ok=True)
                     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
                     try:
                         with os.fdopen(fd, "wb") as f:
