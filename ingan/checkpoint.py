@@ -49,7 +49,13 @@ class Checkpoint:
 
 
 def from_generator(g: Generator, model: ModelConfig, train: TrainConfig, meta: dict[str, Any] | None = None) -> Checkpoint:
-    state = {k: v.detach().to("cpu", memory_format=torch.contiguous_format).clone() for k, v in g.state_dict().items()}
+    return from_state(g.state_dict(), model, train, meta)
+
+
+def from_state(generator: dict[str, torch.Tensor], model: ModelConfig, train: TrainConfig,
+               meta: dict[str, Any] | None = None) -> Checkpoint:
+    """A checkpoint of a generator's ``state_dict()`` (or a bundle image's part of one)."""
+    state = {k: v.detach().to("cpu", memory_format=torch.contiguous_format).clone() for k, v in generator.items()}
     return Checkpoint(model, train, state, dict(meta or {}))
 
 
@@ -104,44 +110,63 @@ def image_digest(image: torch.Tensor) -> str:
     return hashlib.sha256(image.detach().to("cpu").contiguous().numpy().tobytes()).hexdigest()
 
 
-def save_training_state(trainer: Trainer) -> bytes:
-    """The trainer's ``state_dict()`` with what it belongs to: both configs and the image's
-    fingerprint. A few times G's checkpoint in size (D and both optimisers' moments)."""
+def save_training_state(trainer: Trainer, k: int = 0) -> bytes:
+    """Image ``k``'s ``part_state()`` with what it belongs to: both configs and the image's
+    fingerprint. A few times G's checkpoint in size (D and both optimisers' moments). The same
+    format whether the image trains alone or in a bundle: either can continue from it."""
     payload = {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
         "model_config": dataclasses.asdict(trainer.model_cfg),
-        "train_config": dataclasses.asdict(trainer.cfg),
+        "train_config": dataclasses.asdict(trainer.part_cfg(k)),
         "bf16": trainer.bf16,  # resolved: bf16=None means something else on another machine
-        "image_digest": image_digest(trainer.image),
-        "state": trainer.state_dict(),
+        "image_digest": image_digest(trainer.images[k]),
+        "state": trainer.part_state(k),
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
     return buf.getvalue()
 
 
-def resume_training(trainer: Trainer, data: bytes | BinaryIO) -> int:
-    """Load a saved training state into ``trainer`` (built with the same image and configs) and
-    return the iteration it continues from. A state of another image or configuration, or a
-    damaged one, raises ``CheckpointError`` and leaves the trainer unchanged."""
+def read_training_state(data: bytes | BinaryIO, model_cfg: ModelConfig, train_cfg: TrainConfig, working_image: torch.Tensor,
+                        bf16: bool) -> dict[str, Any]:
+    """The ``part_state()`` saved in ``data``, checked to belong to a training of ``working_image``
+    with these settings; anything else raises ``CheckpointError``."""
     payload = _read_payload(data, "cpu", STATE_FORMAT, STATE_VERSION, "training state")
     try:
-        same = config_from_dict(ModelConfig, payload["model_config"], strict=True) == trainer.model_cfg and \
-            config_from_dict(TrainConfig, payload["train_config"], strict=True) == trainer.cfg
+        same = config_from_dict(ModelConfig, payload["model_config"], strict=True) == model_cfg and \
+            config_from_dict(TrainConfig, payload["train_config"], strict=True) == train_cfg
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"the training state's settings cannot be continued here: {exc}") from exc
     if not same:
         raise CheckpointError("the training state was saved with other settings")
-    if payload.get("image_digest") != image_digest(trainer.image):
+    if payload.get("image_digest") != image_digest(working_image):
         raise CheckpointError("the training state belongs to another image")
-    if payload.get("bf16", trainer.bf16) != trainer.bf16:
+    if payload.get("bf16", bf16) != bf16:
         # Continuing in the other precision would end with other weights than an uninterrupted run.
         raise CheckpointError("the training state was computed in another precision")
-    before = copy.deepcopy(trainer.state_dict())  # state_dict() holds live tensors
+    state = payload.get("state")
+    if not isinstance(state, dict) or not isinstance(state.get("iteration"), int):
+        raise CheckpointError("training state is incomplete: no iteration")
+    return state
+
+
+def resume_parts(trainer: Trainer, states: list[dict[str, Any]]) -> int:
+    """Load every image's checked state (``read_training_state``) into ``trainer`` and return the
+    iteration it continues from. States that cannot be continued together raise
+    ``CheckpointError`` and leave the trainer unchanged."""
+    before = [copy.deepcopy(trainer.part_state(k)) for k in range(trainer.k)]  # live tensors
     try:
-        trainer.load_state_dict(payload["state"])
+        trainer.load_parts(states)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-        trainer.load_state_dict(before)  # partly loaded: back to the fresh start
+        trainer.load_parts(before)  # partly loaded: back to the fresh start
         raise CheckpointError(f"training state is incomplete or inconsistent: {exc}") from exc
     return trainer.iteration
+
+
+def resume_training(trainer: Trainer, data: bytes | BinaryIO) -> int:
+    """Load a saved training state into a single image's ``trainer`` (built with the same image
+    and configs) and return the iteration it continues from. A state of another image or
+    configuration, or a damaged one, raises ``CheckpointError`` and leaves the trainer unchanged."""
+    state = read_training_state(data, trainer.model_cfg, trainer.part_cfg(0), trainer.images[0], trainer.bf16)
+    return resume_parts(trainer, [state])

@@ -7,6 +7,13 @@ encoder's total stride and the result is cropped back.
 
 Discriminator: independent small fully-convolutional nets, one per scale of a 1.4x pyramid, whose
 maps are upsampled to the finest map's size and summed with scheduled weights.
+
+Both are built for a bundle of ``bundle`` (K) independent models trained as one (``ingan.train``):
+every conv is grouped, K groups, and every channel count is K times the model's, image k's
+channels being the k-th block. A grouped conv maps block k to block k alone, BatchNorm at batch 1
+normalises each channel over its own image, and the rest (pooling, resizing, padding, the warp,
+activations) acts channel by channel: no weight, statistic or gradient is shared between blocks,
+and K convs run as one. K = 1 is the plain network.
 """
 
 from __future__ import annotations
@@ -22,33 +29,34 @@ from .geometry import warp
 from .spectral import group_spectral_norms, spectral_norm
 
 
-def _conv(cin: int, cout: int, k: int, sn: bool = True, stride: int = 1, pad: bool = True) -> nn.Module:
+def _conv(cin: int, cout: int, k: int, sn: bool = True, stride: int = 1, pad: bool = True, bundle: int = 1) -> nn.Module:
     """Conv with the reference's init (xavier-normal, gain 0.01, zero bias) and spectral norm
     (every conv but G's last); reflection padding keeps borders free of the zero-padding frame
-    artefact."""
-    conv = nn.Conv2d(cin, cout, k, stride=stride)
+    artefact. With ``bundle`` K > 1, K such convs as one grouped conv (a bundle's weights are
+    loaded from K models built alone, ``ingan.bundle``, so its own init is only a placeholder)."""
+    conv = nn.Conv2d(bundle * cin, bundle * cout, k, stride=stride, groups=bundle)
     nn.init.xavier_normal_(conv.weight, gain=0.01)
     nn.init.zeros_(conv.bias)
     if sn:
-        conv = spectral_norm(conv)
+        conv = spectral_norm(conv, bundle)
     if pad and k > 1:
         return nn.Sequential(nn.ReflectionPad2d(k // 2), conv)
     return conv
 
 
-def _conv_bn_act(cin: int, cout: int, k: int) -> nn.Sequential:
+def _conv_bn_act(cin: int, cout: int, k: int, bundle: int) -> nn.Sequential:
     # BatchNorm at batch size 1 normalises over one image, i.e. acts as instance norm in training.
-    return nn.Sequential(_conv(cin, cout, k), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2))
+    return nn.Sequential(_conv(cin, cout, k, bundle=bundle), nn.BatchNorm2d(bundle * cout), nn.LeakyReLU(0.2))
 
 
 class ResBlock(nn.Module):
-    def __init__(self, ch: int, squeeze: int) -> None:
+    def __init__(self, ch: int, squeeze: int, bundle: int = 1) -> None:
         super().__init__()
-        mid = ch // squeeze
+        mid, b = ch // squeeze, bundle
         self.body = nn.Sequential(
-            _conv(ch, mid, 1), nn.BatchNorm2d(mid), nn.LeakyReLU(0.2),
-            _conv(mid, mid, 3), nn.BatchNorm2d(mid), nn.LeakyReLU(0.2),
-            _conv(mid, ch, 1), nn.BatchNorm2d(ch),
+            _conv(ch, mid, 1, bundle=b), nn.BatchNorm2d(b * mid), nn.LeakyReLU(0.2),
+            _conv(mid, mid, 3, bundle=b), nn.BatchNorm2d(b * mid), nn.LeakyReLU(0.2),
+            _conv(mid, ch, 1, bundle=b), nn.BatchNorm2d(b * ch),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -56,16 +64,19 @@ class ResBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """Images in and out are (1, 3K, H, W) for a bundle of K, image k in channels 3k..3k+2."""
+
+    def __init__(self, cfg: ModelConfig, bundle: int = 1) -> None:
         super().__init__()
-        c = cfg.g_channels
+        c, b = cfg.g_channels, bundle
         widths = [c * 2**i for i in range(cfg.g_downsamples + 1)]  # 64, 128, 256, 512
         self.stride = 2**cfg.g_downsamples
-        self.entry = _conv_bn_act(3, c, 7)
-        self.down = nn.ModuleList(_conv_bn_act(widths[i], widths[i + 1], 3) for i in range(cfg.g_downsamples))
-        self.bottleneck = nn.Sequential(*(ResBlock(widths[-1], cfg.g_res_squeeze) for _ in range(cfg.g_res_blocks)))
-        self.up = nn.ModuleList(_conv_bn_act(widths[i + 1], widths[i], 3) for i in reversed(range(cfg.g_downsamples)))
-        self.exit = _conv(c, 3, 7, sn=False)
+        self.bundle = bundle
+        self.entry = _conv_bn_act(3, c, 7, b)
+        self.down = nn.ModuleList(_conv_bn_act(widths[i], widths[i + 1], 3, b) for i in range(cfg.g_downsamples))
+        self.bottleneck = nn.Sequential(*(ResBlock(widths[-1], cfg.g_res_squeeze, b) for _ in range(cfg.g_res_blocks)))
+        self.up = nn.ModuleList(_conv_bn_act(widths[i + 1], widths[i], 3, b) for i in reversed(range(cfg.g_downsamples)))
+        self.exit = _conv(c, 3, 7, sn=False, bundle=b)
         self.image_skip = cfg.image_skip
         group_spectral_norms(self)  # the residual blocks' layers share shapes
 
@@ -112,15 +123,16 @@ class Generator(nn.Module):
 class DiscriminatorNet(nn.Module):
     """One scale: unpadded convs with a 9x9 receptive field at that scale."""
 
-    def __init__(self, c: int) -> None:
+    def __init__(self, c: int, bundle: int = 1) -> None:
         super().__init__()
+        b = bundle
         # BatchNorm as in the reference: D sees the real crop and the fake in separate passes of
         # batch size 1, so each is normalised by its own statistics.
         self.body = nn.Sequential(
-            _conv(3, c, 3, pad=False), nn.LeakyReLU(0.2),
-            _conv(c, 2 * c, 3, stride=2, pad=False), nn.BatchNorm2d(2 * c), nn.LeakyReLU(0.2),
-            _conv(2 * c, 2 * c, 3, pad=False), nn.BatchNorm2d(2 * c), nn.LeakyReLU(0.2),
-            _conv(2 * c, 1, 1, pad=False),
+            _conv(3, c, 3, pad=False, bundle=b), nn.LeakyReLU(0.2),
+            _conv(c, 2 * c, 3, stride=2, pad=False, bundle=b), nn.BatchNorm2d(b * 2 * c), nn.LeakyReLU(0.2),
+            _conv(2 * c, 2 * c, 3, pad=False, bundle=b), nn.BatchNorm2d(b * 2 * c), nn.LeakyReLU(0.2),
+            _conv(2 * c, 1, 1, pad=False, bundle=b),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -128,10 +140,13 @@ class DiscriminatorNet(nn.Module):
 
 
 class MultiScaleDiscriminator(nn.Module):
-    def __init__(self, cfg: ModelConfig, crop_size: int) -> None:
+    """Maps are (1, K, h, w) for a bundle of K: image k's in channel k."""
+
+    def __init__(self, cfg: ModelConfig, crop_size: int, bundle: int = 1) -> None:
         super().__init__()
         self.cfg = cfg
-        self.nets = nn.ModuleList(DiscriminatorNet(cfg.d_channels) for _ in range(cfg.n_d_nets(crop_size)))
+        self.bundle = bundle
+        self.nets = nn.ModuleList(DiscriminatorNet(cfg.d_channels, bundle) for _ in range(cfg.n_d_nets(crop_size)))
         group_spectral_norms(self)  # layer k of every scale's net: one batched normalisation
 
     def n_scales_for(self, hw: tuple[int, int]) -> int:
@@ -159,7 +174,7 @@ class MultiScaleDiscriminator(nn.Module):
                 size = (max(9, round(h * s)), max(9, round(w * s)))
                 # Antialiased so coarse scales see the image, not its aliasing (float32: the
                 # antialiased kernel has no bfloat16 CPU implementation).
-                xk = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+                xk = F.interpolate(x.to(torch.promote_types(x.dtype, torch.float32)), size=size, mode="bilinear", align_corners=False, antialias=True)
             m = self.nets[k](xk)
             if out is None:
                 out = wk * m

@@ -12,6 +12,11 @@ checkpoints are interchangeable, and the same result outside ``cached()``), and
 ``group_spectral_norms`` then groups a network's weights of equal shape. Inside ``cached()``, the
 first weight of a group to be read computes the whole group: its power iterations and its division
 as batched matrix products over a stack of the weights. The others take their share of that result.
+
+A weight may also hold the blocks of several independent models (a bundle trained as one, see
+``ingan.train``): a grouped conv's weight ``(K*out, in, kh, kw)`` is K weights, each normalised by
+its own singular value with its own vectors. The vectors are kept as the K models' vectors end to
+end, so block k of ``_u`` and ``_v`` is model k's, in the layout of a weight of its own.
 """
 
 from __future__ import annotations
@@ -59,17 +64,30 @@ def cached() -> Iterator[None]:
 
 class SpectralNorm(nn.Module):
     """The parametrization of one weight: PyTorch's spectral norm (dim 0, one power iteration per
-    training forward), with a slot for the group it is computed with."""
+    training forward), with a slot for the group it is computed with. With ``blocks`` > 1 the
+    weight's rows are that many models' weights, each normalised on its own."""
 
-    def __init__(self, weight: Tensor) -> None:
+    def __init__(self, weight: Tensor, blocks: int = 1) -> None:
         super().__init__()
         mat = weight.flatten(1)
-        self.register_buffer("_u", F.normalize(mat.new_empty(mat.shape[0]).normal_(0, 1), dim=0, eps=_EPS))
-        self.register_buffer("_v", F.normalize(mat.new_empty(mat.shape[1]).normal_(0, 1), dim=0, eps=_EPS))
-        self._power_iteration(mat, 15)  # start from a good estimate, as PyTorch does
+        self.blocks = blocks
+        if mat.shape[0] % blocks:
+            raise ValueError(f"a weight of {mat.shape[0]} rows cannot hold {blocks} blocks")
         # Plain attributes (not submodules): the group refers back to this module.
         self.__dict__["group"] = None
         self.__dict__["index"] = 0
+        if blocks == 1:
+            self.register_buffer("_u", F.normalize(mat.new_empty(mat.shape[0]).normal_(0, 1), dim=0, eps=_EPS))
+            self.register_buffer("_v", F.normalize(mat.new_empty(mat.shape[1]).normal_(0, 1), dim=0, eps=_EPS))
+            self._power_iteration(mat, 15)  # start from a good estimate, as PyTorch does
+            return
+        u = mat.new_empty(blocks, mat.shape[0] // blocks).normal_(0, 1)
+        v = mat.new_empty(blocks, mat.shape[1]).normal_(0, 1)
+        self.register_buffer("_u", F.normalize(u, dim=1, eps=_EPS).flatten())
+        self.register_buffer("_v", F.normalize(v, dim=1, eps=_EPS).flatten())
+        with torch.no_grad():
+            for _ in range(15):
+                _normalise([self], [weight])
 
     @torch.no_grad()
     def _power_iteration(self, mat: Tensor, n: int) -> None:
@@ -81,6 +99,8 @@ class SpectralNorm(nn.Module):
         context = getattr(_state, "context", None)
         if self.group is not None and context is not None and self.group.trains_as(self.training):
             return self.group.weight(self.index, context)
+        if self.blocks > 1:
+            return _normalise([self], [weight])[0]
         mat = weight.flatten(1)
         if self.training:
             self._power_iteration(mat, 1)
@@ -93,9 +113,10 @@ class SpectralNorm(nn.Module):
         return value  # assigning a weight sets the unnormalised one, as PyTorch's does
 
 
-def spectral_norm(module: nn.Module) -> nn.Module:
-    """Spectral-normalise ``module.weight`` (a conv's); computed alone until grouped."""
-    parametrize.register_parametrization(module, "weight", SpectralNorm(module.weight))
+def spectral_norm(module: nn.Module, blocks: int = 1) -> nn.Module:
+    """Spectral-normalise ``module.weight`` (a conv's, ``blocks`` models' weights stacked on its
+    output channels); computed alone until grouped."""
+    parametrize.register_parametrization(module, "weight", SpectralNorm(module.weight, blocks))
     return module
 
 
@@ -138,34 +159,41 @@ class _Group:
 
     def _compute(self) -> list[Tensor]:
         plists = [m.parametrizations.weight for m in self.owners]
-        norms: list[SpectralNorm] = [p[0] for p in plists]
-        originals = [p.original for p in plists]
-        # Stack in the weights' own memory order (channels-last weights as (out, kh, kw, in)), so
-        # the stack is one copy and each result is a view in the layout the conv expects. The
-        # columns are then permuted against PyTorch's (in, kh, kw) order; v is permuted alike,
-        # and the singular values do not change.
-        first = originals[0]
-        nhwc = first.dim() == 4 and not first.is_contiguous() and first.is_contiguous(memory_format=torch.channels_last)
-        perm = (0, 2, 3, 1) if nhwc else tuple(range(first.dim()))
-        stacked = torch.stack([o.permute(perm) for o in originals])  # (n, out, ...)
-        mats = stacked.flatten(2)  # (n, out, k)
-        with torch.no_grad(), torch.autocast(first.device.type, enabled=False):
-            u = torch.stack([s._u for s in norms])  # (n, out)
-            v = torch.stack([s._v for s in norms])  # (n, k), PyTorch's column order
-            if nhwc:
-                cin, kh, kw = first.shape[1:]
-                v = v.view(-1, cin, kh, kw).permute(0, 2, 3, 1).reshape(len(norms), -1)
-            if norms[0].training:
-                u = F.normalize(torch.bmm(mats, v.unsqueeze(2)).squeeze(2), dim=1, eps=_EPS)
-                v = F.normalize(torch.bmm(mats.transpose(1, 2), u.unsqueeze(2)).squeeze(2), dim=1, eps=_EPS)
-                v_saved = v.view(-1, kh, kw, cin).permute(0, 3, 1, 2).reshape(len(norms), -1) if nhwc else v
-                torch._foreach_copy_([s._u for s in norms], list(u.unbind(0)))
-                torch._foreach_copy_([s._v for s in norms], list(v_saved.unbind(0)))
-        with torch.autocast(first.device.type, enabled=False):
-            sigma = torch.bmm(u.unsqueeze(1), torch.bmm(mats, v.unsqueeze(2))).flatten()  # (n,)
-            out = stacked / sigma.view(-1, *([1] * (stacked.dim() - 1)))
-        inverse = tuple(perm.index(d) for d in range(len(perm)))
-        return [w.permute(inverse) for w in out.unbind(0)]
+        return _normalise([p[0] for p in plists], [p.original for p in plists])
+
+
+def _normalise(norms: list[SpectralNorm], originals: list[Tensor]) -> list[Tensor]:
+    """The normalised weights of ``norms`` (one shape, one mode, ``blocks`` each), in one batched
+    pass: a power iteration per block when training, then each block divided by its estimate."""
+    # Stack in the weights' own memory order (channels-last weights as (out, kh, kw, in)), so the
+    # stack is one copy and each result is a view in the layout the conv expects. The columns are
+    # then permuted against PyTorch's (in, kh, kw) order; v is permuted alike, and the singular
+    # values do not change.
+    first = originals[0]
+    n, blocks = len(norms), norms[0].blocks
+    rows = n * blocks  # one matrix per block of every weight
+    nhwc = first.dim() == 4 and not first.is_contiguous() and first.is_contiguous(memory_format=torch.channels_last)
+    perm = (0, 2, 3, 1) if nhwc else tuple(range(first.dim()))
+    stacked = torch.stack([o.permute(perm) for o in originals])  # (n, blocks * out, ...)
+    mats = stacked.view(rows, stacked.shape[1] // blocks, -1)  # (n * blocks, out, k)
+    with torch.no_grad(), torch.autocast(first.device.type, enabled=False):
+        u = torch.stack([s._u for s in norms]).view(rows, -1)  # (n * blocks, out)
+        v = torch.stack([s._v for s in norms]).view(rows, -1)  # (n * blocks, k), PyTorch's column order
+        if nhwc:
+            cin, kh, kw = first.shape[1:]
+            v = v.view(-1, cin, kh, kw).permute(0, 2, 3, 1).reshape(rows, -1)
+        if norms[0].training:
+            u = F.normalize(torch.bmm(mats, v.unsqueeze(2)).squeeze(2), dim=1, eps=_EPS)
+            v = F.normalize(torch.bmm(mats.transpose(1, 2), u.unsqueeze(2)).squeeze(2), dim=1, eps=_EPS)
+            v_saved = v.view(-1, kh, kw, cin).permute(0, 3, 1, 2).reshape(rows, -1) if nhwc else v
+            torch._foreach_copy_([s._u for s in norms], list(u.view(n, -1).unbind(0)))
+            torch._foreach_copy_([s._v for s in norms], list(v_saved.reshape(n, -1).unbind(0)))
+    with torch.autocast(first.device.type, enabled=False):
+        sigma = torch.bmm(u.unsqueeze(1), torch.bmm(mats, v.unsqueeze(2))).flatten()  # (n * blocks,)
+        by_block = stacked.view(n, blocks, -1, *stacked.shape[2:])  # (n, blocks, out, ...)
+        out = (by_block / sigma.view(n, blocks, *([1] * (by_block.dim() - 2)))).view(stacked.shape)
+    inverse = tuple(perm.index(d) for d in range(len(perm)))
+    return [w.permute(inverse) for w in out.unbind(0)]
 
 
 def group_spectral_norms(network: nn.Module) -> None:
@@ -177,6 +205,7 @@ def group_spectral_norms(network: nn.Module) -> None:
         if parametrize.is_parametrized(m, "weight") and isinstance(m.parametrizations.weight[0], SpectralNorm):
             groups.setdefault(tuple(m.parametrizations.weight.original.shape), []).append(m)
     for owners in groups.values():
+        # A lone weight of several blocks computes them batched anyway (``SpectralNorm.forward``).
         group = _Group(owners) if len(owners) > 1 else None
         for i, m in enumerate(owners):
             norm = m.parametrizations.weight[0]

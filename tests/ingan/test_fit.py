@@ -71,11 +71,12 @@ def _tight(limit: int | None, tried: list[TrainConfig]) -> type[Trainer]:
     """A Trainer that runs out of GPU memory for crops above ``limit`` (None: always)."""
 
     class Tight(Trainer):
-        def __init__(self, image: torch.Tensor, model_cfg: object, train_cfg: TrainConfig, device: object) -> None:
+        def __init__(self, image: torch.Tensor, model_cfg: object, train_cfg: TrainConfig, device: object,
+                     **kw: object) -> None:
             tried.append(train_cfg)
             if limit is None or train_cfg.crop_size > limit:
                 raise torch.OutOfMemoryError("CUDA out of memory")
-            super().__init__(image, model_cfg, train_cfg, device)
+            super().__init__(image, model_cfg, train_cfg, device, **kw)
 
     return Tight
 
