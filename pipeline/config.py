@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -19,6 +19,14 @@ from ingan.geometry import MAX_SHIFT
 from ingan.retarget import parse_shape, parse_size, shape_name
 
 from .storage import RetryPolicy, Storage
+
+# Images per bundle on a GPU when ``bundle_size`` is auto. One training leaves an H200 idle 90% of
+# the time, its kernels launched one by one; a bundle of K launches each kernel once for K
+# images. The projection from the measured launch and kernel times has the GPU's kernels, not
+# the launches, set the pace from K = 8 (BENCHMARKS.md, "Fused training"), and 8 trainings of
+# `fast` (2.3 GiB each at most, measured alone) fit the 24 GB GPU of cluster.yaml's g5.xlarge.
+# docs/cluster.md sizes K to other GPUs.
+AUTO_BUNDLE_GPU = 8
 
 
 class ConfigError(ValueError):
@@ -54,7 +62,10 @@ class RunConfig(BaseModel):
     metrics_max_side: int = Field(192, ge=16, description="images are scored at most this large")
     num_gpus: float | None = Field(None, ge=0, le=8, description="GPUs per task; fractions pack trainings; None: 0.25 with GPUs (paper: 1), 0 without")
     num_cpus: float = Field(1, gt=0, le=256, description="CPUs per task (also its torch threads)")
-    max_in_flight: int | None = Field(None, ge=1, le=100_000, description="tasks submitted at once; None: auto")
+    max_in_flight: int | None = Field(None, ge=1, le=100_000, description="images submitted at once; None: auto")
+    bundle_size: Literal["auto"] | Annotated[int, Field(ge=1, le=256)] = Field(
+        "auto", description="images a task trains as one fused model (a bundle); auto: 1 without GPUs, "
+                            f"{AUTO_BUNDLE_GPU} with (docs/cluster.md)")
     timeout_s: float | None = Field(6 * 3600, gt=0, description="per-image limit, seconds")
     retries: int = Field(2, ge=0, le=20, description="resubmissions after a lost worker or node")
     connect_timeout_s: float = Field(30.0, gt=0, le=3600, description="give up on a Ray cluster that does not answer after this long")

@@ -22,7 +22,7 @@ from ingan.config import get_preset
 from ingan.progress import hms
 
 from . import cluster, executor, report, runs
-from .config import ConfigError, RunConfig, load_config
+from .config import AUTO_BUNDLE_GPU, ConfigError, RunConfig, load_config
 from .manifest import ManifestError, load_manifest
 from .records import RESULT_SCHEMA_BASE, Item, Record
 from .results import Finished, ResultStream
@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", type=float, help="GPUs per task; fractions pack several trainings per GPU "
                                                   "(default: 0.25 where GPUs exist, 1 for paper, 0 without)")
     p.add_argument("--num-cpus", type=float, help="CPUs per task")
-    p.add_argument("--max-in-flight", type=int, help="tasks submitted at once")
+    p.add_argument("--max-in-flight", type=int, help="images submitted at once")
+    p.add_argument("--bundle-size", type=_bundle_size, metavar="K|auto",
+                   help="images a task trains as one fused model (default auto: 1 without GPUs, "
+                        f"{AUTO_BUNDLE_GPU} with; docs/cluster.md)")
     p.add_argument("--timeout", dest="timeout_s", type=float, help="per-image limit in seconds")
     p.add_argument("--retries", type=int, help="resubmissions after a lost worker or node")
     p.add_argument("--checkpoint-every", dest="checkpoint_every_s", type=float, metavar="SECONDS",
@@ -75,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint-url", help="S3-compatible endpoint URL (MinIO, moto, ...)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; run nothing")
     return p
+
+
+def _bundle_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of images or auto, got {text!r}") from None
 
 
 def _split(text: str | None, cast: Any) -> list[Any] | None:
@@ -89,7 +101,7 @@ def _split(text: str | None, cast: Any) -> list[Any] | None:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     overrides = {k: getattr(args, k) for k in (
         "output", "preset", "ratio_policy", "iterations", "seed", "image_format", "num_gpus", "num_cpus",
-        "max_in_flight", "timeout_s", "retries", "checkpoint_every_s", "resume", "retarget_only", "metrics", "endpoint_url",
+        "max_in_flight", "bundle_size", "timeout_s", "retries", "checkpoint_every_s", "resume", "retarget_only", "metrics", "endpoint_url",
         "shapes", "max_shift", "bf16", "augment", "augment_salt", "augment_shift")}
     overrides["ratios"] = _split(args.ratios, float)
     overrides["sizes"] = _split(args.sizes, str)
@@ -164,15 +176,23 @@ def resolve_preset(cfg: RunConfig, gpus: float) -> str:
 AUTO_GPU_SHARE = 0.25
 
 
-def resolve_num_gpus(cfg: RunConfig, gpus_expected: bool, preset: str) -> float:
-    """GPUs per task: the configured share; else, where GPUs exist, a quarter of one for a preset
-    with a capped working image, and a whole one for a preset without a cap (paper), whose memory
-    grows with the source; none without GPUs."""
+def resolve_bundle_size(cfg: RunConfig, gpus_expected: bool) -> int:
+    """Images per task: the configured number; auto, one without GPUs (a CPU gains nothing from
+    fusing, BENCHMARKS.md) and ``AUTO_BUNDLE_GPU`` with."""
+    if cfg.bundle_size != "auto":
+        return int(cfg.bundle_size)
+    return AUTO_BUNDLE_GPU if gpus_expected else 1
+
+
+def resolve_num_gpus(cfg: RunConfig, gpus_expected: bool, preset: str, bundle_size: int = 1) -> float:
+    """GPUs per task: the configured share; else, where GPUs exist, a whole one for a bundle of
+    several images or a preset without a cap on the working image (paper, whose memory grows
+    with the source), and a quarter of one for a single capped training; none without GPUs."""
     if cfg.num_gpus is not None:
         return cfg.num_gpus
     if not gpus_expected:
         return 0.0
-    return AUTO_GPU_SHARE if get_preset(preset).train.max_side is not None else 1.0
+    return AUTO_GPU_SHARE if get_preset(preset).train.max_side is not None and bundle_size == 1 else 1.0
 
 
 def _versions() -> dict[str, str]:
@@ -251,15 +271,18 @@ def _plan(cfg: RunConfig, manifest_uri: str, run_id: str, out: Folder, n: int) -
     gpus_planned = max(gpus_now, cluster.autoscaler_max_gpus())
     gpus_expected = gpus_planned > 0
     preset = resolve_preset(cfg, 1.0 if gpus_expected else 0.0)
-    num_gpus = resolve_num_gpus(cfg, gpus_expected, preset)
+    bundle = resolve_bundle_size(cfg, gpus_expected)
+    num_gpus = resolve_num_gpus(cfg, gpus_expected, preset, bundle)
     slots = gpus_planned / num_gpus if num_gpus else cluster.cluster_cpus() / cfg.num_cpus
-    in_flight = cfg.max_in_flight or max(4, int(2 * slots))
-    res = executor.Resources(cfg.num_cpus, num_gpus, in_flight, cfg.retries, cfg.timeout_s)
+    in_flight = cfg.max_in_flight or max(4, int(2 * slots)) * bundle  # images: two bundles per slot
+    res = executor.Resources(cfg.num_cpus, num_gpus, in_flight, cfg.retries, cfg.timeout_s, bundle)
     job = Job.of(cfg, preset)
     resolved = {**cfg.public_dict(), "preset_resolved": preset, "model_tag": job.tag, "num_gpus_resolved": num_gpus,
-                "max_in_flight_resolved": in_flight, "manifest": manifest_uri, "run_id": run_id}
+                "max_in_flight_resolved": in_flight, "bundle_size_resolved": bundle, "manifest": manifest_uri,
+                "run_id": run_id}
     _log(f"{n} images -> {out.uri('')} | preset {preset} | {num_gpus:g} GPU + {cfg.num_cpus:g} CPU per task "
-         f"| {in_flight} in flight | cluster GPUs now: {gpus_now:g}, at most: {gpus_planned:g}")
+         f"of {bundle} image{'s' if bundle > 1 else ''} | {in_flight} images in flight "
+         f"| cluster GPUs now: {gpus_now:g}, at most: {gpus_planned:g}")
     return job, res, resolved
 
 

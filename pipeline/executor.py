@@ -1,15 +1,18 @@
-"""Where the work runs: Ray Core tasks, a bounded number in flight.
+"""Where the work runs: Ray Core tasks, a bounded number of images in flight.
 
-The manifest's rows are turned into items lazily and at most ``max_in_flight`` tasks exist at
-once, so a 100k-row manifest never sits in the scheduler; each record goes to ``on_record`` as it
-arrives (the driver streams them to storage, ``pipeline.results``). A task whose
-worker or node dies is resubmitted (``retries`` times) with the same seed, so it writes the same
-bytes; a task past its time limit is cancelled and recorded as a timeout. Everything else that can
-go wrong with an image is already a failure record returned by the task itself.
+The manifest's rows are turned into items lazily, ``bundle_size`` consecutive items to a task
+(the images it trains as one bundle), and at most ``max_in_flight`` images are in submitted tasks
+at once, so a 100k-row manifest never sits in the scheduler; each image's record goes to
+``on_record`` as its task returns (the driver streams them to storage, ``pipeline.results``). A
+task whose worker or node dies is resubmitted (``retries`` times) with the same seeds, so it
+writes the same bytes, each image resuming from its own training state; a task past its time
+limit (its images' limits together) is cancelled and its images recorded as timeouts. Everything
+else that can go wrong with an image is already a failure record returned by the task itself.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -18,7 +21,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayError, TaskCancelledError
 
 from .records import Item, Record, failed
-from .task import Job, process
+from .task import Job, process_bundle
 
 # How long past its own per-image limit a task may run before the driver cancels it: the task
 # checks its deadline between training iterations, so a cancel is only a backstop.
@@ -26,14 +29,14 @@ _GRACE_S = 120.0
 
 
 @ray.remote
-def _run(item: Item, job: Job) -> Record:
+def _run(items: list[Item], job: Job) -> list[Record]:
     # Torch sizes its thread pool from OMP_NUM_THREADS, which Ray sets to the task's CPUs.
-    return process(item, job)
+    return process_bundle(items, job)
 
 
 @dataclass
 class _Pending:
-    item: Item
+    items: list[Item]
     attempt: int
     submitted: float
 
@@ -44,7 +47,8 @@ class Resources:
     num_gpus: float
     max_in_flight: int
     retries: int
-    timeout_s: float | None
+    timeout_s: float | None  # per image
+    bundle_size: int = 1
 
 
 def run_items(
@@ -59,14 +63,15 @@ def run_items(
     job_ref = ray.put(job)  # shipped once, not once per task
     remote = _run.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=0)
 
-    def submit(item: Item, attempt: int) -> None:
-        pending[remote.remote(item, job_ref)] = _Pending(item, attempt, time.monotonic())
+    def submit(bundle: list[Item], attempt: int) -> None:
+        pending[remote.remote(bundle, job_ref)] = _Pending(bundle, attempt, time.monotonic())
 
     exhausted = False
     while True:
-        while not exhausted and len(pending) < res.max_in_flight:
-            nxt = next(source, None)
-            if nxt is None:
+        # At least one task, however small max_in_flight is against the bundle size.
+        while not exhausted and (not pending or sum(len(p.items) for p in pending.values()) < res.max_in_flight):
+            nxt = list(itertools.islice(source, res.bundle_size))
+            if not nxt:
                 exhausted = True
             else:
                 submit(nxt, 1)
@@ -78,21 +83,22 @@ def run_items(
             try:
                 _hand_on(p, ray.get(ref), on_record)
             except (TaskCancelledError, GetTimeoutError) as exc:
-                _hand_on(p, failed(p.item, "timeout", f"cancelled past the time limit: {exc}"), on_record)
+                _hand_on(p, [failed(i, "timeout", f"cancelled past the time limit: {exc}") for i in p.items], on_record)
             except RayError as exc:
                 # Lost worker or node (spot reclaim, OOM kill, crash): the task is retried.
                 if p.attempt <= res.retries:
-                    submit(p.item, p.attempt + 1)
+                    submit(p.items, p.attempt + 1)
                     continue
                 message = f"{type(exc).__name__} after {p.attempt} attempts: {_first_line(exc)}"
-                _hand_on(p, failed(p.item, _ray_error_kind(exc), message), on_record)
+                _hand_on(p, [failed(i, _ray_error_kind(exc), message) for i in p.items], on_record)
         _cancel_overdue(pending, res, on_record)
 
 
-def _hand_on(p: _Pending, rec: Record, on_record: Callable[[Item, Record], None]) -> None:
-    """Every item's one record, with the attempts it took, to the driver."""
-    rec["attempts"] = p.attempt
-    on_record(p.item, rec)
+def _hand_on(p: _Pending, recs: list[Record], on_record: Callable[[Item, Record], None]) -> None:
+    """Every item's one record, with the attempts its task took, to the driver."""
+    for item, rec in zip(p.items, recs, strict=True):
+        rec["attempts"] = p.attempt
+        on_record(item, rec)
 
 
 def _cancel_overdue(pending: dict[ray.ObjectRef, _Pending], res: Resources, on_record: Callable[[Item, Record], None]) -> None:
@@ -100,11 +106,12 @@ def _cancel_overdue(pending: dict[ray.ObjectRef, _Pending], res: Resources, on_r
         return
     now = time.monotonic()
     for ref, p in list(pending.items()):
-        if now - p.submitted > res.timeout_s + _GRACE_S:
+        limit = res.timeout_s * len(p.items)  # the task's images train at once
+        if now - p.submitted > limit + _GRACE_S:
             ray.cancel(ref, force=True)
             del pending[ref]
-            message = f"no result within {res.timeout_s:.0f} s (+{_GRACE_S:.0f} s grace); cancelled"
-            _hand_on(p, failed(p.item, "timeout", message), on_record)
+            message = f"no result within {limit:.0f} s (+{_GRACE_S:.0f} s grace); cancelled"
+            _hand_on(p, [failed(i, "timeout", message) for i in p.items], on_record)
 
 
 def _ray_error_kind(exc: BaseException) -> str:

@@ -1,5 +1,7 @@
-"""The work for one image: fetch, decode, train (or reuse the saved model), retarget to every
-target, score, write, and return a small record. Knows nothing of Ray: the executor runs it.
+"""The work for one image, or a bundle of them: fetch, decode, train (or reuse the saved model),
+retarget to every target, score, write, and return a small record per image. Images that need
+training train together as one bundle (``ingan.fit.fit_bundle``). Knows nothing of Ray: the
+executor runs it.
 
 Every failure becomes a record with a status of ``failed``, an ``error_kind`` and a readable
 message; nothing raised here crashes the run. Outputs are written before the completion marker,
@@ -20,7 +22,7 @@ import torch
 from ingan import checkpoint, images
 from ingan import metrics as quality
 from ingan.config import ModelConfig, TrainConfig
-from ingan.fit import fit
+from ingan.fit import DivergedError, Fit, fit_bundle
 from ingan.progress import Progress
 from ingan.retarget import EncodedOutput, Shifts, encode_output, retarget_image
 from ingan.train import pick_device
@@ -90,6 +92,8 @@ def classify(exc: BaseException) -> tuple[str, str]:
         return "target", str(exc)
     if isinstance(exc, StorageError):
         return "storage", str(exc)
+    if isinstance(exc, DivergedError):
+        return "diverged", str(exc)
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return "oom", f"out of memory: {exc}"
     return "internal", f"{type(exc).__name__}: {exc}"
@@ -97,17 +101,56 @@ def classify(exc: BaseException) -> tuple[str, str]:
 
 def process(item: Item, job: Job) -> Record:
     """Run one image end to end and return its record (never raises for a per-image problem)."""
+    return process_bundle([item], job)[0]
+
+
+def process_bundle(items: list[Item], job: Job) -> list[Record]:
+    """Run images end to end, training those that need it as one bundle (``ingan.fit.fit_bundle``),
+    and return one record per item, in order. Each image's failure is its own: a broken image,
+    a diverged training or a failed write fails that row alone."""
     started = time.perf_counter()
-    try:
-        return _process(item, job, started)
-    except Exception as exc:  # noqa: BLE001 - every per-image failure becomes a failure row
-        kind, message = classify(exc)
-        return records.failed(item, kind, message, started)
+    # The per-image time limit, for the bundle's images together: they train at once.
+    deadline = Deadline(None if job.cfg.timeout_s is None else job.cfg.timeout_s * len(items))
+    out: list[Record | None] = [None] * len(items)
+    ready: list[tuple[int, _Prepared]] = []
+    for i, item in enumerate(items):
+        try:
+            prep = _prepare(item, job, started)
+        except Exception as exc:  # noqa: BLE001 - every per-image failure becomes a failure row
+            out[i] = records.failed(item, *classify(exc), started)
+            continue
+        if isinstance(prep, dict):  # done before: skipped
+            out[i] = prep
+        else:
+            ready.append((i, prep))
+    trained = _train([p for _, p in ready if p.ckpt is None], job, deadline)
+    for i, prep in ready:
+        try:
+            result = trained.get(prep.item.id) if prep.ckpt is None else None
+            if isinstance(result, Exception):
+                raise result
+            out[i] = _finish(prep, job, result, deadline, started)
+        except Exception as exc:  # noqa: BLE001
+            out[i] = records.failed(prep.item, *classify(exc), started)
+    return out  # type: ignore[return-value]
 
 
-def _process(item: Item, job: Job, started: float) -> Record:
-    # In stages: what the image needs from storage, the model (trained and stored, or the saved
-    # one), the outputs made, then stored with the marker last.
+@dataclass
+class _Prepared:
+    """An image read, decoded and resolved, with its saved model or training state if any."""
+
+    item: Item
+    folder: Folder
+    source: torch.Tensor  # (3, H, W) uint8
+    targets: list[Target]
+    shapes: dict[str, OutputKey]  # each target's output
+    done: dict[str, Any] | None  # the marker of an earlier run
+    ckpt: checkpoint.Checkpoint | None  # the saved model to reuse
+    state: bytes | None  # a lost task's training state
+
+
+def _prepare(item: Item, job: Job, started: float) -> _Prepared | Record:
+    """The first stage: what the image needs from storage; a record where it was done before."""
     cfg = job.cfg
     folder = Folder(cfg.output, cfg.storage())
     targets = [*job.targets, *(variants(cfg, item.id) if cfg.augment else [])]
@@ -129,27 +172,54 @@ def _process(item: Item, job: Job, started: float) -> Record:
     saved = _read_if_there(folder, model_rel) if cfg.resume == "incremental" or cfg.retarget_only else None
     if saved is None and cfg.retarget_only:
         raise ItemError("no_model", "retarget-only run, but this image has no saved model")
-    state = None if saved is not None else _read_if_there(folder, state_rel, missing_ok=True)
-    deadline = Deadline(cfg.timeout_s)
-    snapshot = _state_writer(folder, state_rel)
-    train_cfg = dataclasses.replace(job.train, seed=records.item_seed(cfg.seed, item.id))
-
-    ckpt, train_seconds = None, None
+    ckpt = None
     if saved is not None:
         with contextlib.suppress(checkpoint.CheckpointError):  # a damaged model is retrained, not trusted
             ckpt = checkpoint.load(saved)
-    if ckpt is None:
-        fitted = fit(source, job.preset, job.model, train_cfg, "auto", progress=deadline.check, state=state,
-                     snapshot=snapshot, snapshot_every_s=cfg.checkpoint_every_s, meta={"id": item.id})
-        ckpt, train_seconds = fitted.checkpoint, fitted.seconds
-        model_bytes = checkpoint.save(ckpt)
-        folder.write_bytes(model_rel, model_bytes)  # before any output: a later failure keeps the training
-        # The model supersedes the state; one left behind by a failed removal is never used.
-        with contextlib.suppress(StorageError):
-            folder.remove(state_rel)
+    state = None if ckpt is not None else _read_if_there(folder, state_rel, missing_ok=True)
+    return _Prepared(item, folder, source, targets, shapes, done, ckpt, state)
 
+
+def _train(preps: list[_Prepared], job: Job, deadline: Deadline) -> dict[str, Fit | Exception]:
+    """Train the images that need it as one bundle; each one's model is stored (and its
+    training state removed) as soon as the bundle ends. Returns each image's fit or error."""
+    if not preps:
+        return {}
+    cfg = job.cfg
+    writers = [_state_writer(p.folder, layout.training_state_path(p.item.id, job.tag)) for p in preps]
+    train_cfgs = [dataclasses.replace(job.train, seed=records.item_seed(cfg.seed, p.item.id)) for p in preps]
+    try:
+        fits = fit_bundle([p.source for p in preps], job.preset, job.model, train_cfgs, "auto", progress=deadline.check,
+                          states=[p.state for p in preps], snapshot=lambda k, data: writers[k](data),
+                          snapshot_every_s=cfg.checkpoint_every_s, metas=[{"id": p.item.id} for p in preps])
+    except Exception as exc:  # noqa: BLE001 - the bundle's own failure (a time limit) is each image's
+        return {p.item.id: exc for p in preps}
+    out: dict[str, Fit | Exception] = {}
+    for prep, result in zip(preps, fits, strict=True):
+        out[prep.item.id] = result
+        if isinstance(result, Exception):
+            continue
+        try:
+            model_rel = layout.model_path(prep.item.id, job.tag)
+            prep.folder.write_bytes(model_rel, checkpoint.save(result.checkpoint))  # before any output
+            # The model supersedes the state; one left behind by a failed removal is never used.
+            with contextlib.suppress(StorageError):
+                prep.folder.remove(layout.training_state_path(prep.item.id, job.tag))
+        except Exception as exc:  # noqa: BLE001
+            out[prep.item.id] = exc
+    return out
+
+
+def _finish(prep: _Prepared, job: Job, fitted: Fit | None, deadline: Deadline, started: float) -> Record:
+    """The last stages: the outputs made, then stored with the marker last."""
+    item, folder, shapes, targets, done = prep.item, prep.folder, prep.shapes, prep.targets, prep.done
+    ckpt = prep.ckpt if fitted is None else fitted.checkpoint
+    assert ckpt is not None
+    train_seconds = None if fitted is None else fitted.seconds
+    src_h, src_w = prep.source.shape[-2:]
+    model_rel, marker_rel = layout.model_path(item.id, job.tag), layout.marker_path(item.id, job.tag)
     unique = sorted(set(shapes.values()), key=lambda k: (k[0], k[1], k[2] or (0.0, 0.0)))
-    made = _outputs(ckpt, source, unique, job, deadline)
+    made = _outputs(ckpt, prep.source, unique, job, deadline)
     written = {key: _write_output(folder, item, job, key, enc) for key, enc in made.encoded.items()}
     outputs = [{**written[shapes[t.name]], **made.scores.get(shapes[t.name], records.UNSCORED), "ratio": t.ratio,
                 "target": t.name, "variant": t.variant, "scale": t.scale} for t in targets]

@@ -308,7 +308,7 @@ def _crash_hook(marker_dir: str) -> Callable[[], None]:
         import pipeline.executor
         import pipeline.task
 
-        real = pipeline.task.process
+        real = pipeline.task.process_bundle
         real_step = ingan.train.Trainer.step
         current: dict[str, str] = {}
 
@@ -331,16 +331,18 @@ def _crash_hook(marker_dir: str) -> Callable[[], None]:
                     exit_first_time(item_id)
             return out
 
-        def process(item: Any, job: Any) -> Any:
-            current["id"] = item.id
-            if item.id.startswith("crash-always"):
-                os._exit(1)
-            if item.id.startswith("crash-once"):
-                exit_first_time(item.id)
-            return real(item, job)
+        def process_bundle(items: list[Any], job: Any) -> Any:
+            # A bundle's iterations count for its crash-at70 image, if it has one.
+            current["id"] = next((i.id for i in items if i.id.startswith("crash-at70")), items[-1].id)
+            for item in items:
+                if item.id.startswith("crash-always"):
+                    os._exit(1)
+                if item.id.startswith("crash-once"):
+                    exit_first_time(item.id)
+            return real(items, job)
 
-        pipeline.task.process = process
-        pipeline.executor.process = process
+        pipeline.task.process_bundle = process_bundle
+        pipeline.executor.process_bundle = process_bundle
         ingan.train.Trainer.step = step
 
     return hook
@@ -662,16 +664,17 @@ def _crash_items(sources: list[Source], ids: list[str]) -> list[Item]:
 
 
 def _run_items(
-    items: list[Item], out: Path, retries: int, iterations: int = 2, checkpoint_every_s: float = 300
+    items: list[Item], out: Path, retries: int, iterations: int = 2, checkpoint_every_s: float = 300,
+    bundle_size: int = 1,
 ) -> dict[str, dict[str, Any]]:
     """The executor as driver.run drives it, on the module's Ray instance."""
     cfg = RunConfig(
         output=str(out), preset="tiny", iterations=iterations, ratios=list(RATIOS), metrics=False,
-        checkpoint_every_s=checkpoint_every_s,
+        checkpoint_every_s=checkpoint_every_s, bundle_size=bundle_size,
     )
     job = Job.of(cfg, "tiny")
     res = executor.Resources(
-        num_cpus=1, num_gpus=0, max_in_flight=4, retries=retries, timeout_s=None
+        num_cpus=1, num_gpus=0, max_in_flight=4, retries=retries, timeout_s=None, bundle_size=bundle_size
     )
     records: dict[str, dict[str, Any]] = {}
     executor.run_items(items, job, res, lambda item, rec: records.__setitem__(item.id, rec))
@@ -739,6 +742,58 @@ def test_worker_killed_mid_training_resumes_from_its_training_state(local_ray: P
     # The state is gone once the model is written.
     for run in ("interrupted", "uninterrupted"):
         assert not (tmp_path / run / layout.training_state_path("crash-at70-a", tag)).exists()
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_bundle_resumes_each_image_from_its_own_state(local_ray: Path, tmp_path: Path) -> None:
+    """A bundle of three whose worker is killed at 70%: the retried task continues each image from
+    its own saved state, and every image ends with the model of an uninterrupted bundle."""
+    # Square photos: one crop size, so one bundle.
+    square = photo_sources(tmp_path / "images", ["brick.png", "grass.png", "gravel.png"], SHORT_SIDE)
+    ids = ["crash-at70-bundle", "bundle-b", "bundle-c"]
+    items = _crash_items(square, ids)
+    n = 40
+    steps = local_ray / "crash-at70-bundle.steps"
+
+    interrupted = _run_items(items, tmp_path / "interrupted", retries=1, iterations=n, checkpoint_every_s=0.001,
+                             bundle_size=3)
+    assert (local_ray / "crash-at70-bundle").exists()  # the first attempt really died at 70%
+    assert [interrupted[i]["status"] for i in ids] == ["ok"] * 3, interrupted
+    assert [interrupted[i]["attempts"] for i in ids] == [2, 2, 2]
+    ran = [int(line) for line in steps.read_text().split()]
+    assert ran[:28] == list(range(1, 29))
+    assert ran[28] > 1, "the second attempt started its training from scratch"
+    assert ran[-1] == n and len(ran) <= 1.1 * n
+    steps.unlink()
+
+    uninterrupted = _run_items(items, tmp_path / "uninterrupted", retries=0, iterations=n, checkpoint_every_s=0.001,
+                               bundle_size=3)
+    assert [int(line) for line in steps.read_text().split()] == list(range(1, n + 1))
+    tag = RunConfig(output="x", preset="tiny", iterations=n).model_tag("tiny")
+    for item_id in ids:
+        assert uninterrupted[item_id]["status"] == "ok"
+        models = [checkpoint.load((tmp_path / run / layout.model_path(item_id, tag)).read_bytes())
+                  for run in ("interrupted", "uninterrupted")]
+        for k, v in models[0].generator.items():
+            assert torch.equal(v, models[1].generator[k]), (item_id, k)
+        for run in ("interrupted", "uninterrupted"):
+            assert not (tmp_path / run / layout.training_state_path(item_id, tag)).exists()
+
+
+def test_a_broken_image_in_a_bundle_fails_alone(local_ray: Path, tmp_path: Path) -> None:
+    sources = _sources(tmp_path / "images", 3)
+    broken = tmp_path / "images" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really" * 10)
+    items = [Item(0, "a", str(sources[0].path), {}), Item(1, "broken", str(broken), {}),
+             Item(2, "b", str(sources[1].path), {}), Item(3, "c", str(sources[2].path), {})]
+    records = _run_items(items, tmp_path / "out", retries=0, bundle_size=4)
+    assert {k: r["status"] for k, r in records.items()} == {"a": "ok", "broken": "failed", "b": "ok", "c": "ok"}
+    assert records["broken"]["error_kind"] == "decode", records["broken"]
+    assert all(r["attempts"] == 1 for r in records.values())
+    tag = RunConfig(output="x", preset="tiny", iterations=2).model_tag("tiny")
+    for item_id in ("a", "b", "c"):
+        assert (tmp_path / "out" / layout.marker_path(item_id, tag)).exists()
+        assert records[item_id]["train_seconds"] > 0
 
 
 # --------------------------------------------------------------------------- 5. a silent endpoint

@@ -198,11 +198,11 @@ def _fake_train(monkeypatch: pytest.MonkeyPatch, failures: int, exc: BaseExcepti
     real = fit_module._fit
     calls: list[Any] = []
 
-    def fake(train_cfg: Any, *args: Any) -> Any:
-        calls.append(train_cfg)
+    def fake(images: Any, train_cfgs: Any, *args: Any) -> Any:
+        calls.extend(train_cfgs)
         if len(calls) <= failures:
             raise exc
-        return real(train_cfg, *args)
+        return real(images, train_cfgs, *args)
 
     monkeypatch.setattr(fit_module, "_fit", fake)
     return calls
