@@ -19,7 +19,7 @@ import torch
 
 from ingan import images
 from ingan.config import ModelConfig, TrainConfig, get_preset
-from ingan.fit import fit
+from ingan.fit import fit, fit_bundle
 from ingan.retarget import retarget_image
 from ingan.train import Trainer, native_bf16
 
@@ -170,3 +170,24 @@ def train_one(path: str, preset_name: str, shapes: list[Shape], *, iterations: i
     t0 = time.perf_counter()
     outs = retarget_image(done.trainer.g, src, [(h, w) for w, h, _ in shapes], train.max_side, [sh for _, _, sh in shapes])
     return outs, done.seconds, time.perf_counter() - t0
+
+
+def train_bundle(paths: list[str], preset_name: str, shapes: list[list[Shape]], *, iterations: int | None = None,
+                 overrides: list[str] | tuple[str, ...] = (), device: str = "cpu") -> list[tuple[list[torch.Tensor], float, float]]:
+    """``train_one`` for several images trained as bundles (``ingan.fit.fit_bundle``: one bundle
+    per crop size, one after another), each image with the seed it would have alone: per image
+    (outputs, its bundle's training s, retargeting s)."""
+    model, train, trainer_cls = parse_overrides(overrides).apply(preset_name, iterations)
+    if trainer_cls is not Trainer:
+        raise ValueError("the lab's variants train one image at a time")
+    sources = [images.load(p) for p in paths]
+    fits = fit_bundle(sources, preset_name, model, [train] * len(paths), device)
+    out = []
+    for src, done, own in zip(sources, fits, shapes, strict=True):
+        if isinstance(done, Exception):
+            raise done
+        t0 = time.perf_counter()
+        g = done.checkpoint.build_generator(device)
+        outs = retarget_image(g, src, [(h, w) for w, h, _ in own], train.max_side, [sh for _, _, sh in own])
+        out.append((outs, done.seconds, time.perf_counter() - t0))
+    return out

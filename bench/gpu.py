@@ -1,31 +1,28 @@
 """Every GPU figure in one command, within a time budget, on one GPU.
 
-    python -m bench.gpu [--budget-s 540] [--peak-tflops 989] [--pack-counts 1,4,8,16]
-                        [--quality-images a,b,c,d] [--pattern-images a,b]
+    python -m bench.gpu [--budget-s 540] [--parts fused,quality] [--peak-tflops 989]
+                        [--quality-images a,b,...] [--pack-counts 1,4,8,16]
 
 Writes ``bench/results/gpu.json`` (``gpu_smoke.json`` with ``--smoke``) and prints each figure as it
-comes:
+comes. The parts (``--parts``; by default ``fused`` and ``quality``):
 
-1. **Speed per preset** (``tiny``, ``cpu``, ``fast``, ``paper``, fp32 and bf16; and ``fast`` with
-   four crops per iteration): steady-state iterations/s and peak GPU memory
-   (``bench.train_speed``'s method), training FLOPs per iteration counted with
-   ``FlopCounterMode``, achieved TFLOP/s and its fraction of the GPU's dense bf16 peak
-   (``--peak-tflops``; by default looked up from the device name).
-2. **Where ``fast``'s iteration goes** (``bench.step_profile``): kernel launches and the GPU's busy
-   time per iteration, beside the iteration's wall time.
-3. **Packing**: ``fast`` trained k at a time on the one GPU (``--pack-counts``, default 1, 4, 8
-   and 16) as Ray tasks with fractional GPUs (``num_gpus`` 1/k), each for ``--pack-iterations``
-   steady-state iterations; the aggregate iterations/s gives images per GPU-hour at ``fast``'s
-   full schedule.
-4. **Quality**: ``fast`` scored beside bicubic, centre crop and seam carving (``bench.quality``)
-   on the benchmark images (``--quality-images``) and on the patterns set (``--pattern-images``),
-   and ``fast`` with stretched fakes (``stretch_negative=2.0``) on the coins: all trained at once on
-   the GPU. The full schedule when the packing rate says it fits in what is left of the budget,
-   else the same schedule shortened to fit (the results record the iterations); skipped, with the
-   time it would need, when under a quarter of the schedule fits.
+1. **fused** (``bench.fused``): ``fast`` trained as bundles of K = 1 to 64 images, float32 and
+   bfloat16: seconds and operators per image-iteration, kernel launches, GPU busy fraction,
+   achieved TFLOP/s against the card's dense bf16 peak (``--peak-tflops``; by default looked up
+   from the device name), memory per image and ``fast`` images per GPU-hour
+   (``bench/results/fused_cuda.json``).
+2. **quality**: ``fast`` on the eight benchmark images (``--quality-images``) trained as bundles
+   (one per crop size, ``ingan.fit.fit_bundle``) and scored beside bicubic, centre crop and seam
+   carving (``bench.quality --bundle``). The full schedule when the fused rate says it fits in
+   what is left of the budget, else the same schedule shortened to fit (the results record the
+   iterations); skipped, with the time it would need, when under a quarter of it fits.
+3. **speed** per preset, fp32 and bf16 (``bench.train_speed``'s method, with FLOPs counted by
+   ``FlopCounterMode``), **profile** (``bench.step_profile`` of one ``fast`` iteration) and
+   **packing** (``fast`` trained k at a time as Ray tasks with fractional GPUs,
+   ``--pack-counts``): the single-training figures, measured before bundles existed; on request.
 
-``--device cpu --smoke`` runs every part with a few iterations on the CPU (packing one and two
-trainings): it checks the script, not the GPU.
+``--device cpu --smoke`` runs every part asked for with a few iterations on the CPU: it checks the
+script, not the GPU.
 """
 
 from __future__ import annotations
@@ -40,6 +37,7 @@ import time
 from typing import Any
 
 import torch
+from PIL import Image
 
 from ingan.config import get_preset
 
@@ -141,18 +139,39 @@ def quality_iterations(full: int, rate_each: float, seconds: float) -> int:
     return full if fits >= full else max(100, fits)
 
 
-def quality_runs(pattern_images: str, quality_images: str, smoke: bool) -> list[dict[str, Any]]:
-    """The quality runs, trained at the same time on the one GPU: ``fast`` on the standard images,
-    on the patterns set, and ``fast`` with stretched fakes on the coins (whether the full network
-    draws more coins at twice the width where the cpu preset draws wider ones)."""
-    runs = [{"image_set": "standard", "images": "coffee,china" if smoke else quality_images, "set": []},
-            {"image_set": "patterns", "images": "coins" if smoke else pattern_images, "set": []},
-            {"image_set": "patterns", "images": "coins", "set": ["stretch_negative=2.0"], "label": "stretch2"}]
-    for r in runs:
-        r["trainings"] = len(r["images"].split(","))
-        if smoke:  # its own file names: a smoke run must not overwrite a GPU's quality results
-            r["label"] = "_".join(["smoke", *filter(None, [r.get("label")])])
-    return runs
+def quality_runs(quality_images: str, smoke: bool) -> list[dict[str, Any]]:
+    """The quality run: ``fast`` on the benchmark images, trained as bundles on the one GPU."""
+    run = {"image_set": "standard", "images": "coffee,china" if smoke else quality_images, "set": [], "bundle": True}
+    run["trainings"] = len(run["images"].split(","))
+    if smoke:  # its own file names: a smoke run must not overwrite a GPU's quality results
+        run["label"] = "smoke"
+    return [run]
+
+
+def bundle_seconds_per_iteration(image_names: list[str], fused_rows: list[dict[str, Any]]) -> float | None:
+    """Seconds per iteration of every bundle the images make (one per crop size, trained one
+    after another), from the fused benchmark's seconds per image-iteration at the largest
+    measured K up to each bundle's size (per image, a larger bundle is faster: this errs long);
+    None without a measurement."""
+    from ingan.images import working_resolution
+
+    from .common import IMAGES
+
+    cfg = get_preset("fast").train
+    groups: dict[tuple[int, int], int] = {}
+    for name in image_names:
+        w, h = Image.open(IMAGES / f"{name}.png").size
+        wh, ww = working_resolution((h, w), cfg.max_side)
+        crop = (min(cfg.crop_size, wh - 1), min(cfg.crop_size, ww - 1))
+        groups[crop] = groups.get(crop, 0) + 1
+    rows = sorted((r for r in fused_rows if "error" not in r), key=lambda r: r["k"])
+    total = 0.0
+    for k in groups.values():
+        below = [r for r in rows if r["k"] <= k]
+        if not below:
+            return None
+        total += below[-1]["s_per_image_iteration"] * k
+    return total
 
 
 def results_path(run: dict[str, Any]) -> str:
@@ -171,6 +190,8 @@ def _quality(device: torch.device, runs: list[dict[str, Any]], iterations: int |
             cmd += ["--set", kv]
         if r.get("label"):
             cmd += ["--label", r["label"]]
+        if r.get("bundle"):
+            cmd += ["--bundle"]
         if iterations is not None:
             cmd += ["--iterations", str(iterations)]
         print(f"quality: {' '.join(cmd[1:])} with {left:.0f} s left", flush=True)
@@ -202,20 +223,37 @@ def _counts(text: str) -> list[int]:
     return counts
 
 
+def _fused(device: torch.device, smoke: bool, seconds: float) -> dict[str, Any]:
+    """``bench.fused`` in a process of its own, stopped at ``seconds``; its results."""
+    name = "fused_smoke" if smoke else f"fused_{device.type}"  # a smoke run keeps a GPU's figures
+    cmd = [sys.executable, "-m", "bench.fused", "--device", device.type, "--preset", "fast", "--name", name]
+    cmd += ["--ks", "1,2", "--iters", "1", "--bf16", "off"] if smoke else ["--iters", "5"]
+    print(f"fused: {' '.join(cmd[1:])} with {seconds:.0f} s", flush=True)
+    try:
+        code = subprocess.run(cmd, timeout=max(1.0, seconds), check=False).returncode
+    except subprocess.TimeoutExpired:
+        code = None
+    path = RESULTS / f"{name}.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    return {"command": " ".join(cmd[1:]), "returncode": code, "results": f"bench/results/{name}.json",
+            "fp32_rows": data.get("fp32", {}).get("rows", [])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting new parts past this")
+    ap.add_argument("--parts", default="fused,quality", help="comma-separated, of: fused, quality, speed, profile, packing")
     ap.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: from its name)")
     ap.add_argument("--smoke", action="store_true", help="a few iterations of everything (checks the script)")
     ap.add_argument("--pack-iterations", type=int, default=100)
     ap.add_argument("--pack-counts", type=_counts,
                     help="trainings per GPU to measure, comma-separated (default 1,4,8,16; 1,2 with --smoke)")
-    ap.add_argument("--quality-images", default="china,coffee,hubble_deep_field,brick",
-                    help="benchmark images for fast's quality (trained at once with the other quality runs)")
-    ap.add_argument("--pattern-images", default="coins,gravel,grass,ihc",
-                    help="patterns-set images for fast's quality, in the time left after the standard ones")
+    ap.add_argument("--quality-images", default="astronaut,brick,chelsea,china,coffee,flower,hubble_deep_field,rocket",
+                    help="benchmark images for fast's quality, trained as bundles")
+    ap.add_argument("--fused-share", type=float, default=0.4, help="of the budget, at most this for the fused part")
     args = ap.parse_args()
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     started = time.perf_counter()
     # A smoke run checks the script: it must not overwrite a GPU's figures.
     out_name = "gpu_smoke" if args.smoke else "gpu"
@@ -225,42 +263,42 @@ def main() -> None:
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or (peak_tflops(name) if device.type == "cuda" else None)
     result: dict[str, Any] = {"machine": machine(), "command": " ".join(["python -m bench.gpu", *sys.argv[1:]]),
-                              "device_name": name, "bf16_peak_tflops": peak, "smoke": args.smoke}
+                              "device_name": name, "bf16_peak_tflops": peak, "smoke": args.smoke, "parts": sorted(parts)}
 
-    result["speed"] = speed(device, iters=2 if args.smoke else 20, samples=1 if args.smoke else 2, peak=peak)
-    save(out_name, result)
-    try:
-        result["step_profile"] = profile_step("fast", device, steps=1 if args.smoke else 3)
-        print(json.dumps(result["step_profile"]), flush=True)
-    except Exception as exc:  # a profiler that cannot run here costs this part only
-        result["step_profile_error"] = f"{type(exc).__name__}: {exc}"
-        print(f"step profile failed: {result['step_profile_error']}", flush=True)
-    save(out_name, result)
-    # A smoke run on a CPU holds every packed training in host memory (fast: about 2 GB each), so
-    # it packs two, which is enough to check the fractional-GPU path.
-    counts = args.pack_counts or ([1, 2] if args.smoke else [1, 4, 8, 16])
-    try:
-        result["packing"] = packing(device, 2 if args.smoke else args.pack_iterations, counts)
-    except Exception as exc:  # the speed figures are kept, and quality still runs, if Ray cannot start here
-        result["packing_error"] = f"{type(exc).__name__}: {exc}"
-        print(f"packing failed: {result['packing_error']}", flush=True)
-    save(out_name, result)
+    if "fused" in parts:
+        result["fused"] = _fused(device, args.smoke, args.fused_share * args.budget_s)
+        save(out_name, result)
+    if "speed" in parts:
+        result["speed"] = speed(device, iters=2 if args.smoke else 20, samples=1 if args.smoke else 2, peak=peak)
+        save(out_name, result)
+    if "profile" in parts:
+        try:
+            result["step_profile"] = profile_step("fast", device, steps=1 if args.smoke else 3)
+            print(json.dumps(result["step_profile"]), flush=True)
+        except Exception as exc:  # a profiler that cannot run here costs this part only
+            result["step_profile_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"step profile failed: {result['step_profile_error']}", flush=True)
+        save(out_name, result)
+    if "packing" in parts:
+        # A smoke run on a CPU holds every packed training in host memory (fast: about 2 GB each),
+        # so it packs two, which is enough to check the fractional-GPU path.
+        counts = args.pack_counts or ([1, 2] if args.smoke else [1, 4, 8, 16])
+        try:
+            result["packing"] = packing(device, 2 if args.smoke else args.pack_iterations, counts)
+        except Exception as exc:  # the other figures are kept if Ray cannot start here
+            result["packing_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"packing failed: {result['packing_error']}", flush=True)
+        save(out_name, result)
 
-    runs = quality_runs(args.pattern_images, args.quality_images, args.smoke)
-    trainings = sum(r["trainings"] for r in runs)
+    runs = quality_runs(args.quality_images, args.smoke) if "quality" in parts else []
     left = args.budget_s - (time.perf_counter() - started)
     full = get_preset("fast").train.iterations
     iterations: int | None = 4 if args.smoke else None
-    if not args.smoke:
-        # The trainings at once share the best aggregate rate measured with at most that many
-        # per GPU (or one training's rate, without Ray's figures).
-        fast_fp32 = next(r["iters_per_s"] for r in result["speed"] if r["preset"] == "fast" and not r["overrides"])
-        rates = [r["aggregate_iters_per_s"] for r in result.get("packing", []) if r["trainings_per_gpu"] <= trainings]
-        aggregate = max(rates, default=fast_fp32)
-        n = quality_iterations(full, aggregate / trainings, left - QUALITY_TAIL_S)
-        plan = {"trainings_at_once": trainings, "aggregate_iters_per_s": aggregate, "iterations": n,
-                "full_iterations": full, "seconds_left": left,
-                "seconds_needed_at_full": full * trainings / aggregate + QUALITY_TAIL_S}
+    if runs and not args.smoke:
+        per_iteration = bundle_seconds_per_iteration(runs[0]["images"].split(","), result.get("fused", {}).get("fp32_rows", []))
+        n = quality_iterations(full, 1 / per_iteration, left - QUALITY_TAIL_S) if per_iteration else 0
+        plan = {"bundle_seconds_per_iteration": per_iteration, "iterations": n, "full_iterations": full,
+                "seconds_left": left, "seconds_needed_at_full": full * per_iteration + QUALITY_TAIL_S if per_iteration else None}
         result["quality_plan"] = plan
         print(json.dumps(plan), flush=True)
         if n < MIN_QUALITY_FRACTION * full:

@@ -1,13 +1,15 @@
 """Quality table: the presets' InGAN outputs beside bicubic resize, centre crop and seam carving.
 
     python -m bench.quality --presets cpu [--iterations N] [--image-set S] [--images a,b] [--jobs 2] [--reuse]
-                            [--set FIELD=VALUE ... --label NAME]
+                            [--set FIELD=VALUE ... --label NAME] [--bundle]
 
 For each benchmark image (``bench/images``, 256 px on the longer side) and each target (width x2,
 width x0.5, square at the source height) every method's output is scored against its source with
 the pipeline's own scoring (``ingan.metrics.score_outputs``: completeness, coherence, patch SWD;
 lower is better). InGAN images are trained ``--jobs`` at a time, one torch thread each, as the
-pipeline runs them on a CPU node; each one's training and retargeting seconds are recorded.
+pipeline runs them on a CPU node, or with ``--bundle`` all of a preset's as bundles in this
+process (``ingan.fit.fit_bundle``, as the pipeline runs them on a GPU); each one's training and
+retargeting seconds are recorded.
 
 Writes ``bench/results/quality_<presets>.json`` (per image and means; ``quality_<presets>_<set>``
 for an image set other than the standard one), the outputs under
@@ -42,6 +44,7 @@ from .common import (
     parse_overrides,
     quality_label,
     save,
+    train_bundle,
     train_one,
 )
 
@@ -101,6 +104,18 @@ def _train_one(job: tuple[str, str, int | None, str, list[str]]) -> tuple[str, s
     outs, train_s, retarget_s = train_one(path, preset_name, [(w, h, None) for w, h in tg.values()],
                                           iterations=iterations, overrides=overrides, device=device)
     return path, preset_name, dict(zip(tg, outs, strict=True)), train_s, retarget_s
+
+
+def _train_bundles(presets: list[str], paths: list[Path], args: argparse.Namespace) -> list[tuple[str, str, dict[str, torch.Tensor], float, float]]:
+    """``_train_one``'s results for every image of each preset, trained as bundles."""
+    out = []
+    for preset in presets:
+        tgs = [targets(*Image.open(p).size) for p in paths]
+        done = train_bundle([str(p) for p in paths], preset, [[(w, h, None) for w, h in tg.values()] for tg in tgs],
+                            iterations=args.iterations, overrides=args.set, device=args.device)
+        for p, tg, (outs, train_s, retarget_s) in zip(paths, tgs, done, strict=True):
+            out.append((str(p), preset, dict(zip(tg, outs, strict=True)), train_s, retarget_s))
+    return out
 
 
 def _save_png(t: torch.Tensor, path: Path) -> None:
@@ -169,6 +184,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a TrainConfig field (or model.FIELD) of every preset; needs --label")
     ap.add_argument("--label", help="name of this variant in the results (default: the presets' names)")
+    ap.add_argument("--bundle", action="store_true", help="train each preset's images as bundles, in this process")
     args = ap.parse_args()
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     for p in presets:
@@ -197,7 +213,8 @@ def main() -> None:
         started = time.perf_counter()
         ctx = mp.get_context("spawn")
         with ctx.Pool(args.jobs) as pool:
-            for path, preset, outs, train_s, retarget_s in pool.imap_unordered(_train_one, jobs):
+            done = _train_bundles(presets, paths, args) if args.bundle else pool.imap_unordered(_train_one, jobs)
+            for path, preset, outs, train_s, retarget_s in done:
                 name = Path(path).name
                 preset = names[preset]
                 outputs[name][preset] = outs
@@ -205,7 +222,8 @@ def main() -> None:
                 for t, out in outs.items():
                     _save_png(out, output_path(preset, name, t))
                 print(f"{preset} {name}: trained in {train_s:.0f} s, retargeted in {retarget_s:.2f} s", flush=True)
-        print(f"all trainings: {time.perf_counter() - started:.0f} s wall with {args.jobs} at once", flush=True)
+        at_once = "as bundles" if args.bundle else f"with {args.jobs} at once"
+        print(f"all trainings: {time.perf_counter() - started:.0f} s wall {at_once}", flush=True)
 
     rows = []
     for p in paths:
@@ -234,7 +252,7 @@ def main() -> None:
         sheet_rows = [(p.name, images.load(str(p)), {m: outputs[p.name][m][t] for m in methods}) for p in paths]
         contact_sheet(sheet_rows, RESULTS / f"quality_{label}_{_slug(t)}.jpg")
     summary: dict[str, Any] = {"machine": ran_on, "presets": [names[p] for p in presets], "overrides": args.set,
-                               "jobs": args.jobs, "reused": args.reuse,
+                               "jobs": args.jobs, "bundle": args.bundle, "reused": args.reuse,
                                "iterations": {names[p]: get_preset(p).train.with_overrides(iterations=args.iterations).iterations
                                               for p in presets},
                                "image_set": args.image_set,

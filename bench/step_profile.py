@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from ingan.train import Trainer
+
 from .common import machine, save
 from .train_speed import _sync, seconds_per_step, steady_trainer
 
@@ -52,6 +54,11 @@ def profile_step(preset_name: str, device: torch.device, steps: int = 3, top: in
     for _ in range(3):  # warm-up: allocator, cuDNN/oneDNN primitive caches
         t.step()
     seconds = seconds_per_step(t, device, max(steps, 4))
+    return {"preset": preset_name, **profile_trainer(t, device, seconds, steps, top)}
+
+
+def profile_trainer(t: Trainer, device: torch.device, seconds: float, steps: int, top: int = 8) -> dict[str, Any]:
+    """Counts of a warmed-up trainer's iteration (of its whole bundle), ``seconds`` long."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
@@ -60,7 +67,7 @@ def profile_step(preset_name: str, device: torch.device, steps: int = 3, top: in
     events = prof.events()
     ops = [e for e in events if e.name.startswith("aten::")
            and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
-    row: dict[str, Any] = {"preset": preset_name, "device": device.type, "steps_profiled": steps,
+    row: dict[str, Any] = {"device": device.type, "steps_profiled": steps,
                            "seconds_per_iter": seconds, "ops": len(ops) / steps,
                            "computing_ops": sum(not is_view(e.name) for e in ops) / steps}
     by_op = collections.Counter(e.name for e in ops)

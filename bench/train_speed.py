@@ -37,15 +37,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def steady_trainer(preset_name: str, device: torch.device, **overrides: object) -> Trainer:
+def steady_trainer(preset_name: str, device: torch.device, bundle: int = 1, **overrides: object) -> Trainer:
     """A trainer of the preset at its benchmark crop, half-way through its schedule (steady state:
-    full shape range, two G steps)."""
+    full shape range, two G steps); with ``bundle`` K, K trainings of the photo (seeds 0..K-1)
+    as one fused model."""
     preset = get_preset(preset_name)
     ch, cw = CROPS[preset_name]
     source = photo_600x400()[:, : ch + 1, : cw + 1]  # crop = image minus one pixel
     # float32 unless asked: the preset's own setting may depend on the machine.
     cfg = dataclasses.replace(preset.train, crop_size=max(ch, cw), max_side=None, **({"bf16": False} | overrides))
-    t = Trainer(to_model_input(source), preset.model, cfg, device)
+    t = Trainer([to_model_input(source)] * bundle, preset.model, cfg, device, seeds=range(bundle))
     t.iteration = int(0.5 * cfg.iterations)
     return t
 

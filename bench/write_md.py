@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ingan.config import get_preset
+from ingan.config import REMOVED_OPTIONS, get_preset
 
 from .common import IMAGE_SETS, RESULTS, ROOT, bench_images, quality_label
 
@@ -113,7 +113,9 @@ def _speed(data: dict[str, Any], device: str) -> list[str]:
            f"Command: `python -m bench.train_speed --device {device} --compare`.", "",
            "Steady state (past the size curriculum: outputs 0.15x-2.25x the crop per axis, second G step on).", ""]
     rows = []
-    for r in data["training"]:
+    # Rows of switches since removed (the experiment log keeps what they measured).
+    removed = set(REMOVED_OPTIONS["TrainConfig"]) | set(REMOVED_OPTIONS["ModelConfig"])
+    for r in (r for r in data["training"] if not removed & set(r["overrides"])):
         conf = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "default (channels-last, fp32)"
         mem = f", peak GPU {r['peak_gpu_mem_gib']:.2f} GiB" if "peak_gpu_mem_gib" in r else ""
         rows.append([r["preset"], r["crop"], conf + mem, f"{r['seconds_per_iter']:.3f}", f"{r['iters_per_s']:.2f}",
@@ -267,7 +269,7 @@ def _flops(data: dict[str, Any]) -> list[str]:
                    "training TFLOPs / image", "retarget GFLOPs (3 outputs)"],
                   [[r["preset"], r["source"], r["working"], r["crop"], str(r["d_nets"]), f"{r['g_params'] / 1e6:.2f}M",
                     f"{r['gflops_per_iteration']:.1f}", f"{r['iterations']:,}", f"{r['tflops_training']:.1f}",
-                    f"{r['gflops_retarget_3_outputs']:.1f}"] for r in data["rows"]])
+                    f"{r['gflops_retarget_3_outputs']:.1f}"] for r in data["rows"] if r["source"] == "600x400"])
     return out + [""]
 
 
@@ -325,18 +327,22 @@ def _gpu(data: dict[str, Any]) -> list[str]:
                              [[str(r["trainings_per_gpu"]), how, f"{r['aggregate_iters_per_s']:.1f}",
                                f"{r['images_per_gpu_hour']:.1f}"]
                               for r, how in sorted(packs, key=lambda x: x[0]["trainings_per_gpu"])])
-    if data.get("packing_processes_method"):
-        out += ["", data["packing_processes_method"]]
     if data.get("packing_error"):
         out += ["", f"Packing did not run: {data['packing_error']}."]
     plan = data.get("quality_plan")
     if plan:
         need = plan.get("seconds_needed_at_full")
-        out += ["", f"Quality: {plan['trainings_at_once']} trainings at once, {plan['iterations']:,} iterations each "
+        how = f"{plan['trainings_at_once']} trainings at once" if "trainings_at_once" in plan else "the images as bundles"
+        out += ["", f"Quality: {how}, {plan['iterations']:,} iterations each "
                 f"(`fast`'s schedule is {plan['full_iterations']:,}), chosen to fit the {plan['seconds_left']:.0f} s left."
                 + (f" The full schedule would need {need / 60:.0f} minutes." if need else "")
                 + (f" Skipped: {plan['skipped']}." if plan.get("skipped") else "")]
-    for q in data.get("quality_runs", []):
+    runs = data.get("quality_runs", [])
+    kept = [q for q in runs if "timed_out_after_s" not in q and (ROOT / q["results"]).exists()]
+    if runs and not kept:  # nothing measured: one line says so
+        out.append(f"None of its {len(runs)} quality runs finished with results kept.")
+        runs = []
+    for q in runs:
         if "timed_out_after_s" in q:
             done = f"stopped by the time budget after {q['timed_out_after_s']:.0f} s"
         elif (ROOT / q["results"]).exists():
@@ -345,6 +351,81 @@ def _gpu(data: dict[str, Any]) -> list[str]:
             done = f"exit code {q['returncode']}; its results are not kept"
         out.append(f"`python {q['command']}`: {done}.")
     return out + [""]
+
+
+# What a `fast` iteration cost on the H200 (bench/results/gpu.json's step profile): host time per
+# operator called, and kernel time, the two things a bundle's iteration is projected from.
+def _h200_costs(gpu: dict[str, Any]) -> tuple[float, float]:
+    prof = gpu["step_profile"]
+    return prof["seconds_per_iter"] / prof["ops"], prof["device_busy_ms"] / 1e3
+
+
+def per_image_fit(ops: dict[int, float]) -> tuple[float, float]:
+    """(a, b) of ops(K) = a / K + b, least squares over the counts given: what a bundle calls once
+    (a) and what each of its images adds (b)."""
+    xs, ys = [1 / k for k in ops], list(ops.values())
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    a = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    return a, my - a * mx
+
+
+def project(ops_per_image: float, k: int, host_s_per_op: float, kernel_s_per_image: float,
+            iterations: int) -> dict[str, float]:
+    """A bundle of ``k`` on the GPU whose costs are given: its host issues ``ops_per_image * k``
+    operators at ``host_s_per_op`` each while the GPU runs ``k`` images' kernels (as long per
+    image as one training's: larger kernels may run faster, which this leaves out), the two
+    overlapping, so the slower sets the pace. Seconds per image-iteration and images per
+    GPU-hour at ``iterations`` per image."""
+    host, kernels = host_s_per_op * ops_per_image * k, kernel_s_per_image * k
+    per_image = max(host, kernels) / k
+    return {"host_ms": host / k * 1e3, "kernel_ms": kernels / k * 1e3, "s_per_image_iteration": per_image,
+            "images_per_gpu_hour": 3600 / (per_image * iterations), "bound": "host" if host >= kernels else "kernels"}
+
+
+def _fused(cpu: dict[str, Any] | None, fast_cpu: dict[str, Any] | None, gpu: dict[str, Any] | None,
+           cuda: dict[str, Any] | None) -> list[str]:
+    out: list[str] = []
+    if cpu:
+        ops = dict(zip(cpu["k"], cpu["ops_per_image_iteration"], strict=True))
+        out += [f"`{cpu['preset']}` as bundles of K images on the CPU. Machine: {_machine(cpu['machine'])}. "
+                f"Command: `{cpu['command']}`.", ""]
+        out += _table(["K", "computing operators / image-iteration", "of K=1's", "s / image-iteration",
+                       "peak memory / image"],
+                      [[str(k), f"{o:,.0f}", f"{o / ops[1]:.3f}", f"{sec:.3f}", f"{mib:,.0f} MiB"]
+                       for k, o, sec, mib in zip(cpu["k"], cpu["ops_per_image_iteration"], cpu["s_per_image_iteration"],
+                                                 cpu["peak_mib_per_image"], strict=True)]) + [""]
+    if fast_cpu and gpu and gpu.get("step_profile", {}).get("launches"):
+        host, kernel = _h200_costs(gpu)
+        full = get_preset("fast").train.iterations
+        counted = {r["k"]: r["all_ops_per_image_iteration"] for r in fast_cpu["fp32"]["rows"] if "error" not in r}
+        a, b = per_image_fit({k: o for k, o in counted.items() if k >= 2})
+        rows = []
+        for k in sorted({*counted, 16, 32, 64}):
+            o = counted.get(k, a / k + b)
+            p = project(o, k, host, kernel, full)
+            rows.append([str(k), f"{o:,.0f}" + ("" if k in counted else " (extrapolated)"), f"{p['host_ms']:.1f}",
+                         f"{p['kernel_ms']:.1f}", p["bound"], f"{p['images_per_gpu_hour']:.1f}"])
+        out += [f"**Projection, not a measurement:** `fast` as bundles on the H200. Operators per image-iteration "
+                f"counted on the CPU (`{fast_cpu['command']}`, views included: each costs the host as much), "
+                f"at the H200's measured {host * 1e6:.1f} µs of host time per operator and {kernel * 1e3:.1f} ms of "
+                f"kernels per `fast` iteration (`bench.step_profile` there, commit {gpu['machine'].get('commit', '?')}; "
+                "GPU section). Images per GPU-hour at `fast`'s 10,000 iterations.", ""]
+        out += _table(["K", "operators / image-iteration", "host ms / image-iteration", "kernel ms / image-iteration",
+                       "paced by", "projected images / GPU-hour"], rows) + [""]
+    if cuda:
+        out += [f"Measured on {cuda['machine'].get('gpu', 'the GPU')}: `{cuda['command']}`.", ""]
+        for name in ("fp32", "bf16"):
+            part = cuda.get(name)
+            if not part or not part.get("k"):
+                continue
+            out += _table(["K", "precision", "launches / image-iteration", "s / image-iteration", "GPU busy",
+                           "TFLOP/s", "of bf16 peak", "memory / image", "`fast` images / GPU-hour"],
+                          [[str(r["k"]), name, f"{r['launches_per_image_iteration']:,.0f}", f"{r['s_per_image_iteration']:.4f}",
+                            f"{r['device_busy_fraction']:.0%}", f"{r['achieved_tflops']:.2f}",
+                            f"{r['fraction_of_bf16_peak']:.2%}" if r.get("fraction_of_bf16_peak") else "-",
+                            f"{r['peak_mib_per_image']:,.0f} MiB", f"{r['images_per_gpu_hour']:.1f}"]
+                           for r in part["rows"] if "error" not in r]) + [""]
+    return out
 
 
 def _versus(title: str, before: tuple[str, str], after: tuple[str, str]) -> list[str]:
@@ -415,8 +496,9 @@ def benchmarks() -> list[str]:
         speed += _speed(data, device) if data else []
     flops, gpu = _load("flops"), _load("gpu")
     runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("orchestration_*.json"))]
+    fused = _fused(_load("fused_cpu"), _load("fused_cpu_fast"), gpu, _load("fused_cuda")) + _notes("fused")
     sections += [("Speed", speed), ("FLOPs", (_flops(flops) if flops else []) + _notes("flops")),
-                 ("GPU", (_gpu(gpu) if gpu else []) + _notes("gpu")),
+                 ("Fused training", fused), ("GPU", (_gpu(gpu) if gpu else []) + _notes("gpu")),
                  ("Orchestration", (_orchestration(runs) if runs else []) + _notes("orchestration"))]
     lines = ["# Benchmarks", "",
              "How the shipped presets retarget images, beside a plain bicubic resize, centre crop and seam carving, and "

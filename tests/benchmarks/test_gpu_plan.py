@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from bench.common import RESULTS
-from bench.gpu import _counts, quality_iterations, quality_runs, results_path
+from bench.gpu import (
+    _counts,
+    bundle_seconds_per_iteration,
+    quality_iterations,
+    quality_runs,
+    results_path,
+)
 from bench.step_profile import is_view, profile_step
 from bench.write_md import _gpu
 
@@ -22,10 +28,23 @@ def test_quality_runs_the_full_schedule_when_it_fits_and_a_shorter_one_when_not(
 
 
 def test_a_smoke_run_writes_its_quality_results_apart_from_a_gpus() -> None:
-    real = {results_path(r) for r in quality_runs("coins,gravel", "china,coffee", smoke=False)}
-    smoke = {results_path(r) for r in quality_runs("coins,gravel", "china,coffee", smoke=True)}
-    assert len(real) == len(smoke) == 3
+    real = {results_path(r) for r in quality_runs("china,coffee", smoke=False)}
+    smoke = {results_path(r) for r in quality_runs("china,coffee", smoke=True)}
+    assert len(real) == len(smoke) == 1
     assert not real & smoke
+    assert all(r["bundle"] for r in quality_runs("china,coffee", smoke=False))
+
+
+def test_the_quality_plan_times_one_bundle_per_crop_size() -> None:
+    """The eight images make three bundles at fast's crop: 256x256 and 256x223 (192x192 crops),
+    256x171 (170x192) and 256x170 (169x192); each bundle is timed at the largest measured K up
+    to its size."""
+    eight = ["astronaut", "brick", "chelsea", "china", "coffee", "flower", "hubble_deep_field", "rocket"]
+    rows = [{"k": 1, "s_per_image_iteration": 0.25}, {"k": 2, "s_per_image_iteration": 0.15},
+            {"k": 4, "s_per_image_iteration": 0.05}, {"k": 8, "error": "out of memory"}]
+    # Bundles of 3 (at K=2's rate), 4 (K=4's) and 1 (K=1's).
+    assert bundle_seconds_per_iteration(eight, rows) == pytest.approx(3 * 0.15 + 4 * 0.05 + 1 * 0.25)
+    assert bundle_seconds_per_iteration(eight, []) is None
 
 
 def test_step_profile_counts_operators_called_from_python_not_their_insides() -> None:
