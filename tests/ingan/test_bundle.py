@@ -13,7 +13,7 @@ from support import assert_same_state, texture, tiny_train_config
 from ingan import checkpoint
 from ingan.config import get_preset
 from ingan.fit import DivergedError, fit, fit_bundle
-from ingan.images import to_model_input
+from ingan.images import to_model_input, to_uint8
 from ingan.retarget import retarget_image
 from ingan.train import Trainer
 
@@ -129,6 +129,10 @@ def test_an_exported_part_retargets_as_its_block_of_the_bundle(textures: list[to
         # The same network: only the spectral norms' estimate is computed by one matrix-vector
         # product alone and by a batched product in the bundle (differences in the last bits).
         torch.testing.assert_close(alone, fused[:, 3 * k:3 * k + 3], rtol=0, atol=1e-5)
+        # As 8-bit pixels, the written image: identical on this project's CPUs; a rounding
+        # boundary crossed by those last bits could move a pixel by one level elsewhere.
+        a, b = to_uint8(alone[0]).int(), to_uint8(fused[0, 3 * k:3 * k + 3]).int()
+        assert (a - b).abs().max() <= 1 and (a != b).float().mean() <= 1e-3
         assert retarget_image(g, textures[k], [(40, 70)], cfg.max_side)[0].shape == (3, 40, 70)
         assert done.checkpoint.train.seed == SEEDS[k]
 
