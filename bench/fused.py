@@ -41,7 +41,7 @@ from ingan.config import get_preset
 
 from .common import machine, rss_mib, save
 from .step_profile import profile_trainer
-from .train_speed import _sync, seconds_per_step, steady_trainer
+from .train_speed import _sync, steady_trainer, warm_seconds_per_step
 
 FIELDS = ("k", "ops_per_image_iteration", "s_per_image_iteration", "peak_mib_per_image")
 GPU_FIELDS = ("launches_per_image_iteration", "device_busy_fraction", "achieved_tflops", "fraction_of_bf16_peak",
@@ -54,11 +54,7 @@ def measure(preset: str, device: torch.device, k: int, iters: int, bf16: bool) -
 
     before = rss_mib()
     t = steady_trainer(preset, device, bundle=k, bf16=bf16)
-    for _ in range(2):  # warm-up: allocator, oneDNN/cuDNN primitive caches
-        t.step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    seconds = seconds_per_step(t, device, iters)
+    seconds = warm_seconds_per_step(t, device, iters)
     if device.type == "cuda":
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
     else:  # ru_maxrss: KiB on Linux; the trainer and its steps are all that grew since `before`

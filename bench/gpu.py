@@ -223,6 +223,17 @@ def _counts(text: str) -> list[int]:
     return counts
 
 
+def _part(result: dict[str, Any], key: str, run: Any) -> None:
+    """``result[key] = run()``; a part that cannot run here (a profiler, Ray) costs that part
+    only, its error kept as ``<key>_error``."""
+    try:
+        result[key] = run()
+        print(json.dumps(result[key]), flush=True)
+    except Exception as exc:  # noqa: BLE001
+        result[f"{key}_error"] = f"{type(exc).__name__}: {exc}"
+        print(f"{key} failed: {result[f'{key}_error']}", flush=True)
+
+
 def _fused(device: torch.device, smoke: bool, seconds: float) -> dict[str, Any]:
     """``bench.fused`` in a process of its own, stopped at ``seconds``; its results."""
     name = "fused_smoke" if smoke else f"fused_{device.type}"  # a smoke run keeps a GPU's figures
@@ -272,22 +283,13 @@ def main() -> None:
         result["speed"] = speed(device, iters=2 if args.smoke else 20, samples=1 if args.smoke else 2, peak=peak)
         save(out_name, result)
     if "profile" in parts:
-        try:
-            result["step_profile"] = profile_step("fast", device, steps=1 if args.smoke else 3)
-            print(json.dumps(result["step_profile"]), flush=True)
-        except Exception as exc:  # a profiler that cannot run here costs this part only
-            result["step_profile_error"] = f"{type(exc).__name__}: {exc}"
-            print(f"step profile failed: {result['step_profile_error']}", flush=True)
+        _part(result, "step_profile", lambda: profile_step("fast", device, steps=1 if args.smoke else 3))
         save(out_name, result)
     if "packing" in parts:
         # A smoke run on a CPU holds every packed training in host memory (fast: about 2 GB each),
         # so it packs two, which is enough to check the fractional-GPU path.
         counts = args.pack_counts or ([1, 2] if args.smoke else [1, 4, 8, 16])
-        try:
-            result["packing"] = packing(device, 2 if args.smoke else args.pack_iterations, counts)
-        except Exception as exc:  # the other figures are kept if Ray cannot start here
-            result["packing_error"] = f"{type(exc).__name__}: {exc}"
-            print(f"packing failed: {result['packing_error']}", flush=True)
+        _part(result, "packing", lambda: packing(device, 2 if args.smoke else args.pack_iterations, counts))
         save(out_name, result)
 
     runs = quality_runs(args.quality_images, args.smoke) if "quality" in parts else []

@@ -62,15 +62,21 @@ def seconds_per_step(trainer: Trainer, device: torch.device, iters: int) -> floa
     return (time.perf_counter() - start) / iters
 
 
+def warm_seconds_per_step(trainer: Trainer, device: torch.device, iters: int) -> float:
+    """``seconds_per_step`` after two warm-up iterations (allocator, oneDNN/cuDNN primitive
+    caches), a GPU's peak-memory count restarted for the timed ones."""
+    for _ in range(2):
+        trainer.step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    return seconds_per_step(trainer, device, iters)
+
+
 def time_training(preset_name: str, device: torch.device, iters: int, **overrides: object) -> dict[str, object]:
     t = steady_trainer(preset_name, device, **overrides)
     cfg = t.cfg
     ch, cw = CROPS[preset_name]
-    for _ in range(2):  # warm-up (allocator, oneDNN/cuDNN primitive caches)
-        t.step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    sec = seconds_per_step(t, device, iters)
+    sec = warm_seconds_per_step(t, device, iters)
     out = {"preset": preset_name, "crop": f"{cw}x{ch}", "seconds_per_iter": sec, "iters_per_s": 1 / sec,
            "iters_timed": iters, "overrides": {k: str(v) for k, v in overrides.items()},
            "full_run_hours": sec * cfg.iterations / 3600, "iterations": cfg.iterations}
