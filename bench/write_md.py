@@ -522,7 +522,8 @@ def experiments() -> list[str]:
     lines += _notes("experiments")
     lines += ["## Result tables", "",
               "Every quality run, completeness and coherence apart, in the order of their file names.", ""]
-    for path in sorted(RESULTS.glob("quality_*.json")):
+    # Smoke runs (bench.gpu --smoke) check scripts and are not committed: never in the record.
+    for path in sorted(p for p in RESULTS.glob("quality_*.json") if "smoke" not in p.name):
         lines += _quality(json.loads(path.read_text()))
     lines += _versus("What training with top-corner shifts costs on rectangles",
                      ("quality_cpu_skip", "cpu+skip"), ("quality_cpu_shift03", "cpu+shift03"))
