@@ -315,7 +315,8 @@ class Trainer:
     def step(self) -> dict[str, Tensor]:
         """One iteration of InGAN: a random crop is G's input and D's real example; G maps it to a
         random output shape and back (one G step), D learns the crop from the fake (one D step),
-        and past ``second_g_step_start`` a second G step trains the inverse mapping alone."""
+        and past ``second_g_step_start`` a second G step trains the inverse mapping alone. Returns
+        each loss per image, (K,), on the device."""
         cfg, d = self.cfg, self.d
         real = self.random_crop()
         out_hw, matrix = self.sample_target()
