@@ -283,6 +283,24 @@ def test_auto_gpu_share_packs_four_capped_trainings_per_gpu_and_an_explicit_shar
     assert resolve_num_gpus(RunConfig(output="/tmp/out", num_gpus=0.5), False, "paper") == 0.5
 
 
+def test_auto_bundles_are_one_image_on_cpus_and_eight_on_gpus_each_bundle_a_whole_gpu() -> None:
+    import pydantic
+
+    from pipeline.driver import _bundle_size, resolve_bundle_size, resolve_num_gpus
+
+    auto = RunConfig(output="/tmp/out")
+    assert resolve_bundle_size(auto, gpus_expected=False) == 1
+    assert resolve_bundle_size(auto, gpus_expected=True) == 8
+    assert resolve_bundle_size(RunConfig(output="/tmp/out", bundle_size=3), gpus_expected=True) == 3
+    assert resolve_num_gpus(auto, True, "fast", bundle_size=8) == 1.0  # a bundle takes the GPU
+    assert resolve_num_gpus(auto, True, "fast", bundle_size=1) == 0.25
+    assert resolve_num_gpus(RunConfig(output="/tmp/out", num_gpus=0.5), True, "fast", bundle_size=4) == 0.5
+    assert _bundle_size("auto") == "auto" and _bundle_size("16") == 16
+    for bad in (0, 257, "many"):
+        with pytest.raises(pydantic.ValidationError):
+            RunConfig(output="/tmp/out", bundle_size=bad)
+
+
 def test_model_tags_do_not_change_when_a_setting_is_added_or_removed() -> None:
     """Saved models are found by their tag: a release that adds a training setting at its
     default, or removes one that every preset trained at one value, must still find the models
