@@ -5,7 +5,8 @@ The manifest's rows are turned into items lazily, ``bundle_size`` consecutive it
 at once, so a 100k-row manifest never sits in the scheduler; each image's record goes to
 ``on_record`` as its task returns (the driver streams them to storage, ``pipeline.results``). A
 task whose worker or node dies is resubmitted (``retries`` times) with the same seeds, so it
-writes the same bytes, each image resuming from its own training state; a task past its time
+writes the same bytes, each image resuming from its own training state (the last retry one image
+per task, so that an image that kills its worker fails alone); a task past its time
 limit (its images' limits together) is cancelled and its images recorded as timeouts. Everything
 else that can go wrong with an image is already a failure record returned by the task itself.
 """
@@ -85,9 +86,14 @@ def run_items(
             except (TaskCancelledError, GetTimeoutError) as exc:
                 _hand_on(p, [failed(i, "timeout", f"cancelled past the time limit: {exc}") for i in p.items], on_record)
             except RayError as exc:
-                # Lost worker or node (spot reclaim, OOM kill, crash): the task is retried.
+                # Lost worker or node (spot reclaim, OOM kill, crash): the task is retried, each
+                # image resuming from its own training state. The last retry runs a bundle's
+                # images one per task, so an image that kills its worker (a crashing decoder)
+                # fails alone instead of taking its neighbours along.
                 if p.attempt <= res.retries:
-                    submit(p.items, p.attempt + 1)
+                    last = p.attempt == res.retries
+                    for bundle in ([[i] for i in p.items] if last else [p.items]):
+                        submit(bundle, p.attempt + 1)
                     continue
                 message = f"{type(exc).__name__} after {p.attempt} attempts: {_first_line(exc)}"
                 _hand_on(p, [failed(i, _ray_error_kind(exc), message) for i in p.items], on_record)

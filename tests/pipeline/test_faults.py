@@ -697,6 +697,17 @@ def test_crashed_worker_is_resubmitted(local_ray: Path, tmp_path: Path) -> None:
     assert "after 2 attempts" in always["error"]
 
 
+def test_an_image_that_kills_its_worker_fails_alone_on_the_last_retry(local_ray: Path, tmp_path: Path) -> None:
+    sources = _sources(tmp_path / "images", 3)
+    ids = ["crash-always-bundle", "next-to-it-b", "next-to-it-c"]
+    records = _run_items(_crash_items(sources, ids), tmp_path / "out", retries=1, bundle_size=3)
+    assert records["crash-always-bundle"]["status"] == "failed"
+    assert records["crash-always-bundle"]["error_kind"] == "worker_lost"
+    for item_id in ids[1:]:
+        assert records[item_id]["status"] == "ok", records[item_id]
+    assert all(r["attempts"] == 2 for r in records.values())
+
+
 def test_crashed_worker_without_retries_fails(local_ray: Path, tmp_path: Path) -> None:
     sources = _sources(tmp_path / "images", 1)
     records = _run_items(_crash_items(sources, ["crash-once-b"]), tmp_path / "out", retries=0)
@@ -755,7 +766,8 @@ def test_worker_killed_mid_bundle_resumes_each_image_from_its_own_state(local_ra
     n = 40
     steps = local_ray / "crash-at70-bundle.steps"
 
-    interrupted = _run_items(items, tmp_path / "interrupted", retries=1, iterations=n, checkpoint_every_s=0.001,
+    # Two retries: the first retries the bundle whole (the last would run its images one per task).
+    interrupted = _run_items(items, tmp_path / "interrupted", retries=2, iterations=n, checkpoint_every_s=0.001,
                              bundle_size=3)
     assert (local_ray / "crash-at70-bundle").exists()  # the first attempt really died at 70%
     assert [interrupted[i]["status"] for i in ids] == ["ok"] * 3, interrupted
