@@ -41,7 +41,7 @@ def preset_flops(name: str, size: tuple[int, int], samples: int) -> dict[str, fl
             trainer.step()
         per_step.append(counter.get_total_flops())
     g = trainer.g.eval()
-    wh, hh = trainer.image.shape[-1], trainer.image.shape[-2]
+    hh, wh = trainer.images[0].shape[-2:]
     with FlopCounterMode(display=False) as counter:
         retarget_image(g, src, [(h, 2 * w), (h, max(8, w // 2)), (h, h)], preset.train.max_side)
     per_iter = statistics.mean(per_step)

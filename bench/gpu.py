@@ -154,6 +154,7 @@ def bundle_seconds_per_iteration(image_names: list[str], fused_rows: list[dict[s
     measured K up to each bundle's size (per image, a larger bundle is faster: this errs long);
     None without a measurement."""
     from ingan.images import working_resolution
+    from ingan.train import training_crop
 
     from .common import IMAGES
 
@@ -161,8 +162,7 @@ def bundle_seconds_per_iteration(image_names: list[str], fused_rows: list[dict[s
     groups: dict[tuple[int, int], int] = {}
     for name in image_names:
         w, h = Image.open(IMAGES / f"{name}.png").size
-        wh, ww = working_resolution((h, w), cfg.max_side)
-        crop = (min(cfg.crop_size, wh - 1), min(cfg.crop_size, ww - 1))
+        crop = training_crop(working_resolution((h, w), cfg.max_side), cfg)
         groups[crop] = groups.get(crop, 0) + 1
     rows = sorted((r for r in fused_rows if "error" not in r), key=lambda r: r["k"])
     total = 0.0

@@ -21,7 +21,7 @@ from torch import Tensor
 from . import checkpoint
 from .config import ModelConfig, TrainConfig
 from .images import to_model_input, working_image
-from .train import ProgressFn, Trainer, bf16_by_default, pick_device
+from .train import ProgressFn, Trainer, bf16_by_default, pick_device, training_crop
 
 
 class DivergedError(RuntimeError):
@@ -132,15 +132,15 @@ def _fit(images: Sequence[Tensor], train_cfgs: Sequence[TrainConfig], preset: st
     groups: dict[tuple[tuple[int, int], int], list[tuple[int, dict[str, Any] | None]]] = {}
     for k, (x, cfg) in enumerate(zip(inputs, train_cfgs, strict=True)):
         work = working_image(x, cfg.max_side)
-        h, w = work.shape[-2:]
-        crop_hw = (min(cfg.crop_size, h - 1), min(cfg.crop_size, w - 1))
-        if min(crop_hw) < cfg.min_out_side:
-            results[k] = ValueError(f"image {w}x{h} is too small to train on: need at least {cfg.min_out_side + 1} px per side")
+        try:
+            crop_hw = training_crop(tuple(work.shape[-2:]), cfg)
+        except ValueError as exc:  # too small: this image's result alone
+            results[k] = exc
             continue
         saved = None
         if states[k] is not None:  # another image's or settings' state, or a damaged one: start over
             with contextlib.suppress(checkpoint.CheckpointError):
-                saved = checkpoint.read_training_state(states[k], model_cfg, cfg, work.to(dev), bf16)
+                saved = checkpoint.read_training_state(states[k], model_cfg, cfg, work, bf16)
         groups.setdefault((crop_hw, saved["iteration"] if saved else 0), []).append((k, saved))
     for members in groups.values():
         ks = [k for k, _ in members]
@@ -174,6 +174,6 @@ def _train(members: list[tuple[int, dict[str, Any] | None]], inputs: list[Tensor
             continue
         info = {"preset": preset, "source_hw": list(inputs[k].shape[-2:]), "working_hw": list(trainer.images[i].shape[-2:]),
                 "device": str(trainer.device), "bf16": trainer.bf16, "torch": str(torch.__version__), **(metas[k] or {})}
-        ckpt = checkpoint.from_state(trainer.part_state(i)["g"], model_cfg, trainer.part_cfg(i), info)
+        ckpt = checkpoint.from_state(trainer.part_generator(i), model_cfg, trainer.part_cfg(i), info)
         out.append(Fit(ckpt, trainer, seconds, resumed_from, i))
     return out

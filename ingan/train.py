@@ -104,6 +104,16 @@ def build_models(model_cfg: ModelConfig, crop_size: int, seed: int, device: torc
     return g.to(device), d.to(device)
 
 
+def training_crop(working_hw: tuple[int, int], cfg: TrainConfig) -> tuple[int, int]:
+    """The (h, w) of the crops a working image of ``working_hw`` trains on: the configured side,
+    clipped to the image minus one pixel. Raises ``ValueError`` for an image too small to train."""
+    h, w = working_hw
+    crop = (min(cfg.crop_size, h - 1), min(cfg.crop_size, w - 1))
+    if min(crop) < cfg.min_out_side:
+        raise ValueError(f"image {w}x{h} is too small to train on: need at least {cfg.min_out_side + 1} px per side")
+    return crop
+
+
 class Trainer:
     """Holds the models, optimisers and RNG streams of one image or a bundle; ``step()`` runs one
     iteration.
@@ -125,13 +135,10 @@ class Trainer:
             if src.dim() != 3 or src.shape[0] != 3:
                 raise ValueError(f"expected an RGB image tensor (3, H, W), got {tuple(src.shape)}")
         self.images = [working_image(src, train_cfg.max_side).to(self.device) for src in sources]  # (3, H, W) in [-1, 1]
-        crops = {(min(train_cfg.crop_size, im.shape[-2] - 1), min(train_cfg.crop_size, im.shape[-1] - 1)) for im in self.images}
+        crops = {training_crop(tuple(im.shape[-2:]), train_cfg) for im in self.images}
         if len(crops) > 1:
             raise ValueError(f"the images of a bundle train on one crop size; these need {sorted(crops)}")
         self.crop_hw = crops.pop()
-        if min(self.crop_hw) < train_cfg.min_out_side:
-            h, w = min((im.shape[-2:] for im in self.images), key=min)
-            raise ValueError(f"image {w}x{h} is too small to train on: need at least {train_cfg.min_out_side + 1} px per side")
         if self.device.type == "cuda":  # the same seed gives the same weights on a GPU too
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
@@ -165,19 +172,6 @@ class Trainer:
         g.load_state_dict(bundle.join([s[0].state_dict() for s in singles]))
         d.load_state_dict(bundle.join([s[1].state_dict() for s in singles]))
         return g, d
-
-    # The first image's streams and image: those of a single training.
-    @property
-    def image(self) -> Tensor:
-        return self.images[0]
-
-    @property
-    def rng(self) -> torch.Generator:
-        return self.rngs[0]
-
-    @property
-    def noise_rng(self) -> torch.Generator:
-        return self.noise_rngs[0]
 
     def part_cfg(self, k: int) -> TrainConfig:
         """The settings image ``k`` trains with: the bundle's, with its own seed."""
@@ -223,12 +217,19 @@ class Trainer:
         format of a single training. Loaded into a trainer built with the same image and
         settings, alone or in any bundle, training goes on exactly as if it had never stopped
         (bit-identical on the CPU for the same bundle)."""
-        whole = {"g": self.g.state_dict(), "d": self.d.state_dict(),
-                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict()}
-        own = whole if self.k == 1 else bundle.part(whole, k, self.k)
+        own = self._own({"g": self.g.state_dict(), "d": self.d.state_dict(),
+                         "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict()}, k)
         return {"iteration": self.iteration, **own,
                 "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(),
                 "rng": self.rngs[k].get_state(), "noise_rng": self.noise_rngs[k].get_state()}
+
+    def part_generator(self, k: int) -> dict[str, Tensor]:
+        """Image ``k``'s generator weights and buffers alone (``part_state(k)["g"]``)."""
+        return self._own(self.g.state_dict(), k)
+
+    def _own(self, state: Any, k: int) -> Any:
+        """Image ``k``'s block of a state of the whole bundle; one image's is the state itself."""
+        return state if self.k == 1 else bundle.part(state, k, self.k)
 
     def load_parts(self, states: Sequence[dict[str, Any]]) -> None:
         """Continue every image from its ``part_state()``, all saved at the same iteration;

@@ -177,8 +177,9 @@ AUTO_GPU_SHARE = 0.25
 
 
 def resolve_bundle_size(cfg: RunConfig, gpus_expected: bool) -> int:
-    """Images per task: the configured number; auto, one without GPUs (a CPU gains nothing from
-    fusing, BENCHMARKS.md) and ``AUTO_BUNDLE_GPU`` with."""
+    """Images per task: the configured number; auto, one without GPUs (two trainings at once,
+    a thread each, beat a bundle of two on a 2-core CPU: BENCHMARKS.md, "Fused training") and
+    ``AUTO_BUNDLE_GPU`` with."""
     if cfg.bundle_size != "auto":
         return int(cfg.bundle_size)
     return AUTO_BUNDLE_GPU if gpus_expected else 1

@@ -111,11 +111,12 @@ def process_bundle(items: list[Item], job: Job) -> list[Record]:
     started = time.perf_counter()
     # The per-image time limit, for the bundle's images together: they train at once.
     deadline = Deadline(None if job.cfg.timeout_s is None else job.cfg.timeout_s * len(items))
+    folder = Folder(job.cfg.output, job.cfg.storage())
     out: list[Record | None] = [None] * len(items)
     ready: list[tuple[int, _Prepared]] = []
     for i, item in enumerate(items):
         try:
-            prep = _prepare(item, job, started)
+            prep = _prepare(item, job, folder, started)
         except Exception as exc:  # noqa: BLE001 - every per-image failure becomes a failure row
             out[i] = records.failed(item, *classify(exc), started)
             continue
@@ -149,10 +150,9 @@ class _Prepared:
     state: bytes | None  # a lost task's training state
 
 
-def _prepare(item: Item, job: Job, started: float) -> _Prepared | Record:
+def _prepare(item: Item, job: Job, folder: Folder, started: float) -> _Prepared | Record:
     """The first stage: what the image needs from storage; a record where it was done before."""
     cfg = job.cfg
-    folder = Folder(cfg.output, cfg.storage())
     targets = [*job.targets, *(variants(cfg, item.id) if cfg.augment else [])]
     marker_rel = layout.marker_path(item.id, job.tag)
     done = _read_marker(folder, marker_rel) if cfg.resume == "incremental" else None

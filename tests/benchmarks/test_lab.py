@@ -79,10 +79,10 @@ def test_the_stretched_fake_is_the_crop_resized_to_shapes_far_from_its_own(brick
     seen: list[torch.Tensor] = []
     hook = t.d.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     t.d.eval()
-    t.noise_rng.manual_seed(0)
+    t.noise_rngs[0].manual_seed(0)
     t.extra_d_losses(real, (h, 2 * w), None, weights)
     hook.remove()
-    t.noise_rng.manual_seed(0)
+    t.noise_rngs[0].manual_seed(0)
     assert torch.equal(seen[0], t._noisy(warp(real, (h, 2 * w))))
 
 

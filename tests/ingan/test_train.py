@@ -198,7 +198,7 @@ def test_image_skip_starts_as_a_resize_of_the_input(brick40: torch.Tensor) -> No
     # The exit conv starts near zero (gain 0.01), so the untrained output is the warped input.
     assert (out.float() - stretched).abs().mean() < 3.0
     with pytest.raises(ValueError, match="image="):
-        g.decode(g.features(t.image[None]), (40, 80))
+        g.decode(g.features(t.images[0][None]), (40, 80))
 
 
 def _with_terms(g_weight: float, d_weight: float) -> type[Trainer]:
