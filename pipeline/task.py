@@ -197,6 +197,11 @@ def _train(preps: list[_Prepared], job: Job, deadline: Deadline) -> dict[str, Fi
     out: dict[str, Fit | Exception] = {}
     for prep, result in zip(preps, fits, strict=True):
         out[prep.item.id] = result
+        state_rel = layout.training_state_path(prep.item.id, job.tag)
+        if isinstance(result, DivergedError):
+            # Its last saved state may hold the divergence already: a rerun starts it over.
+            with contextlib.suppress(StorageError):
+                prep.folder.remove(state_rel)
         if isinstance(result, Exception):
             continue
         try:
@@ -204,7 +209,7 @@ def _train(preps: list[_Prepared], job: Job, deadline: Deadline) -> dict[str, Fi
             prep.folder.write_bytes(model_rel, checkpoint.save(result.checkpoint))  # before any output
             # The model supersedes the state; one left behind by a failed removal is never used.
             with contextlib.suppress(StorageError):
-                prep.folder.remove(layout.training_state_path(prep.item.id, job.tag))
+                prep.folder.remove(state_rel)
         except Exception as exc:  # noqa: BLE001
             out[prep.item.id] = exc
     return out

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from ingan import checkpoint, images
+from ingan.fit import DivergedError
 from pipeline.config import RunConfig
 from pipeline.storage import StorageError, UnsupportedURIError
 from pipeline.targets import TargetError
@@ -94,6 +95,7 @@ def test_retarget_only_without_a_model_fails_without_training(tmp_path: Path) ->
         (checkpoint.CheckpointError("not a readable checkpoint"), "checkpoint"),
         (TargetError("too large"), "target"),
         (ItemError("timeout", "exceeded the per-image limit"), "timeout"),
+        (DivergedError("training diverged: a non-finite loss by iteration 100"), "diverged"),
         (MemoryError(), "oom"),
         (torch.OutOfMemoryError("CUDA out of memory"), "oom"),
         (RuntimeError("something odd"), "internal"),
@@ -149,3 +151,25 @@ def test_a_damaged_or_foreign_training_state_is_retrained_from_scratch(tmp_path:
     models = [checkpoint.load(Path(r["model_uri"]).read_bytes()).generator for r in (clean, rec)]
     for k, v in models[0].items():
         assert torch.equal(v, models[1][k]), k
+
+
+def test_a_diverged_training_is_its_rows_failure_and_its_saved_state_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A training that diverges leaves no model, and no state a rerun would diverge from again."""
+    import pipeline.task
+    from pipeline import layout
+
+    src = tmp_path / "a.png"
+    Image.fromarray(torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()).save(src)
+    job = _job(tmp_path / "out")
+    state_path = tmp_path / "out" / layout.training_state_path("the-id", job.tag)
+    state_path.parent.mkdir(parents=True)
+    state_path.write_bytes(b"a state saved before the loss went non-finite")
+    diverged = DivergedError("training diverged: a non-finite loss by iteration 2")
+    monkeypatch.setattr(pipeline.task, "fit_bundle", lambda images, *a, **kw: [diverged for _ in images])
+    rec = process(Item(0, "the-id", str(src), {"note": "kept"}), job)
+    _assert_failed(rec, "diverged")
+    assert "non-finite loss" in rec["error"]
+    assert not state_path.exists()
+    assert not (tmp_path / "out" / layout.model_path("the-id", job.tag)).exists()
