@@ -20,10 +20,11 @@ import torch
 from ingan import images
 from ingan.config import ModelConfig, TrainConfig, get_preset
 from ingan.fit import fit, fit_bundle
+from ingan.losses import Term
 from ingan.retarget import retarget_image
-from ingan.train import Trainer, native_bf16
+from ingan.train import native_bf16
 
-from .lab import LabConfig, trainer_class
+from .lab import LabConfig, lab_terms
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -118,13 +119,13 @@ class Overrides:
     train: dict[str, Any] = field(default_factory=dict)
     lab: dict[str, Any] = field(default_factory=dict)
 
-    def apply(self, preset_name: str, iterations: int | None = None) -> tuple[ModelConfig, TrainConfig, type[Trainer]]:
-        """The preset's configs with these overrides, and the trainer class that runs them; an
+    def apply(self, preset_name: str, iterations: int | None = None) -> tuple[ModelConfig, TrainConfig, list[Term]]:
+        """The preset's configs with these overrides, and the lab's extra loss terms; an
         unknown field or a bad value raises (TypeError, ValueError) before anything trains."""
         preset = get_preset(preset_name)
         model = dataclasses.replace(preset.model, **self.model)
         train = dataclasses.replace(preset.train, **self.train).with_overrides(iterations=iterations)
-        return model, train, trainer_class(self.lab)
+        return model, train, lab_terms(self.lab)
 
 
 def parse_overrides(items: list[str] | tuple[str, ...]) -> Overrides:
@@ -163,12 +164,12 @@ def train_one(path: str, preset_name: str, shapes: list[Shape], *, iterations: i
     does (``ingan.fit``) and retarget it to ``shapes``: (outputs, training s, retargeting s).
     Meant for a worker process of its own: one torch thread, as a CPU node runs each image."""
     torch.set_num_threads(1)
-    model, train, trainer_cls = parse_overrides(overrides).apply(preset_name, iterations)
+    model, train, terms = parse_overrides(overrides).apply(preset_name, iterations)
     train = train.with_overrides(max_shift=max_shift)
     src = images.load(path)
-    done = fit(src, preset_name, model, train, device, trainer_cls=trainer_cls)
+    done = fit(src, preset_name, model, train, device, terms=terms)
     t0 = time.perf_counter()
-    outs = retarget_image(done.trainer.g, src, [(h, w) for w, h, _ in shapes], train.max_side, [sh for _, _, sh in shapes])
+    outs = retarget_image(done.checkpoint.build_generator(device), src, [(h, w) for w, h, _ in shapes], train.max_side, [sh for _, _, sh in shapes])
     return outs, done.seconds, time.perf_counter() - t0
 
 
@@ -177,11 +178,9 @@ def train_bundle(paths: list[str], preset_name: str, shapes: list[list[Shape]], 
     """``train_one`` for several images trained as bundles (``ingan.fit.fit_bundle``: one bundle
     per crop size, one after another), each image with the seed it would have alone: per image
     (outputs, its bundle's training s, retargeting s)."""
-    model, train, trainer_cls = parse_overrides(overrides).apply(preset_name, iterations)
-    if trainer_cls is not Trainer:
-        raise ValueError("the lab's variants train one image at a time")
+    model, train, terms = parse_overrides(overrides).apply(preset_name, iterations)
     sources = [images.load(p) for p in paths]
-    fits = fit_bundle(sources, preset_name, model, [train] * len(paths), device)
+    fits = fit_bundle(sources, preset_name, model, [train] * len(paths), device, terms=terms)
     out = []
     for src, done, own in zip(sources, fits, shapes, strict=True):
         if isinstance(done, Exception):

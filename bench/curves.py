@@ -38,9 +38,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from ingan import images
 from ingan.config import ModelConfig, TrainConfig
 from ingan.images import to_model_input
+from ingan.losses import Term
 from ingan.metrics import score_outputs
 from ingan.retarget import retarget_image
-from ingan.train import Trainer, pick_device
+from ingan.train import Trainer, calibrate_norm_stats, pick_device
 
 from .common import RESULTS, add_image_args, bench_images, machine, parse_overrides
 from .quality import TARGETS, bicubic, targets
@@ -62,7 +63,7 @@ def evaluate(trainer: Trainer, src: torch.Tensor, max_side: int | None) -> dict[
     # so evaluating never disturbs the training that goes on.
     g = copy.deepcopy(trainer.g)
     if trainer.cfg.norm_calibration > 0:
-        trainer.calibrate_norm_stats(g, trainer.cfg.norm_calibration)
+        calibrate_norm_stats(trainer, g, trainer.cfg.norm_calibration)
     g.eval()
     tg = targets(src.shape[-1], src.shape[-2])
     sizes = list(tg.values())
@@ -78,8 +79,8 @@ def baseline(src: torch.Tensor) -> dict[str, dict[str, float]]:
 
 
 def run_image(src: torch.Tensor, model: ModelConfig, train: TrainConfig, eval_every: int, flop_every: int,
-              device: torch.device, trainer_cls: type[Trainer] = Trainer) -> list[dict[str, Any]]:
-    trainer = trainer_cls(to_model_input(src), model, train, device)
+              device: torch.device, terms: list[Term] | None = None) -> list[dict[str, Any]]:
+    trainer = Trainer([to_model_input(src)], model, train, device, terms=terms or ())
     trainer.g.train()
     trainer.d.train()
     points, flops, seconds = [], 0, 0.0
@@ -199,13 +200,13 @@ def main() -> None:
     if not args.label:
         ap.error("--label is required to train")
     device = pick_device(args.device)
-    model, train, trainer_cls = parse_overrides(args.set).apply(args.preset, args.iterations)
+    model, train, terms = parse_overrides(args.set).apply(args.preset, args.iterations)
     paths = bench_images(args.images, args.image_set)
     per_image, base = {}, {}
     for path in paths:
         src = images.load(str(path))
         base[path.name] = baseline(src)
-        per_image[path.name] = run_image(src, model, train, args.eval_every, args.flop_every, device, trainer_cls)
+        per_image[path.name] = run_image(src, model, train, args.eval_every, args.flop_every, device, terms)
         last = per_image[path.name][-1]
         print(f"{path.name}: {last['seconds']:.0f} s, {last['flops'] / 1e12:.2f} TFLOPs", flush=True)
         rows = summarise(per_image, base)

@@ -32,7 +32,7 @@ def preset_flops(name: str, size: tuple[int, int], samples: int) -> dict[str, fl
     w, h = size
     gen = torch.Generator().manual_seed(0)
     src = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen)
-    trainer = Trainer(to_model_input(src), preset.model, preset.train, "cpu")
+    trainer = Trainer([to_model_input(src)], preset.model, preset.train, "cpu")
     total = preset.train.iterations
     per_step = []
     for k in range(samples):

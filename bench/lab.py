@@ -1,5 +1,6 @@
 """Experiments on the training, kept out of the library: options that were measured and not
-shipped live on here, as a Trainer subclass that fills InGAN's hooks, so they can be run again.
+shipped live on here, as extra loss terms (``ingan.losses.Term``) handed to the trainer, so they
+can be run again.
 
     python -m bench.quality --presets cpu --set tone_weight=1 --label tone1
     python -m bench.curves --preset cpu --set stretch_negative=2 --label stretch2
@@ -16,12 +17,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch.nn.functional as F
+import torch
 from torch import Tensor
 
 from ingan import losses
+from ingan.bundle import per_image_mean
 from ingan.geometry import warp
-from ingan.train import Trainer
+from ingan.losses import Term, Views
 
 # Outputs within this factor of the crop's size on both axes get no stretched fake: a resize
 # that small is close to the real crop, and D would be taught to call nearly real patches fake.
@@ -49,37 +51,32 @@ class LabConfig:
         return self == LabConfig()
 
 
-def tone_loss(output: Tensor, source: Tensor) -> Tensor:
-    """L1 distance between the per-channel mean and standard deviation of ``output`` and of
-    ``source`` (each (B, 3, H, W), any sizes). The cycle loss lets tone drift: any invertible
-    change of colour passes it."""
-    o, s = output.flatten(2), source.flatten(2)  # (B, 3, H*W)
-    return F.l1_loss(o.mean(-1), s.mean(-1)) + F.l1_loss(o.std(-1), s.std(-1))
+def tone_loss(output: Tensor, source: Tensor, k: int = 1) -> Tensor:
+    """(K,): per image, the L1 distance between the per-channel mean and standard deviation of
+    ``output`` and of ``source`` (each (1, 3K, H, W), any sizes). The cycle loss lets tone drift:
+    any invertible change of colour passes it."""
+    o, s = output.float().flatten(2), source.float().flatten(2)  # (1, 3K, H*W)
+    gap = (o.mean(-1) - s.mean(-1)).abs() + (o.std(-1) - s.std(-1)).abs()  # (1, 3K)
+    return per_image_mean(gap[..., None, None], k)
 
 
-class LabTrainer(Trainer):
-    lab = LabConfig()
-
-    def extra_g_losses(self, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
-        if self.lab.tone_weight <= 0:
-            return {}
-        return {"tone": self.lab.tone_weight * tone_loss(fake.float(), real)}
-
-    def extra_d_losses(self, real: Tensor, out_hw: tuple[int, int], matrix: Tensor | None,
-                       weights: list[float]) -> dict[str, Tensor]:
-        if self.lab.stretch_negative <= 0:
-            return {}
-        near = all(abs(math.log(o / c)) < math.log(STRETCH_FREE) for o, c in zip(out_hw, real.shape[-2:], strict=True))
-        if matrix is None and near:
-            return {}
-        stretched = warp(real, out_hw, matrix)
-        d_stretched = self.d(self._noisy(stretched), weights).float()
-        return {"stretch": self.lab.stretch_negative * losses.d_fake_loss(d_stretched)}
+def _near_the_crop(views: Views) -> bool:
+    """An unshifted output within STRETCH_FREE of the crop's size on both axes."""
+    near = all(abs(math.log(o / c)) < math.log(STRETCH_FREE) for o, c in zip(views.out_hw, views.real.shape[-2:], strict=True))
+    return views.matrix is None and near
 
 
-def trainer_class(lab: LabConfig | dict[str, Any] | None = None) -> type[Trainer]:
-    """InGAN's own Trainer for the plain configuration, else a LabTrainer set to ``lab``."""
+def lab_terms(lab: LabConfig | dict[str, Any] | None = None) -> list[Term]:
+    """The extra loss terms of ``lab`` (none for the plain configuration): G's tone term and D's
+    stretched fakes, each per image as ``ingan.losses.Term`` requires."""
     lab = LabConfig(**lab) if isinstance(lab, dict) else (lab or LabConfig())
-    if lab.is_plain:
-        return Trainer
-    return type("LabTrainer", (LabTrainer,), {"lab": lab})
+    terms = []
+    if lab.tone_weight > 0:
+        terms.append(Term("tone", "g", lambda v: lab.tone_weight * tone_loss(v.fake, v.real, v.n)))
+    if lab.stretch_negative > 0:
+        def stretched(v: Views) -> Tensor:
+            if _near_the_crop(v):
+                return v.real.new_zeros(v.n, dtype=torch.float32)
+            return lab.stretch_negative * losses.d_fake_half(v.discriminate(warp(v.real, v.out_hw, v.matrix)), v.n)
+        terms.append(Term("stretch", "d", stretched))
+    return terms

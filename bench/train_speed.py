@@ -89,7 +89,7 @@ def time_retarget(preset_name: str, device: torch.device, reps: int = 3) -> dict
     """Latency per output from a trained-size generator (weights untrained: cost is the same)."""
     preset = get_preset(preset_name)
     source = photo_600x400()
-    t = Trainer(to_model_input(source), preset.model, dataclasses.replace(preset.train, iterations=1), device)
+    t = Trainer([to_model_input(source)], preset.model, dataclasses.replace(preset.train, iterations=1), device)
     g = t.g.eval()
     sizes = [(400, 800), (400, 200), (400, 400), (256, 256), (128, 128)]
     retarget_image(g, source, sizes[:1], preset.train.max_side)

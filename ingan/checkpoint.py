@@ -8,7 +8,6 @@ caller decides where they live.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import io
@@ -19,7 +18,6 @@ import torch
 
 from .config import ModelConfig, TrainConfig, config_from_dict
 from .networks import Generator
-from .train import Trainer
 
 FORMAT = "ingan-checkpoint"
 VERSION = 1
@@ -110,18 +108,20 @@ def image_digest(image: torch.Tensor) -> str:
     return hashlib.sha256(image.detach().to("cpu").contiguous().numpy().tobytes()).hexdigest()
 
 
-def save_training_state(trainer: Trainer, k: int = 0) -> bytes:
-    """Image ``k``'s ``part_state()`` with what it belongs to: both configs and the image's
-    fingerprint. A few times G's checkpoint in size (D and both optimisers' moments). The same
-    format whether the image trains alone or in a bundle: either can continue from it."""
+def save_training_state(state: dict[str, Any], model: ModelConfig, train: TrainConfig, bf16: bool,
+                        working_image: torch.Tensor) -> bytes:
+    """An image's training state (``Trainer.part_state``) with what it belongs to: both configs,
+    the precision and the working image's fingerprint. A few times G's checkpoint in size (D and
+    both optimisers' moments). The same format whether the image trains alone or in a bundle:
+    either can continue from it."""
     payload = {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
-        "model_config": dataclasses.asdict(trainer.model_cfg),
-        "train_config": dataclasses.asdict(trainer.part_cfg(k)),
-        "bf16": trainer.bf16,  # resolved: bf16=None means something else on another machine
-        "image_digest": image_digest(trainer.images[k]),
-        "state": trainer.part_state(k),
+        "model_config": dataclasses.asdict(model),
+        "train_config": dataclasses.asdict(train),
+        "bf16": bf16,  # resolved: bf16=None means something else on another machine
+        "image_digest": image_digest(working_image),
+        "state": state,
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -149,24 +149,3 @@ def read_training_state(data: bytes | BinaryIO, model_cfg: ModelConfig, train_cf
     if not isinstance(state, dict) or not isinstance(state.get("iteration"), int):
         raise CheckpointError("training state is incomplete: no iteration")
     return state
-
-
-def resume_parts(trainer: Trainer, states: list[dict[str, Any]]) -> int:
-    """Load every image's checked state (``read_training_state``) into ``trainer`` and return the
-    iteration it continues from. States that cannot be continued together raise
-    ``CheckpointError`` and leave the trainer unchanged."""
-    before = [copy.deepcopy(trainer.part_state(k)) for k in range(trainer.k)]  # live tensors
-    try:
-        trainer.load_parts(states)
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-        trainer.load_parts(before)  # partly loaded: back to the fresh start
-        raise CheckpointError(f"training state is incomplete or inconsistent: {exc}") from exc
-    return trainer.iteration
-
-
-def resume_training(trainer: Trainer, data: bytes | BinaryIO) -> int:
-    """Load a saved training state into a single image's ``trainer`` (built with the same image
-    and configs) and return the iteration it continues from. A state of another image or
-    configuration, or a damaged one, raises ``CheckpointError`` and leaves the trainer unchanged."""
-    state = read_training_state(data, trainer.model_cfg, trainer.part_cfg(0), trainer.images[0], trainer.bf16)
-    return resume_parts(trainer, [state])

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .bundle import is_channels_last
+
 _EPS = 1e-12
 _numbers = itertools.count(1)  # one number per outermost cached() context, across all threads
 _state = threading.local()  # this thread's open context, if any
@@ -101,6 +103,9 @@ class SpectralNorm(nn.Module):
             return self.group.weight(self.index, context)
         if self.blocks > 1:
             return _normalise([self], [weight])[0]
+        # A lone weight of one model keeps PyTorch's own arithmetic (matrix-vector products), so
+        # it computes PyTorch's spectral norm bit for bit, and the models trained so far go on
+        # training to the same weights: the batched products round differently.
         mat = weight.flatten(1)
         if self.training:
             self._power_iteration(mat, 1)
@@ -172,7 +177,7 @@ def _normalise(norms: list[SpectralNorm], originals: list[Tensor]) -> list[Tenso
     first = originals[0]
     n, blocks = len(norms), norms[0].blocks
     rows = n * blocks  # one matrix per block of every weight
-    nhwc = first.dim() == 4 and not first.is_contiguous() and first.is_contiguous(memory_format=torch.channels_last)
+    nhwc = is_channels_last(first)
     perm = (0, 2, 3, 1) if nhwc else tuple(range(first.dim()))
     stacked = torch.stack([o.permute(perm) for o in originals])  # (n, blocks * out, ...)
     mats = stacked.view(rows, stacked.shape[1] // blocks, -1)  # (n * blocks, out, k)

@@ -1,6 +1,7 @@
 """Tests for training a bundle of images as one fused model (ingan.train, ingan.fit.fit_bundle):
-one image is the single training bit for bit, K images are K single trainings, an image's trouble
-stays its own, parts export as plain checkpoints and resume from their own states."""
+K images are K single trainings (a bundle of one, which tests/ingan/test_reference.py holds to a
+committed reference), an image's trouble stays its own, parts export as plain checkpoints and
+resume from their own states."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from support import assert_same_state, texture, tiny_train_config
 
 from ingan import checkpoint
 from ingan.config import get_preset
-from ingan.fit import DivergedError, fit, fit_bundle
+from ingan.fit import DivergedError, fit_bundle, resume_from_bytes
 from ingan.images import to_model_input, to_uint8
 from ingan.retarget import retarget_image
 from ingan.train import Trainer
@@ -41,21 +42,6 @@ def _forced_shapes(t: Trainer, shapes: list[tuple]) -> None:
     t.sample_target = lambda: (own(), next(queue))[1]  # type: ignore[method-assign]
 
 
-def test_one_image_is_the_single_training_bit_for_bit(brick40: torch.Tensor) -> None:
-    cfg = _cfg(seed=5)
-    alone = Trainer(to_model_input(brick40), TINY.model, cfg, "cpu")
-    bundle = Trainer([to_model_input(brick40)], TINY.model, cfg, "cpu", seeds=[5])
-    for _ in range(3):
-        a, b = alone.step(), bundle.step()
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert_same_state(alone.g, bundle.g)
-    assert_same_state(alone.d, bundle.d)
-    # fit is a bundle of one: its checkpoint is fit_bundle's, byte for byte.
-    one = fit(brick40, "tiny", TINY.model, _cfg(2, seed=5), "cpu")
-    [also] = fit_bundle([brick40], "tiny", TINY.model, [_cfg(2, seed=5)], "cpu")
-    assert checkpoint.save(one.checkpoint) == checkpoint.save(also.checkpoint)
-
-
 def test_three_images_train_as_three_single_trainings(textures: list[torch.Tensor]) -> None:
     """In float64, so that what is compared is the computation, not float32 rounding: from the
     first rounding difference on, Adam's first steps (of the size of the weights) and the
@@ -73,11 +59,11 @@ def test_three_images_train_as_three_single_trainings(textures: list[torch.Tenso
         for _ in range(3):
             bundle.step()
         for k, seed in enumerate(SEEDS):
-            alone = Trainer(sources[k], TINY.model, dataclasses.replace(cfg, seed=seed), "cpu")
+            alone = Trainer([sources[k]], TINY.model, dataclasses.replace(cfg, seed=seed), "cpu")
             _forced_shapes(alone, shapes)
             for _ in range(3):
                 alone.step()
-            mine, ref = bundle.part_state(k), alone.state_dict()
+            mine, ref = bundle.part_state(k), alone.part_state(0)
             compared = 0
             for net in ("g", "d"):
                 assert mine[net].keys() == ref[net].keys()
@@ -99,25 +85,32 @@ def test_three_images_train_as_three_single_trainings(textures: list[torch.Tenso
 
 def test_a_nan_in_one_image_fails_it_alone_and_leaves_the_others_bit_identical(textures: list[torch.Tensor]) -> None:
     cfg = _cfg(4, log_every=2)
-    clean = fit_bundle(textures, "tiny", TINY.model, [dataclasses.replace(cfg, seed=s) for s in SEEDS], "cpu")
-    poisoned = [to_model_input(t) for t in textures]
+    sources = [to_model_input(t) for t in textures]
+    poisoned = list(sources)
     poisoned[1] = poisoned[1].clone()
     poisoned[1][:, 5:9, 5:9] = float("nan")
-    # to_model_input of a float image in [-1, 1] is 2x - 1: hand over its inverse.
-    hurt = fit_bundle([(p + 1) / 2 for p in poisoned], "tiny", TINY.model,
-                      [dataclasses.replace(cfg, seed=s) for s in SEEDS], "cpu")
-    assert isinstance(hurt[1], DivergedError) and "non-finite" in str(hurt[1])
+    clean, hurt = (Trainer(images, TINY.model, cfg, "cpu", seeds=SEEDS) for images in (sources, poisoned))
+    clean.run()
+    hurt.run()
+    assert list(hurt.failed) == [1] and "non-finite" in hurt.failed[1] and not clean.failed
     for k in (0, 2):
-        assert not isinstance(hurt[k], Exception)
-        assert_same_state(clean[k].checkpoint.generator, hurt[k].checkpoint.generator)
-        assert_same_state(clean[k].trainer.part_state(k)["d"], hurt[k].trainer.part_state(k)["d"])
+        for net in ("g", "d"):
+            assert_same_state(clean.part_state(k)[net], hurt.part_state(k)[net])
+    # fit_bundle: the failed image's result is its error, the others' their models.
+    # (to_model_input of a float image in [0, 1] is 2x - 1: hand over its inverse.)
+    done = fit_bundle([(p + 1) / 2 for p in poisoned], "tiny", TINY.model,
+                      [dataclasses.replace(cfg, seed=s) for s in SEEDS], "cpu")
+    assert isinstance(done[1], DivergedError) and "non-finite" in str(done[1])
+    for k in (0, 2):
+        assert_same_state(clean.part_generator(k), done[k].checkpoint.generator)
 
 
 def test_an_exported_part_retargets_as_its_block_of_the_bundle(textures: list[torch.Tensor]) -> None:
     cfg = dataclasses.replace(_cfg(3), norm_calibration=4)
     fits = fit_bundle(textures, "tiny", TINY.model, [dataclasses.replace(cfg, seed=s) for s in SEEDS], "cpu")
-    trainer = fits[0].trainer
-    assert not trainer.g.training and trainer.k == 3
+    trainer = Trainer([to_model_input(t) for t in textures], TINY.model, cfg, "cpu", seeds=SEEDS)
+    trainer.run()  # the same training as fit_bundle's, whose trainer is not kept
+    assert not trainer.g.training and trainer.n_images == 3
     inputs = torch.cat([to_model_input(t)[None] for t in textures], 1)  # (1, 9, 40, 40)
     with torch.no_grad():
         fused = trainer.g(inputs, (40, 70))  # (1, 9, 40, 70)
@@ -144,8 +137,8 @@ def test_each_image_resumes_from_its_own_state(textures: list[torch.Tensor]) -> 
                        snapshot_every_s=1e-9)
     assert [len(states[k]) for k in range(3)] == [3, 3, 3]  # after iterations 1, 2 and 3
     # Each state is the image's own, in the single-training format: alone it continues too.
-    alone = Trainer(to_model_input(textures[2]), TINY.model, cfgs[2], "cpu")
-    assert checkpoint.resume_training(alone, states[2][1]) == 2
+    alone = Trainer([to_model_input(textures[2])], TINY.model, cfgs[2], "cpu")
+    assert resume_from_bytes(alone, states[2][1]) == 2
     # A retried bundle: every image from its own state at iteration 2.
     again = fit_bundle(textures, "tiny", TINY.model, cfgs, "cpu", states=[states[k][1] for k in range(3)])
     for k in range(3):
@@ -153,28 +146,40 @@ def test_each_image_resumes_from_its_own_state(textures: list[torch.Tensor]) -> 
         assert_same_state(whole[k].checkpoint.generator, again[k].checkpoint.generator)
 
 
-def test_images_of_other_crop_sizes_or_too_small_are_their_own_results(textures: list[torch.Tensor]) -> None:
+def test_images_of_other_crop_sizes_or_too_small_are_their_own_results(textures: list[torch.Tensor],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import ingan.fit as fit_module
+
+    bundles: list[list[int]] = []
+
+    class Seen(Trainer):
+        def __init__(self, images: list[torch.Tensor], *args: object, seeds: list[int], **kw: object) -> None:
+            bundles.append(list(seeds))
+            super().__init__(images, *args, seeds=seeds, **kw)
+
+    monkeypatch.setattr(fit_module, "Trainer", Seen)
     wide = texture("chelsea.png", 40)[:, :30, :]  # 40x30: another crop size
     tiny_img = texture("brick.png", 12)  # below the smallest output side
     cfgs = [dataclasses.replace(_cfg(2), seed=s) for s in (1, 2, 3, 4)]
     done = fit_bundle([textures[0], wide, tiny_img, textures[1]], "tiny", TINY.model, cfgs, "cpu")
     assert isinstance(done[2], ValueError) and "too small" in str(done[2])
-    assert done[0].trainer is done[3].trainer and done[0].trainer.k == 2
-    assert done[1].trainer.k == 1 and done[1].checkpoint.meta["working_hw"] == [30, 40]
+    assert sorted(bundles) == [[1, 4], [2]]  # by seed: the two 40x40 images together, the 40x30 alone
+    assert done[1].checkpoint.meta["working_hw"] == [30, 40]
+    assert [d.checkpoint.train.seed for d in (done[0], done[1], done[3])] == [1, 2, 4]
 
 
 def test_out_of_gpu_memory_a_bundle_trains_as_halves(textures: list[torch.Tensor], monkeypatch: pytest.MonkeyPatch) -> None:
     import ingan.fit as fit_module
 
-    real, sizes = fit_module._fit, []
+    real, sizes = fit_module._fit_groups, []
 
-    def tight(images: list[torch.Tensor], *args: object) -> object:
-        sizes.append(len(images))
-        if len(images) > 2:
+    def tight(members: list, job: object) -> object:
+        sizes.append(len(members))
+        if len(members) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (test)")
-        return real(images, *args)
+        return real(members, job)
 
-    monkeypatch.setattr(fit_module, "_fit", tight)
+    monkeypatch.setattr(fit_module, "_fit_groups", tight)
     four = [*textures, texture("astronaut.png", 40)]
     states: list[int] = []
     done = fit_bundle(four, "tiny", TINY.model, [dataclasses.replace(_cfg(2), seed=s) for s in (1, 2, 3, 4)], "cpu",

@@ -15,6 +15,7 @@ from support import assert_same_state
 from ingan import checkpoint
 from ingan.checkpoint import CheckpointError
 from ingan.config import get_preset
+from ingan.fit import resume_from_bytes, saved_state
 from ingan.images import to_model_input
 from ingan.retarget import retarget, retarget_image
 from ingan.train import Trainer, build_models
@@ -30,7 +31,7 @@ def trained() -> Trainer:
     """A tiny generator trained for a few iterations (so every BN and SN buffer has moved)."""
     image = torch.rand(3, 36, 44, generator=torch.Generator().manual_seed(0))
     cfg = dataclasses.replace(TINY.train, iterations=4, seed=3)
-    t = Trainer(to_model_input(image), TINY.model, cfg, "cpu")
+    t = Trainer([to_model_input(image)], TINY.model, cfg, "cpu")
     t.run()
     return t
 
@@ -229,7 +230,7 @@ def test_a_checkpoint_of_an_older_version_still_loads(trained: Trainer, saved: b
 def _state_trainer(seed: int = 3, iterations: int = 12) -> Trainer:
     image = torch.rand(3, 36, 44, generator=torch.Generator().manual_seed(0))
     cfg = dataclasses.replace(TINY.train, iterations=iterations, seed=seed, norm_calibration=4)
-    return Trainer(to_model_input(image), TINY.model, cfg, "cpu")
+    return Trainer([to_model_input(image)], TINY.model, cfg, "cpu")
 
 
 class _Stop(Exception):
@@ -241,7 +242,7 @@ def _interrupted_state(at: int) -> bytes:
     t, saved = _state_trainer(), []
 
     def snapshot(tr: Trainer) -> None:
-        saved.append(checkpoint.save_training_state(tr))
+        saved.append(saved_state(tr, 0))
         if tr.iteration == at:
             raise _Stop
 
@@ -254,7 +255,7 @@ def test_resumed_training_ends_bit_identical_to_an_uninterrupted_one() -> None:
     whole = _state_trainer()
     whole.run()
     resumed = _state_trainer()
-    assert checkpoint.resume_training(resumed, _interrupted_state(at=8)) == 8
+    assert resume_from_bytes(resumed, _interrupted_state(at=8)) == 8
     resumed.run()
     assert_same_state(whole.g, resumed.g)
     assert_same_state(whole.d, resumed.d)
@@ -283,7 +284,7 @@ def test_a_state_of_other_settings_or_damaged_is_refused_and_changes_nothing(oth
         t = _state_trainer(seed=4)
     elif other == "image":
         image = torch.rand(3, 36, 44, generator=torch.Generator().manual_seed(1))
-        t = Trainer(to_model_input(image), TINY.model, t.cfg, "cpu")
+        t = Trainer([to_model_input(image)], TINY.model, t.cfg, "cpu")
     elif other == "garbage":
         state = b"\x00not a state" * 10
     elif other == "truncated":
@@ -306,17 +307,17 @@ def test_a_state_of_other_settings_or_damaged_is_refused_and_changes_nothing(oth
         state = _torch_bytes(_as_older_versions_saved(payload, tone_weight=1.0))
     before = _fresh_state(t)
     with pytest.raises(CheckpointError):
-        checkpoint.resume_training(t, state)
+        resume_from_bytes(t, state)
     assert t.iteration == 0
     assert_same_state(before, t.g)
-    assert checkpoint.resume_training(_state_trainer(), _interrupted_state(at=6)) == 6  # the state itself is good
+    assert resume_from_bytes(_state_trainer(), _interrupted_state(at=6)) == 6  # the state itself is good
 
 
 def test_an_older_versions_state_at_todays_values_continues() -> None:
     payload = torch.load(io.BytesIO(_interrupted_state(at=6)), weights_only=True)
-    assert checkpoint.resume_training(_state_trainer(), _torch_bytes(_as_older_versions_saved(payload))) == 6
+    assert resume_from_bytes(_state_trainer(), _torch_bytes(_as_older_versions_saved(payload))) == 6
 
 
 def test_a_model_checkpoint_is_not_a_training_state(saved: bytes) -> None:
     with pytest.raises(CheckpointError, match="training-state"):
-        checkpoint.resume_training(_state_trainer(), saved)
+        resume_from_bytes(_state_trainer(), saved)

@@ -40,8 +40,8 @@ def test_the_checkpoint_says_what_it_was_trained_from_and_nothing_of_time() -> N
     assert done.checkpoint.meta["working_hw"] != done.checkpoint.meta["source_hw"]
     assert done.checkpoint.model == TINY.model and done.checkpoint.train == tiny_train_config(2)
     assert done.resumed_from == 0 and done.seconds > 0
-    assert not done.trainer.g.training  # handed back ready to retarget
-    assert_same_state(done.checkpoint.generator, done.trainer.g)
+    assert set(vars(done)) == {"checkpoint", "seconds", "resumed_from"}  # no trainer kept alive
+    assert not done.checkpoint.build_generator().training  # ready to retarget
 
 
 def test_the_same_seed_writes_the_same_bytes(brick40: torch.Tensor, whole: tuple[Fit, list[bytes]]) -> None:
@@ -56,7 +56,7 @@ def test_a_fit_resumed_from_a_snapshot_ends_where_an_uninterrupted_one_does(
     assert len(states) == 3  # after iterations 1 to 3: never after the last
     resumed = _fit(brick40, state=states[1])
     assert resumed.resumed_from == 2
-    assert_same_state(done.trainer.g, resumed.trainer.g)
+    assert_same_state(done.checkpoint.generator, resumed.checkpoint.generator)
     assert checkpoint.save(resumed.checkpoint) == checkpoint.save(done.checkpoint)
 
 
@@ -64,30 +64,33 @@ def test_a_damaged_state_is_ignored_and_training_starts_over(brick40: torch.Tens
                                                              whole: tuple[Fit, list[bytes]]) -> None:
     again = _fit(brick40, state=b"nonsense")
     assert again.resumed_from == 0
-    assert_same_state(whole[0].trainer.g, again.trainer.g)
+    assert_same_state(whole[0].checkpoint.generator, again.checkpoint.generator)
 
 
-def _tight(limit: int | None, tried: list[TrainConfig]) -> type[Trainer]:
-    """A Trainer that runs out of GPU memory for crops above ``limit`` (None: always)."""
+def _tight(monkeypatch: pytest.MonkeyPatch, limit: int | None, tried: list[TrainConfig]) -> None:
+    """fit's trainers run out of GPU memory for crops above ``limit`` (None: always)."""
+    import ingan.fit as fit_module
 
     class Tight(Trainer):
-        def __init__(self, image: torch.Tensor, model_cfg: object, train_cfg: TrainConfig, device: object,
+        def __init__(self, images: list[torch.Tensor], model_cfg: object, train_cfg: TrainConfig, device: object,
                      **kw: object) -> None:
             tried.append(train_cfg)
             if limit is None or train_cfg.crop_size > limit:
                 raise torch.OutOfMemoryError("CUDA out of memory")
-            super().__init__(image, model_cfg, train_cfg, device, **kw)
+            super().__init__(images, model_cfg, train_cfg, device, **kw)
 
-    return Tight
+    monkeypatch.setattr(fit_module, "Trainer", Tight)
 
 
-def test_out_of_memory_it_tries_once_more_at_half_the_size() -> None:
+def test_out_of_memory_it_tries_once_more_at_half_the_size(monkeypatch: pytest.MonkeyPatch) -> None:
     tried: list[TrainConfig] = []
-    done = _fit(WIDE, 1, trainer_cls=_tight(32, tried))
+    _tight(monkeypatch, 32, tried)
+    done = _fit(WIDE, 1)
     assert [(c.crop_size, c.max_side) for c in tried] == [(64, 96), (32, 64)]
     assert done.checkpoint.train == tried[-1]  # it records what it was trained with
     assert done.checkpoint.meta["working_hw"] == list(working_resolution((50, 120), 64))
     tried.clear()
+    _tight(monkeypatch, None, tried)
     with pytest.raises(torch.OutOfMemoryError):
-        _fit(WIDE, 1, trainer_cls=_tight(None, tried))
+        _fit(WIDE, 1)
     assert len(tried) == 2  # once more, not again and again

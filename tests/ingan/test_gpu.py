@@ -9,7 +9,9 @@ import torch
 
 from ingan.config import get_preset
 from ingan.fit import fit
+from ingan.images import to_model_input
 from ingan.retarget import retarget_image
+from ingan.train import Trainer
 
 pytestmark = [
     pytest.mark.gpu,
@@ -27,12 +29,12 @@ def test_cuda_training_runs_and_inference_is_deterministic() -> None:
     # grid_sample and bilinear upsampling accumulate with atomics there. Inference is exact.
     preset = get_preset("tiny")
     cfg = dataclasses.replace(preset.train, iterations=4)
-    a = fit(_image(), preset.name, preset.model, cfg, "cuda").trainer
-    assert not a.g.training
-    assert next(a.g.parameters()).is_cuda
-    assert all(torch.isfinite(p).all() for p in a.g.parameters())
-    outs = retarget_image(a.g, _image(), [(37, 91), (8, 48)], cfg.max_side)
-    again = retarget_image(a.g, _image(), [(37, 91), (8, 48)], cfg.max_side)
+    g = fit(_image(), preset.name, preset.model, cfg, "cuda").checkpoint.build_generator("cuda")
+    assert not g.training
+    assert next(g.parameters()).is_cuda
+    assert all(torch.isfinite(p).all() for p in g.parameters())
+    outs = retarget_image(g, _image(), [(37, 91), (8, 48)], cfg.max_side)
+    again = retarget_image(g, _image(), [(37, 91), (8, 48)], cfg.max_side)
     assert [tuple(o.shape[-2:]) for o in outs] == [(37, 91), (8, 48)]
     assert all(torch.equal(x, y) for x, y in zip(outs, again, strict=True))
 
@@ -40,6 +42,7 @@ def test_cuda_training_runs_and_inference_is_deterministic() -> None:
 def test_cuda_bf16_autocast_trains() -> None:
     preset = get_preset("tiny")
     cfg = dataclasses.replace(preset.train, iterations=3, bf16=True)
-    t = fit(_image(), preset.name, preset.model, cfg, "cuda").trainer
-    assert all(torch.isfinite(p).all() for p in t.g.parameters())
+    t = Trainer([to_model_input(_image())], preset.model, cfg, "cuda")
+    t.run()
+    assert t.bf16 and all(torch.isfinite(p).all() for p in t.g.parameters())
     assert next(t.g.parameters()).dtype == torch.float32  # weights stay float32 under autocast

@@ -173,7 +173,7 @@ def test_training_with_shifts_samples_homographies() -> None:
 
     image = torch.rand(3, 40, 48) * 2 - 1
     cfg = TrainConfig(iterations=100, crop_size=32, max_shift=0.4, curriculum_end=0.0)
-    t = Trainer(image, ModelConfig(g_channels=8, g_downsamples=2, g_res_blocks=1, d_channels=8), cfg, "cpu")
+    t = Trainer([image], ModelConfig(g_channels=8, g_downsamples=2, g_res_blocks=1, d_channels=8), cfg, "cpu")
     t.iteration = 50  # past the curriculum: the full shift range
     matrices = [t.sample_target()[1] for _ in range(20)]
     assert all(m is not None for m in matrices)

@@ -1,5 +1,5 @@
-"""Tests for ingan.train: seeding, the caller's RNG, the step's parts and hooks, and that
-training learns."""
+"""Tests for ingan.train: seeding, the caller's RNG, the step's parts and extra loss terms, and
+that training learns."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from support import assert_same_state, texture, tiny_train_config
 
 from ingan import metrics
 from ingan.config import get_preset
-from ingan.fit import Fit, fit
+from ingan.fit import fit
 from ingan.images import to_model_input
+from ingan.losses import Term
 from ingan.progress import Progress
 from ingan.retarget import retarget_image
 from ingan.train import Trainer, bf16_by_default, native_bf16
@@ -25,8 +26,15 @@ TINY = get_preset("tiny")
 _cfg = tiny_train_config
 
 
-def _fit(image: torch.Tensor, cfg: object, **kw: object) -> Fit:
+def _fit(image: torch.Tensor, cfg: object, **kw: object) -> object:
     return fit(image, "tiny", TINY.model, cfg, "cpu", **kw)
+
+
+def _trained(image: torch.Tensor, cfg: object) -> Trainer:
+    """A tiny trainer of ``image`` run through its whole schedule."""
+    t = Trainer([to_model_input(image)], TINY.model, cfg, "cpu")
+    t.run()
+    return t
 
 
 def _steps(t: Trainer, n: int) -> list[dict[str, torch.Tensor]]:
@@ -37,19 +45,19 @@ def _steps(t: Trainer, n: int) -> list[dict[str, torch.Tensor]]:
 
 
 def test_same_seed_gives_bit_identical_weights(brick40: torch.Tensor) -> None:
-    a = _fit(brick40, _cfg(5, seed=7)).trainer
-    b = _fit(brick40, _cfg(5, seed=7)).trainer
+    a = _trained(brick40, _cfg(5, seed=7))
+    b = _trained(brick40, _cfg(5, seed=7))
     assert_same_state(a.g, b.g)
     assert_same_state(a.d, b.d)
     # Training moved the weights away from the initialisation.
-    fresh = Trainer(to_model_input(brick40), TINY.model, _cfg(5, seed=7), "cpu")
+    fresh = Trainer([to_model_input(brick40)], TINY.model, _cfg(5, seed=7), "cpu")
     sa, s0 = a.g.state_dict(), fresh.g.state_dict()
     assert any(not torch.equal(sa[k], s0[k]) for k in sa if k.endswith("original"))
 
 
 def test_different_seed_gives_different_weights(brick40: torch.Tensor) -> None:
-    a = _fit(brick40, _cfg(3, seed=1)).trainer
-    b = _fit(brick40, _cfg(3, seed=2)).trainer
+    a = _trained(brick40, _cfg(3, seed=1))
+    b = _trained(brick40, _cfg(3, seed=2))
     sa, sb = a.g.state_dict(), b.g.state_dict()
     differing = [k for k in sa if not torch.equal(sa[k], sb[k])]
     assert len(differing) > len(sa) // 2
@@ -65,7 +73,7 @@ def test_training_does_not_disturb_the_global_rng(brick40: torch.Tensor) -> None
 
 
 def test_the_second_g_step_runs_from_its_start(brick40: torch.Tensor) -> None:
-    t = Trainer(to_model_input(brick40), TINY.model, _cfg(4, second_g_step_start=0.5), "cpu")
+    t = Trainer([to_model_input(brick40)], TINY.model, _cfg(4, second_g_step_start=0.5), "cpu")
     keys = [set(out) for out in _steps(t, 4)]
     assert keys == [{"g_adv", "rec", "d"}] * 2 + [{"g_adv", "rec", "d", "rec2"}] * 2
     # Through fit() and its progress reports as well.
@@ -86,9 +94,9 @@ def test_progress_reports_losses_and_rate(brick40: torch.Tensor) -> None:
 
 def test_too_small_image_is_rejected() -> None:
     with pytest.raises(ValueError, match="too small"):
-        Trainer(torch.zeros(3, 12, 64), TINY.model, _cfg(1), "cpu")
+        Trainer([torch.zeros(3, 12, 64)], TINY.model, _cfg(1), "cpu")
     with pytest.raises(ValueError, match="RGB"):
-        Trainer(torch.zeros(1, 40, 40), TINY.model, _cfg(1), "cpu")
+        Trainer([torch.zeros(1, 40, 40)], TINY.model, _cfg(1), "cpu")
 
 
 @pytest.mark.slow
@@ -109,7 +117,7 @@ def test_short_training_lowers_the_patch_swd_of_a_retarget() -> None:
     src01 = source.float() / 255
 
     def swd_after(n: int, **kw: object) -> float:
-        t = Trainer(to_model_input(source), TINY.model, _cfg(n, seed=0, **kw), "cpu")
+        t = Trainer([to_model_input(source)], TINY.model, _cfg(n, seed=0, **kw), "cpu")
         t.run()
         out = retarget_image(t.g, source, [(side, 2 * side)], max_side=t.cfg.max_side)[0]
         assert tuple(out.shape) == (3, side, 2 * side)
@@ -131,7 +139,7 @@ def test_bf16_autocast_is_on_when_asked_and_where_native_for_none(brick40: torch
     With it on, the convolutions run in bfloat16 and the losses stay float32."""
     cpu = torch.device("cpu")
     for setting, want in ((None, native_bf16(cpu)), (True, True), (False, False)):
-        t = Trainer(to_model_input(brick40), TINY.model, _cfg(2, bf16=setting), "cpu")
+        t = Trainer([to_model_input(brick40)], TINY.model, _cfg(2, bf16=setting), "cpu")
         assert t.bf16 is want, setting
         seen: list[torch.dtype] = []
         hook = t.g.entry[0].register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.dtype))
@@ -174,9 +182,9 @@ def test_bf16_none_means_float32_on_a_gpu_even_an_ampere_one(monkeypatch: pytest
 
 
 def test_norm_calibration_is_seeded_and_leaves_training_alone(brick40: torch.Tensor) -> None:
-    a = _fit(brick40, _cfg(5, norm_calibration=8)).trainer
-    b = _fit(brick40, _cfg(5, norm_calibration=8)).trainer
-    plain = _fit(brick40, _cfg(5)).trainer
+    a = _trained(brick40, _cfg(5, norm_calibration=8))
+    b = _trained(brick40, _cfg(5, norm_calibration=8))
+    plain = _trained(brick40, _cfg(5))
     assert_same_state(a.g, b.g)  # calibration is deterministic
     sa, sp = a.g.state_dict(), plain.g.state_dict()
     stats = [k for k in sa if k.endswith("running_mean") or k.endswith("running_var")]
@@ -191,7 +199,7 @@ def test_norm_calibration_is_seeded_and_leaves_training_alone(brick40: torch.Ten
 
 def test_image_skip_starts_as_a_resize_of_the_input(brick40: torch.Tensor) -> None:
     model = dataclasses.replace(TINY.model, image_skip=True)
-    t = Trainer(to_model_input(brick40), model, _cfg(1), "cpu")
+    t = Trainer([to_model_input(brick40)], model, _cfg(1), "cpu")
     g = t.g.eval()
     out = retarget_image(g, brick40, [(40, 80)], None)[0]
     stretched = torch.nn.functional.interpolate(brick40[None].float(), size=(40, 80), mode="bilinear", align_corners=False)[0]
@@ -201,41 +209,37 @@ def test_image_skip_starts_as_a_resize_of_the_input(brick40: torch.Tensor) -> No
         g.decode(g.features(t.images[0][None]), (40, 80))
 
 
-def _with_terms(g_weight: float, d_weight: float) -> type[Trainer]:
-    """A Trainer whose hooks add ``g_weight`` times the fake's mean to G's loss and ``d_weight``
-    times the squared norm of D's weights to D's (terms that touch no other state)."""
-
-    class Terms(Trainer):
-        def extra_g_losses(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {"x": g_weight * fake.float().mean()}
-
-        def extra_d_losses(self, real: torch.Tensor, out_hw: tuple[int, int], matrix: torch.Tensor | None,
-                           weights: list[float]) -> dict[str, torch.Tensor]:
-            return {"y": d_weight * sum(p.float().pow(2).sum() for p in self.d.parameters())}
-
-    return Terms
+def _terms(g_weight: float, d_weight: float) -> list[Term]:
+    """Terms adding ``g_weight`` times each fake's mean to G's loss and ``d_weight`` times the mean
+    of D's map of each real crop to D's."""
+    return [Term("x", "g", lambda v: g_weight * v.fake.float().reshape(v.n, -1).mean(1)),
+            Term("y", "d", lambda v: d_weight * v.discriminate(v.real).float().reshape(v.n, -1).mean(1))]
 
 
-def test_the_hooks_terms_are_reported_and_a_zero_term_changes_nothing(brick40: torch.Tensor) -> None:
+def test_extra_terms_are_reported_and_a_zero_term_changes_nothing(brick40: torch.Tensor) -> None:
+    """Over one iteration: D's term draws D's input noise after D's own step has drawn its
+    own, so only the next iterations' noise differs."""
     cfg = _cfg(3, second_g_step_start=1.0)  # no second G step: the reports hold the main losses alone
-    plain = Trainer(to_model_input(brick40), TINY.model, cfg, "cpu")
-    zero = _with_terms(0.0, 0.0)(to_model_input(brick40), TINY.model, cfg, "cpu")
-    assert all(set(out) == {"g_adv", "rec", "d"} for out in _steps(plain, 2))  # InGAN's hooks add nothing
-    outs = _steps(zero, 2)
-    assert all(set(out) == {"g_adv", "rec", "d", "x", "y"} and out["x"] == out["y"] == 0 for out in outs)
+    plain = Trainer([to_model_input(brick40)], TINY.model, cfg, "cpu")
+    zero = Trainer([to_model_input(brick40)], TINY.model, cfg, "cpu", terms=_terms(0.0, 0.0))
+    assert all(set(out) == {"g_adv", "rec", "d"} for out in _steps(plain, 1))  # InGAN adds none
+    out, = _steps(zero, 1)
+    assert set(out) == {"g_adv", "rec", "d", "x", "y"} and out["x"] == out["y"] == 0
+    assert out["x"].shape == out["y"].shape == (1,)  # per image
     assert_same_state(plain.g, zero.g)
-    assert_same_state(plain.d, zero.d)
+    # D's weights; its BatchNorm statistics saw the extra pass over the real crop.
+    assert_same_state(dict(plain.d.named_parameters()), dict(zero.d.named_parameters()))
 
 
 @pytest.mark.parametrize(("g_weight", "d_weight"), [(1.0, 0.0), (0.0, 1.0)])
-def test_the_hooks_terms_join_their_networks_loss(brick40: torch.Tensor, g_weight: float, d_weight: float) -> None:
+def test_extra_terms_join_their_networks_loss(brick40: torch.Tensor, g_weight: float, d_weight: float) -> None:
     """In one iteration each term moves its own network alone (D learns from the fake G made
     before its update)."""
-    plain = Trainer(to_model_input(brick40), TINY.model, _cfg(3), "cpu")
-    extra = _with_terms(g_weight, d_weight)(to_model_input(brick40), TINY.model, _cfg(3), "cpu")
+    plain = Trainer([to_model_input(brick40)], TINY.model, _cfg(3), "cpu")
+    extra = Trainer([to_model_input(brick40)], TINY.model, _cfg(3), "cpu", terms=_terms(g_weight, d_weight))
     out, = _steps(extra, 1)
     assert out["x" if g_weight else "y"] != 0
     _steps(plain, 1)
     for net, moved in (("g", bool(g_weight)), ("d", bool(d_weight))):
-        a, b = getattr(plain, net).state_dict(), getattr(extra, net).state_dict()
+        a, b = dict(getattr(plain, net).named_parameters()), dict(getattr(extra, net).named_parameters())
         assert any(not torch.equal(a[k], b[k]) for k in a) == moved, net
