@@ -434,20 +434,26 @@ def sliced_wasserstein(
             # The same stream for both images: identical images pick identical patches.
             s = _subsample(s, max_patches, _generator(seed, level))
             o = _subsample(o, max_patches, _generator(seed, level))
-        mean = s.mean(dim=0, keepdim=True)  # (1, D)
-        std = s.std(dim=0, unbiased=False, keepdim=True).clamp_min(_STD_FLOOR)  # (1, D)
-        s = (s - mean) / std
-        o = (o - mean) / std
         # Fresh random directions per level, drawn on the CPU for device independence.
         dirs = torch.randn(dim, n_directions, generator=dir_gen, dtype=torch.float64)
-        dirs = (dirs / dirs.norm(dim=0, keepdim=True)).to(s.dtype).to(s.device)  # (D, P)
-        s_proj = torch.sort(s @ dirs, dim=0).values  # (Ns, P)
-        o_proj = torch.sort(o @ dirs, dim=0).values  # (No, P)
-        k = max(s_proj.shape[0], o_proj.shape[0])
-        diff = _resample_sorted(s_proj, k) - _resample_sorted(o_proj, k)  # (k, P)
-        total += diff.abs().mean().item()
+        total += _sliced_distance(s, o, dirs)
         used += 1
     return total / used
+
+
+def _sliced_distance(s: torch.Tensor, o: torch.Tensor, dirs: torch.Tensor) -> float:
+    """One level of ``sliced_wasserstein``: patches ``s`` (Ns, D) and ``o`` (No, D), normalised by
+    the source's statistics and projected on the columns of ``dirs`` (D, P), compared sorted."""
+    mean = s.mean(dim=0, keepdim=True)  # (1, D)
+    std = s.std(dim=0, unbiased=False, keepdim=True).clamp_min(_STD_FLOOR)  # (1, D)
+    s = (s - mean) / std
+    o = (o - mean) / std
+    dirs = (dirs / dirs.norm(dim=0, keepdim=True)).to(s.dtype).to(s.device)  # (D, P)
+    s_proj = torch.sort(s @ dirs, dim=0).values  # (Ns, P)
+    o_proj = torch.sort(o @ dirs, dim=0).values  # (No, P)
+    k = max(s_proj.shape[0], o_proj.shape[0])
+    diff = _resample_sorted(s_proj, k) - _resample_sorted(o_proj, k)  # (k, P)
+    return diff.abs().mean().item()
 
 
 # --------------------------------------------------------------------------------------------
