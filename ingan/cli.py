@@ -18,10 +18,10 @@ import time
 import torch
 
 from . import checkpoint, images, metrics, retarget
-from .config import PRESETS, get_preset
+from .config import BF16_DEFAULT_TEXT, PRESETS, get_preset
 from .files import atomic_write
 from .fit import fit
-from .images import working_resolution
+from .images import DEFAULT_FORMAT, FORMATS, MASK_EXT, working_resolution
 from .progress import Progress, hms
 from .retarget import encode_output, retarget_image
 from .train import pick_device
@@ -89,7 +89,7 @@ def cmd_retarget(args: argparse.Namespace) -> int:
     outs = retarget_image(g, image, sizes, ckpt.train.max_side, shifts)
     for sh, out in zip(shifts, outs, strict=True):
         enc = encode_output(out, args.format, sh)
-        files = [(f"{enc.stem}.{enc.ext}", enc.data)] + ([(f"{enc.stem}.mask.png", enc.mask)] if enc.mask else [])
+        files = [(f"{enc.stem}.{enc.ext}", enc.data)] + ([(f"{enc.stem}.{MASK_EXT}", enc.mask)] if enc.mask else [])
         for name, data in files:
             atomic_write(os.path.join(args.out_dir, name), data)
             print(os.path.join(args.out_dir, name))
@@ -102,6 +102,14 @@ def cmd_score(args: argparse.Namespace) -> int:
     out = images.load(args.output).float() / 255.0
     print(json.dumps(metrics.score(src, out, max_patches=args.max_patches), indent=2))
     return 0
+
+
+def _names(alpha: bool) -> str:
+    return " and ".join(f.name for f in FORMATS.values() if f.alpha == alpha)
+
+
+_FORMAT_HELP = (f"a shaped output keeps its frame as alpha in {_names(True)}; in {_names(False)} the outside "
+                f"is painted white and the frame written as NAME.{MASK_EXT} beside it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,8 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-shift", type=float, metavar="M",
                    help="train for shaped outputs too: top-corner shifts up to +-M (0..0.9; 0: rectangles only)")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 autocast for convolutions (default: the preset's; cpu turns it on for CPUs that "
-                        "compute it natively, AVX512-BF16 or AMX, and never on GPUs, where it is slower)")
+                   help=f"bfloat16 autocast for convolutions (default: {BF16_DEFAULT_TEXT})")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     t.add_argument("--quiet", action="store_true", help="no progress lines")
     t.add_argument("--out", required=True, help="checkpoint path to write")
@@ -131,9 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--size", type=parse_size, action="append", required=True, metavar="WxH[@LEFT,RIGHT]",
                    help="output size, repeatable; @LEFT,RIGHT shifts the top corners (normalised units, "
                         "-0.9..0.9) for a shaped output, transparent outside its frame")
-    r.add_argument("--format", default="png", choices=["png", "webp", "jpeg"],
-                   help="png and webp keep a shaped output's frame as alpha; jpeg paints the outside "
-                        "white and writes NAME.mask.png beside it")
+    r.add_argument("--format", default=DEFAULT_FORMAT, choices=list(FORMATS), help=_FORMAT_HELP)
     r.add_argument("--out-dir", required=True)
     r.add_argument("--device", default="auto")
     r.set_defaults(fn=cmd_retarget)

@@ -90,6 +90,11 @@ class TrainConfig:
         return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
 
 
+# TrainConfig.bf16's default in words, for every command line that sets it.
+BF16_DEFAULT_TEXT = ("the preset's; cpu turns it on for CPUs that compute it natively, AVX512-BF16 or AMX, "
+                     "and never on GPUs, where it is slower")
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str

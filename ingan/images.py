@@ -10,6 +10,9 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -98,27 +101,67 @@ def to_uint8(x: Tensor) -> Tensor:
     return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def encode(image: Tensor, fmt: str = "png", quality: int = 92, mask: Tensor | None = None,
-           fill: tuple[int, int, int] = (255, 255, 255)) -> bytes:
-    """uint8 (3, H, W) -> encoded bytes in ``fmt`` (png, jpeg, webp).
+@dataclass(frozen=True)
+class ImageFormat:
+    """An output format: how its files are named and written."""
 
-    ``mask`` (H, W) bool marks the pixels that belong to the image (a shaped output's frame):
-    PNG and WebP get it as their alpha channel, transparent outside; JPEG has no alpha, so the
-    pixels outside are painted ``fill`` (the mask goes in a file of its own: :func:`encode_mask`).
+    name: str  # as a user gives it (config, command line)
+    ext: str  # file extension
+    pillow: str  # Pillow's encoder
+    alpha: bool  # keeps a shaped output's frame as alpha; without, the frame is a mask file beside it
+    options: Mapping[str, Any] = field(default_factory=dict)  # Pillow encoder options
+    quality: int | None = None  # default quality of a lossy format; None: the encoder takes none
+    alpha_options: Mapping[str, Any] = field(default_factory=dict)  # further options when alpha is written
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def mime(self) -> str:
+        return f"image/{self.name}"
+
+
+FORMATS: dict[str, ImageFormat] = {f.name: f for f in (
+    ImageFormat("png", "png", "PNG", alpha=True, options={"optimize": False}),
+    ImageFormat("jpeg", "jpg", "JPEG", alpha=False, quality=92, aliases=("jpg",)),
+    # Transparent pixels' colours are not kept: smaller files.
+    ImageFormat("webp", "webp", "WEBP", alpha=True, quality=92, alpha_options={"exact": False}),
+)}
+FORMAT_NAMES = tuple(FORMATS)
+DEFAULT_FORMAT = "png"
+MASK_EXT = "mask.png"  # a frame's file (encode_mask) beside an output without alpha
+_BY_NAME = {n: f for f in FORMATS.values() for n in (f.name, *f.aliases)}
+
+
+def image_format(name: str) -> ImageFormat:
+    """The format called ``name`` or one of its aliases, in any case; ``ValueError`` otherwise."""
+    try:
+        return _BY_NAME[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown image format {name!r}; choose one of: {', '.join(FORMAT_NAMES)}") from None
+
+
+def encode(image: Tensor, fmt: str = DEFAULT_FORMAT, quality: int | None = None, mask: Tensor | None = None,
+           fill: tuple[int, int, int] = (255, 255, 255)) -> bytes:
+    """uint8 (3, H, W) -> encoded bytes in ``fmt`` (a name in ``FORMATS``); ``quality`` overrides
+    a lossy format's own.
+
+    ``mask`` (H, W) bool marks the pixels that belong to the image (a shaped output's frame): a
+    format with alpha gets it as its alpha channel, transparent outside; one without has the
+    pixels outside painted ``fill`` (the mask goes in a file of its own: :func:`encode_mask`).
     """
-    buf = io.BytesIO()
-    fmt = {"jpg": "jpeg"}.get(fmt.lower(), fmt.lower())
-    opts = {"quality": quality} if fmt in ("jpeg", "webp") else {"optimize": False}
+    f = image_format(fmt)
+    opts = dict(f.options)
+    if f.quality is not None:
+        opts["quality"] = f.quality if quality is None else quality
     im = to_pil(image)
     if mask is not None:
         alpha = Image.fromarray(mask.to(torch.uint8).mul(255).cpu().numpy(), "L")
-        if fmt == "jpeg":
-            im = Image.composite(im, Image.new("RGB", im.size, fill), alpha)
-        else:
+        if f.alpha:
             im.putalpha(alpha)
-            if fmt == "webp":
-                opts["exact"] = False  # transparent pixels' colours are not kept: smaller files
-    im.save(buf, format=fmt.upper(), **opts)
+            opts.update(f.alpha_options)
+        else:
+            im = Image.composite(im, Image.new("RGB", im.size, fill), alpha)
+    buf = io.BytesIO()
+    im.save(buf, format=f.pillow, **opts)
     return buf.getvalue()
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .geometry import MAX_SHIFT, homography, valid_mask
-from .images import encode, encode_mask, to_model_input, to_uint8, working_image
+from .images import encode, encode_mask, image_format, to_model_input, to_uint8, working_image
 from .networks import Generator
 
 MIN_SIDE = 8
@@ -179,22 +179,23 @@ def retarget_image(
 
 @dataclass(frozen=True)
 class EncodedOutput:
-    """An output ready to store: ``stem.ext``, and for a shaped JPEG its frame as ``stem.mask.png``."""
+    """An output ready to store: ``stem.ext``, and for a shaped output in a format without alpha
+    its frame as ``stem.mask.png`` (``images.MASK_EXT``)."""
 
     stem: str  # output_stem: size and shifts
-    ext: str  # file extension of the format ("jpg" for JPEG)
+    ext: str  # file extension of the format (``images.FORMATS``)
     data: bytes
     mask: bytes | None  # PNG of the frame (255 inside), only where the format has no alpha
 
 
 def encode_output(image: Tensor, fmt: str, shifts: Shifts | None = None,
                   fill: tuple[int, int, int] = (255, 255, 255)) -> EncodedOutput:
-    """A retargeted uint8 (3, H, W) output encoded as ``fmt`` (png, webp or jpeg). A shaped one is
-    transparent outside its frame in PNG and WebP; JPEG has no alpha, so the outside is painted
-    ``fill`` and the frame comes as a mask file of its own."""
+    """A retargeted uint8 (3, H, W) output encoded as ``fmt`` (a name in ``images.FORMATS``). A
+    shaped one is transparent outside its frame in a format with alpha; in one without, the
+    outside is painted ``fill`` and the frame comes as a mask file of its own."""
     h, w = image.shape[-2:]
-    fmt = {"jpg": "jpeg"}.get(fmt.lower(), fmt.lower())
+    f = image_format(fmt)
     mask = None if shifts is None else retarget_mask((h, w), shifts)
-    data = encode(image, fmt, mask=mask, fill=fill)
-    mask_png = encode_mask(mask) if mask is not None and fmt == "jpeg" else None
-    return EncodedOutput(output_stem(w, h, shifts), {"jpeg": "jpg"}.get(fmt, fmt), data, mask_png)
+    data = encode(image, f.name, mask=mask, fill=fill)
+    mask_png = encode_mask(mask) if mask is not None and not f.alpha else None
+    return EncodedOutput(output_stem(w, h, shifts), f.ext, data, mask_png)

@@ -16,17 +16,36 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from ingan.config import PRESETS, ModelConfig, TrainConfig, get_preset, model_tag
 from ingan.geometry import MAX_SHIFT
+from ingan.images import DEFAULT_FORMAT, FORMAT_NAMES
 from ingan.retarget import parse_shape, parse_size, shape_name
 
 from .storage import RetryPolicy, Storage
+
+# GPU defaults: what preset auto, bundle_size auto and num_gpus None come to on a cluster with
+# GPUs (or an autoscaler that may bring some up) and on one without. The driver resolves them
+# once it has joined the cluster (``RunConfig.resolve_*``); the *_TEXT lines say them in the
+# fields' descriptions, the flags' help and the dry run.
+AUTO_PRESET_GPU, AUTO_PRESET_CPU = "fast", "cpu"
+AUTO_PRESET_TEXT = f"{AUTO_PRESET_GPU} with GPUs, {AUTO_PRESET_CPU} without"
 
 # Images per bundle on a GPU when ``bundle_size`` is auto. One training leaves an H200 idle 90% of
 # the time, its kernels launched one by one; a bundle of K launches each kernel once for K
 # images. The projection from the measured launch and kernel times has the GPU's kernels, not
 # the launches, set the pace from K = 8 (BENCHMARKS.md, "Fused training"), and 8 trainings of
 # `fast` (2.3 GiB each at most, measured alone) fit the 24 GB GPU of cluster.yaml's g5.xlarge.
-# docs/cluster.md sizes K to other GPUs.
+# docs/cluster.md sizes K to other GPUs. Without GPUs, two trainings at once, a thread each, beat
+# a bundle of two on a 2-core CPU (BENCHMARKS.md, "Fused training").
 AUTO_BUNDLE_GPU = 8
+AUTO_BUNDLE_TEXT = f"1 without GPUs, {AUTO_BUNDLE_GPU} with"
+
+# A training iteration launches thousands of small kernels, one at a time from its host thread,
+# and leaves the GPU idle most of the time: on an H200, fast's iteration is 246 ms of wall time
+# for 25 ms of kernels, and four trainings per GPU train 3.7 times as many images per GPU-hour as
+# one (BENCHMARKS.md, "GPU"). Four at once fit a 16 GB GPU (fast peaks at 2.3 GiB each). A bundle
+# of several images, or paper (no cap on the working image: its memory grows with the source),
+# takes a whole GPU.
+AUTO_GPU_SHARE = 0.25
+AUTO_NUM_GPUS_TEXT = f"with GPUs {AUTO_GPU_SHARE:g} for a task of one image, 1 for a bundle or paper; 0 without"
 
 
 class ConfigError(ValueError):
@@ -37,7 +56,7 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     output: str = Field("output", description="URI of the output folder (local path, s3://...)")
-    preset: str = Field("auto", description="paper, fast, cpu, tiny, or auto: fast with GPUs, cpu without")
+    preset: str = Field("auto", description=f"paper, fast, cpu, tiny, or auto: {AUTO_PRESET_TEXT}")
     iterations: int | None = Field(None, ge=1, le=10_000_000, description="override the preset's iterations")
     seed: int = Field(0, ge=0, description="run seed; each image's seed derives from it and the image id")
     ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0], description="output width/height ratios")
@@ -57,15 +76,14 @@ class RunConfig(BaseModel):
     augment_ratios: tuple[float, float] = Field((0.5, 2.0), description="variants' width/height range (log-uniform)")
     augment_scales: tuple[float, float] = Field((0.75, 1.25), description="variants' size range against the ratio's size")
     augment_shift: float = Field(0.0, ge=0, le=MAX_SHIFT, description="variants' top-corner shift range, +-; 0: rectangles")
-    image_format: Literal["png", "jpeg", "webp"] = "png"
+    image_format: Literal[FORMAT_NAMES] = DEFAULT_FORMAT  # type: ignore[valid-type]
     metrics: bool = Field(True, description="score every output against its source")
     metrics_max_side: int = Field(192, ge=16, description="images are scored at most this large")
-    num_gpus: float | None = Field(None, ge=0, le=8, description="GPUs per task; fractions pack trainings; None: 0.25 with GPUs (paper: 1), 0 without")
+    num_gpus: float | None = Field(None, ge=0, le=8, description=f"GPUs per task; fractions pack trainings; None: {AUTO_NUM_GPUS_TEXT}")
     num_cpus: float = Field(1, gt=0, le=256, description="CPUs per task (also its torch threads)")
     max_in_flight: int | None = Field(None, ge=1, le=100_000, description="images submitted at once; None: auto")
     bundle_size: Literal["auto"] | Annotated[int, Field(ge=1, le=256)] = Field(
-        "auto", description="images a task trains as one fused model (a bundle); auto: 1 without GPUs, "
-                            f"{AUTO_BUNDLE_GPU} with (docs/cluster.md)")
+        "auto", description=f"images a task trains as one fused model (a bundle); auto: {AUTO_BUNDLE_TEXT} (docs/cluster.md)")
     timeout_s: float | None = Field(6 * 3600, gt=0, description="per-image limit, seconds")
     retries: int = Field(2, ge=0, le=20, description="resubmissions after a lost worker or node")
     connect_timeout_s: float = Field(30.0, gt=0, le=3600, description="give up on a Ray cluster that does not answer after this long")
@@ -171,6 +189,26 @@ class RunConfig(BaseModel):
         """The name of this run's models of ``preset``: ``ingan.config.model_tag``."""
         model, train = self.model_settings(preset)
         return model_tag(preset, model, train, self.seed)
+
+    # -- GPU defaults (AUTO_*), resolved for a cluster with or without GPUs ----------------------
+    def resolve_preset(self, gpus_expected: bool) -> str:
+        if self.preset != "auto":
+            return self.preset
+        return AUTO_PRESET_GPU if gpus_expected else AUTO_PRESET_CPU
+
+    def resolve_bundle_size(self, gpus_expected: bool) -> int:
+        if self.bundle_size != "auto":
+            return int(self.bundle_size)
+        return AUTO_BUNDLE_GPU if gpus_expected else 1
+
+    def resolve_num_gpus(self, gpus_expected: bool, preset: str, bundle_size: int = 1) -> float:
+        """GPUs per task of ``bundle_size`` images of ``preset``."""
+        if self.num_gpus is not None:
+            return self.num_gpus
+        if not gpus_expected:
+            return 0.0
+        return AUTO_GPU_SHARE if get_preset(preset).train.max_side is not None and bundle_size == 1 else 1.0
+
 
 def check_ratio(r: float) -> float:
     if not math.isfinite(r) or r <= 0:

@@ -18,11 +18,19 @@ from typing import Any
 
 import pyarrow as pa
 
-from ingan.config import get_preset
+from ingan.config import BF16_DEFAULT_TEXT
+from ingan.images import FORMAT_NAMES
 from ingan.progress import hms
 
-from . import cluster, executor, report, runs
-from .config import AUTO_BUNDLE_GPU, ConfigError, RunConfig, load_config
+from . import cluster, executor, layout, report, runs
+from .config import (
+    AUTO_BUNDLE_TEXT,
+    AUTO_NUM_GPUS_TEXT,
+    AUTO_PRESET_TEXT,
+    ConfigError,
+    RunConfig,
+    load_config,
+)
 from .manifest import ManifestError, load_manifest
 from .records import RESULT_SCHEMA_BASE, Item, Record
 from .results import Finished, ResultStream
@@ -40,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", help="Parquet manifest URI (local path, s3://...) with a 'uri' column")
     p.add_argument("--output", help="output folder URI (default: ./output)")
     p.add_argument("--config", help="YAML file of run settings; flags override it")
-    p.add_argument("--preset", help="paper, fast, cpu, tiny or auto (default: fast with GPUs, cpu without)")
+    p.add_argument("--preset", help=f"paper, fast, cpu, tiny or auto (default: {AUTO_PRESET_TEXT})")
     p.add_argument("--ratios", help="comma-separated output width/height ratios, e.g. 0.5,1,2")
     p.add_argument("--sizes", help="comma-separated explicit sizes WxH, e.g. 256x256,128x64")
     p.add_argument("--shape", dest="shapes", action="append", metavar="RATIO_OR_WxH@LEFT,RIGHT",
@@ -50,8 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shift", type=float, metavar="M",
                    help="train for shaped outputs: top-corner shifts up to +-M during training (0..0.9)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 training on or off (default: the preset's; cpu uses it on CPUs that compute "
-                        "it natively, AVX512-BF16 or AMX, and never on GPUs, where it is slower)")
+                   help=f"bfloat16 training on or off (default: {BF16_DEFAULT_TEXT})")
     p.add_argument("--augment", type=int, metavar="N",
                    help="N random variants per image (ratio, scale and, with --augment-shift, shape), "
                         "all from the image's one model: a trained image is only retargeted")
@@ -60,14 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment-shift", type=float, metavar="M", help="variants' top-corner shifts up to +-M (0: rectangles)")
     p.add_argument("--iterations", type=int, help="override the preset's training iterations")
     p.add_argument("--seed", type=int)
-    p.add_argument("--format", dest="image_format", choices=["png", "jpeg", "webp"])
-    p.add_argument("--num-gpus", type=float, help="GPUs per task; fractions pack several trainings per GPU "
-                                                  "(default: 0.25 where GPUs exist, 1 for paper, 0 without)")
+    p.add_argument("--format", dest="image_format", choices=list(FORMAT_NAMES))
+    p.add_argument("--num-gpus", type=float,
+                   help=f"GPUs per task; fractions pack several trainings per GPU (default: {AUTO_NUM_GPUS_TEXT})")
     p.add_argument("--num-cpus", type=float, help="CPUs per task")
     p.add_argument("--max-in-flight", type=int, help="images submitted at once")
     p.add_argument("--bundle-size", type=_bundle_size, metavar="K|auto",
-                   help="images a task trains as one fused model (default auto: 1 without GPUs, "
-                        f"{AUTO_BUNDLE_GPU} with; docs/cluster.md)")
+                   help=f"images a task trains as one fused model (default auto: {AUTO_BUNDLE_TEXT}; docs/cluster.md)")
     p.add_argument("--timeout", dest="timeout_s", type=float, help="per-image limit in seconds")
     p.add_argument("--retries", type=int, help="resubmissions after a lost worker or node")
     p.add_argument("--checkpoint-every", dest="checkpoint_every_s", type=float, metavar="SECONDS",
@@ -163,39 +169,6 @@ def _items(table: pa.Table, carried: list[tuple[str, str, pa.Field]], manifest_u
             index += 1
 
 
-def resolve_preset(cfg: RunConfig, gpus: float) -> str:
-    if cfg.preset != "auto":
-        return cfg.preset
-    return "fast" if gpus > 0 else "cpu"
-
-
-# A training iteration launches thousands of small kernels, one at a time from its host thread,
-# and leaves the GPU idle most of the time: on an H200, fast's iteration is 246 ms of wall time
-# for 25 ms of kernels, and four trainings per GPU train 3.7 times as many images per GPU-hour as
-# one (BENCHMARKS.md, "GPU"). Four at once fit a 16 GB GPU (fast peaks at 2.3 GiB each).
-AUTO_GPU_SHARE = 0.25
-
-
-def resolve_bundle_size(cfg: RunConfig, gpus_expected: bool) -> int:
-    """Images per task: the configured number; auto, one without GPUs (two trainings at once,
-    a thread each, beat a bundle of two on a 2-core CPU: BENCHMARKS.md, "Fused training") and
-    ``AUTO_BUNDLE_GPU`` with."""
-    if cfg.bundle_size != "auto":
-        return int(cfg.bundle_size)
-    return AUTO_BUNDLE_GPU if gpus_expected else 1
-
-
-def resolve_num_gpus(cfg: RunConfig, gpus_expected: bool, preset: str, bundle_size: int = 1) -> float:
-    """GPUs per task: the configured share; else, where GPUs exist, a whole one for a bundle of
-    several images or a preset without a cap on the working image (paper, whose memory grows
-    with the source), and a quarter of one for a single capped training; none without GPUs."""
-    if cfg.num_gpus is not None:
-        return cfg.num_gpus
-    if not gpus_expected:
-        return 0.0
-    return AUTO_GPU_SHARE if get_preset(preset).train.max_side is not None and bundle_size == 1 else 1.0
-
-
 def _versions() -> dict[str, str]:
     import pyarrow
     import ray
@@ -234,7 +207,7 @@ def run(cfg: RunConfig, manifest_uri: str, dry_run: bool = False) -> int:
     live = heartbeat.start()
     try:
         job, res, resolved = _plan(cfg, manifest_uri, run_id, out, table.num_rows)
-        out.write_json("config.json", resolved)
+        out.write_json(layout.CONFIG_NAME, resolved)
         _tidy(out, run_id, cfg.stale_after_s, live)
         carried_schema = pa.schema([f for _, _, f in carried])
         stream = ResultStream(out, carried_schema, run_id=run_id, started=started, keep=cfg.report_max_items)
@@ -251,7 +224,7 @@ def run(cfg: RunConfig, manifest_uri: str, dry_run: bool = False) -> int:
 
 
 def _dry_run(cfg: RunConfig, manifest_uri: str, out: Folder, n: int, carried: list[tuple[str, str, pa.Field]]) -> int:
-    preset = cfg.preset if cfg.preset != "auto" else "auto (fast with GPUs, cpu without)"
+    preset = cfg.preset if cfg.preset != "auto" else f"auto ({AUTO_PRESET_TEXT})"
     _log(f"dry run: {n} images from {manifest_uri} -> {out.uri('')}")
     _log(f"preset {preset}; ratios {cfg.ratios} ({cfg.ratio_policy}); sizes {cfg.sizes}; shapes {cfg.shapes}; "
          f"format {cfg.image_format}")
@@ -271,9 +244,9 @@ def _plan(cfg: RunConfig, manifest_uri: str, run_id: str, out: Folder, n: int) -
     # up, since the pending ones are what make it bring them up.
     gpus_planned = max(gpus_now, cluster.autoscaler_max_gpus())
     gpus_expected = gpus_planned > 0
-    preset = resolve_preset(cfg, 1.0 if gpus_expected else 0.0)
-    bundle = resolve_bundle_size(cfg, gpus_expected)
-    num_gpus = resolve_num_gpus(cfg, gpus_expected, preset, bundle)
+    preset = cfg.resolve_preset(gpus_expected)
+    bundle = cfg.resolve_bundle_size(gpus_expected)
+    num_gpus = cfg.resolve_num_gpus(gpus_expected, preset, bundle)
     slots = gpus_planned / num_gpus if num_gpus else cluster.cluster_cpus() / cfg.num_cpus
     in_flight = cfg.max_in_flight or max(4, int(2 * slots)) * bundle  # images: two bundles per slot
     res = executor.Resources(cfg.num_cpus, num_gpus, in_flight, cfg.retries, cfg.timeout_s, bundle)
@@ -313,7 +286,7 @@ def _finish(cfg: RunConfig, out: Folder, stream: ResultStream, overlapped: froze
     def beside() -> None:
         try:
             report.write_summary(out, summary)
-            out.write_text(report.REPORT_NAME, html)
+            out.write_text(layout.REPORT_NAME, html)
         except StorageError as exc:
             unwritten.append(str(exc))
 
@@ -334,18 +307,18 @@ def _finish(cfg: RunConfig, out: Folder, stream: ResultStream, overlapped: froze
     for rec in stream.failures:
         _log(f"  failed {rec['id']}: [{rec['error_kind']}] {rec['error']}")
     if counts["failed"] > len(stream.failures):
-        _log(f"  ... and {counts['failed'] - len(stream.failures)} more failures in results.parquet")
+        _log(f"  ... and {counts['failed'] - len(stream.failures)} more failures in {layout.RESULTS_NAME}")
     return 0 if counts["failed"] == 0 and not done.aside and not done.missing and not unwritten else 1
 
 
 def _log_results(done: Finished, stream: ResultStream, cfg: RunConfig, out: Folder) -> None:
     if done.aside:
-        _log(f"error: {done.aside}: this run's {done.rows} rows are in {done.uri}; {report.RESULTS_NAME}, "
-             f"{report.SUMMARY_NAME} and {report.REPORT_NAME} are left as they were")
+        _log(f"error: {done.aside}: this run's {done.rows} rows are in {done.uri}; {layout.RESULTS_NAME}, "
+             f"{layout.SUMMARY_NAME} and {layout.REPORT_NAME} are left as they were")
     else:
         others = f", and {done.kept} rows of runs that overlapped it" if done.kept else ""
         _log(f"results: {done.uri} ({done.rows} rows of run {stream.run_id}{others})\n"
-             f"summary: {out.uri(report.SUMMARY_NAME)}\nreport:  {out.uri(report.REPORT_NAME)}")
+             f"summary: {out.uri(layout.SUMMARY_NAME)}\nreport:  {out.uri(layout.REPORT_NAME)}")
     if done.missing:
         _log(f"error: {done.missing} rows of this run are missing from its table: another run removed its parts, "
              f"taking it for dead (no heartbeat for {cfg.stale_after_s:g} s); rerun the same command to list them "

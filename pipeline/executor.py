@@ -22,7 +22,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayError, TaskCancelledError
 
 from .records import Item, Record, failed
-from .task import Job, process_bundle
+from .task import Job, bundle_limit_s, process_bundle
 
 # How long past its own per-image limit a task may run before the driver cancels it: the task
 # checks its deadline between training iterations, so a cancel is only a backstop.
@@ -108,12 +108,10 @@ def _hand_on(p: _Pending, recs: list[Record], on_record: Callable[[Item, Record]
 
 
 def _cancel_overdue(pending: dict[ray.ObjectRef, _Pending], res: Resources, on_record: Callable[[Item, Record], None]) -> None:
-    if res.timeout_s is None:
-        return
     now = time.monotonic()
     for ref, p in list(pending.items()):
-        limit = res.timeout_s * len(p.items)  # the task's images train at once
-        if now - p.submitted > limit + _GRACE_S:
+        limit = bundle_limit_s(res.timeout_s, len(p.items))
+        if limit is not None and now - p.submitted > limit + _GRACE_S:
             ray.cancel(ref, force=True)
             del pending[ref]
             message = f"no result within {limit:.0f} s (+{_GRACE_S:.0f} s grace); cancelled"

@@ -29,22 +29,37 @@ import hashlib
 import re
 from collections.abc import Callable
 
+from ingan.images import MASK_EXT
 from ingan.retarget import Shifts, output_stem
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _SLUG_MAX = 48
 
+CONFIG_NAME = "config.json"
+RESULTS_NAME = "results.parquet"
+SUMMARY_NAME = "summary.json"
+REPORT_NAME = "report.html"
 PARTS_DIR = "results.parts"
 RUNS_DIR = "runs"
 RESULTS_LOCK = "results.lock"
+_HEARTBEAT_EXT = ".json"
 
 
 def run_parts_dir(run_id: str) -> str:
     return f"{PARTS_DIR}/{run_id}"
 
 
+def part_path(run_id: str, number: int) -> str:
+    return f"{run_parts_dir(run_id)}/part-{number:06d}.parquet"
+
+
 def heartbeat_path(run_id: str) -> str:
-    return f"{RUNS_DIR}/{run_id}.json"
+    return f"{RUNS_DIR}/{run_id}{_HEARTBEAT_EXT}"
+
+
+def heartbeat_run_id(name: str) -> str:
+    """The run whose heartbeat is ``name``, as listed in ``RUNS_DIR``."""
+    return name.removesuffix(_HEARTBEAT_EXT)
 
 
 def side_results_path(run_id: str) -> str:
@@ -82,5 +97,5 @@ def output_path(item_id: str, tag: str, width: int, height: int, ext: str, shift
 
 
 def mask_path(item_id: str, tag: str, width: int, height: int, shifts: Shifts) -> str:
-    """A shaped JPEG output's frame, beside it."""
-    return output_path(item_id, tag, width, height, "mask.png", shifts)
+    """The frame of a shaped output in a format without alpha, beside it."""
+    return output_path(item_id, tag, width, height, MASK_EXT, shifts)

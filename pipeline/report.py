@@ -31,12 +31,10 @@ from PIL import Image
 
 from ingan import images
 from ingan.retarget import retarget_mask
+from pipeline.layout import REPORT_NAME, RESULTS_NAME, SUMMARY_NAME
 from pipeline.records import OUTPUT_TYPE, RESULT_SCHEMA_BASE, STATUSES
 from pipeline.storage import Folder
 
-RESULTS_NAME = "results.parquet"
-SUMMARY_NAME = "summary.json"
-REPORT_NAME = "report.html"
 REDACTED = "***"
 
 # Substrings of config keys whose values must never reach summary.json. Deliberately broad
@@ -359,9 +357,9 @@ def _resize_thumbnails(folder: Folder, records: Sequence[Mapping[str, Any]], thu
             size = (max(8, round(h * scale)), max(8, round(w * scale)))
             small = images.shaped_resize(src, size, sh)
             mask = None if sh is None else retarget_mask(size, sh)
-            fmt = "png" if mask is not None else "jpeg"
-            out[_resize_key(rel, w, h, sh)] = _data_url(images.encode(small, fmt, _THUMB_QUALITY, mask=mask),
-                                                        f"image/{fmt}")
+            fmt = images.FORMATS["png" if mask is not None else "jpeg"]
+            out[_resize_key(rel, w, h, sh)] = _data_url(images.encode(small, fmt.name, _THUMB_QUALITY, mask=mask),
+                                                        fmt.mime)
         return out
 
     result: dict[str, str | None] = {}

@@ -35,7 +35,6 @@ import pyarrow.parquet as pq
 from . import layout, report, runs
 from .storage import Folder, StorageError
 
-PARTS_DIR = layout.PARTS_DIR
 RUNS_KEY = b"ingan_batch.runs"  # key-value metadata of a results table: its runs' segments
 _MERGE_ROWS = 1024  # rows per row group of the final table
 _OPEN_PARTS = 16  # parts kept decoded while merging (completion order is nearly manifest order)
@@ -106,7 +105,7 @@ class ResultStream:
         if not self._buffer:
             return
         with contextlib.suppress(StorageError):
-            self.folder.write_bytes(f"{self.parts_dir}/part-{self._parts:06d}.parquet", self._part_bytes())
+            self.folder.write_bytes(layout.part_path(self.run_id, self._parts), self._part_bytes())
             self._parts += 1
             self._buffer.clear()
 
@@ -131,8 +130,8 @@ class ResultStream:
             try:
                 data, kept = _merge_current(self.folder, own, mine, set(overlapped))
             except MergeError as exc:
-                return self._aside(own, mine, missing, f"{report.RESULTS_NAME} cannot take them: {exc}")
-            uri = self.folder.write_bytes(report.RESULTS_NAME, data)
+                return self._aside(own, mine, missing, f"{layout.RESULTS_NAME} cannot take them: {exc}")
+            uri = self.folder.write_bytes(layout.RESULTS_NAME, data)
             if beside is not None:
                 beside()
         self._remove_parts()
@@ -251,7 +250,7 @@ def _merge_current(folder: Folder, own: bytes, mine: Segment, seen: set[str]) ->
     """This run's table merged with the rows to keep of the current results.parquet, and how
     many rows were kept; this run's table alone where there is nothing to keep."""
     try:
-        current = pq.ParquetFile(pa.BufferReader(folder.read_bytes(report.RESULTS_NAME)))
+        current = pq.ParquetFile(pa.BufferReader(folder.read_bytes(layout.RESULTS_NAME)))
     except FileNotFoundError:
         return own, 0
     except (pa.ArrowException, OSError):  # unreadable: it holds no row to keep

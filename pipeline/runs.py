@@ -46,7 +46,7 @@ def live_runs(folder: Folder, stale_after_s: float) -> dict[str, dict[str, Any]]
     """The runs whose heartbeat is fresher than ``stale_after_s``: run id -> heartbeat."""
     now, live = time.time(), {}
     for name in folder.list(layout.RUNS_DIR):
-        run_id = name.removesuffix(".json")
+        run_id = layout.heartbeat_run_id(name)
         try:
             beat = folder.read_json(layout.heartbeat_path(run_id))
         except (FileNotFoundError, ValueError):  # ended since the listing, or not a heartbeat
@@ -63,13 +63,13 @@ def remove_dead(folder: Folder, own: str, stale_after_s: float) -> list[str]:
     read: a run writes its heartbeat before its first part, so a live run whose parts are listed
     has its heartbeat seen too."""
     parts = folder.list(layout.PARTS_DIR)
-    beats = [name.removesuffix(".json") for name in folder.list(layout.RUNS_DIR)]
+    beats = [layout.heartbeat_run_id(name) for name in folder.list(layout.RUNS_DIR)]
     live = {own, *live_runs(folder, stale_after_s)}
     removed = []
     for name in parts:
         if name not in live:
-            folder.remove(f"{layout.PARTS_DIR}/{name}", recursive=True)
-            removed.append(f"{layout.PARTS_DIR}/{name}")
+            folder.remove(layout.run_parts_dir(name), recursive=True)
+            removed.append(layout.run_parts_dir(name))
     for run_id in beats:
         if run_id not in live:
             folder.remove(layout.heartbeat_path(run_id))

@@ -62,6 +62,12 @@ class ItemError(Exception):
         self.kind = kind
 
 
+def bundle_limit_s(timeout_s: float | None, n: int) -> float | None:
+    """The time limit of a task of ``n`` images: the per-image limit ``timeout_s`` once for each,
+    since they train at once; None for none."""
+    return None if timeout_s is None else timeout_s * n
+
+
 class Deadline:
     """Raises inside the training loop once the per-image time limit has passed."""
 
@@ -109,8 +115,7 @@ def process_bundle(items: list[Item], job: Job) -> list[Record]:
     and return one record per item, in order. Each image's failure is its own: a broken image,
     a diverged training or a failed write fails that row alone."""
     started = time.perf_counter()
-    # The per-image time limit, for the bundle's images together: they train at once.
-    deadline = Deadline(None if job.cfg.timeout_s is None else job.cfg.timeout_s * len(items))
+    deadline = Deadline(bundle_limit_s(job.cfg.timeout_s, len(items)))
     folder = Folder(job.cfg.output, job.cfg.storage())
     out: list[Record | None] = [None] * len(items)
     ready: list[tuple[int, _Prepared]] = []

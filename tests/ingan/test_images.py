@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from support import image_bytes
 
-from ingan.images import ImageDecodeError, decode, encode, load, to_uint8
+from ingan.images import FORMATS, ImageDecodeError, decode, encode, image_format, load, to_uint8
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -264,6 +264,15 @@ def test_lossy_encode_keeps_size_and_content(fmt: str) -> None:
     y = decode(encode(x, fmt))
     _assert_rgb(y, 24, 40)
     assert (y.float() - x.float()).abs().mean() < 6
+
+
+def test_a_format_is_found_by_its_name_or_an_alias_in_any_case() -> None:
+    for f in FORMATS.values():
+        for name in (f.name, *f.aliases):
+            assert image_format(name) is image_format(name.upper()) is f
+    assert image_format("jpg").ext == "jpg" and not image_format("jpg").alpha
+    with pytest.raises(ValueError, match="unknown image format 'gif'; choose one of: png, jpeg, webp"):
+        encode(torch.zeros(3, 4, 4, dtype=torch.uint8), "gif")
 
 
 def test_to_uint8_maps_the_model_range() -> None:

@@ -263,38 +263,34 @@ def test_flags_override_the_yaml(tmp_path: Path) -> None:
 
 
 def test_auto_preset_is_cpu_without_gpus_and_fast_with_them() -> None:
-    from pipeline.driver import resolve_preset
-
     auto = RunConfig(output="/tmp/out")
-    assert resolve_preset(auto, 0.0) == "cpu"
-    assert resolve_preset(auto, 1.0) == "fast"
-    assert resolve_preset(RunConfig(output="/tmp/out", preset="tiny"), 1.0) == "tiny"
+    assert auto.resolve_preset(False) == "cpu"
+    assert auto.resolve_preset(True) == "fast"
+    assert RunConfig(output="/tmp/out", preset="tiny").resolve_preset(True) == "tiny"
 
 
 def test_auto_gpu_share_packs_four_capped_trainings_per_gpu_and_an_explicit_share_wins() -> None:
-    from pipeline.driver import resolve_num_gpus
-
     auto = RunConfig(output="/tmp/out")
-    assert resolve_num_gpus(auto, True, "fast") == 0.25
-    assert resolve_num_gpus(auto, True, "cpu") == 0.25
-    assert resolve_num_gpus(auto, True, "paper") == 1.0  # uncapped working image: a GPU of its own
-    assert resolve_num_gpus(auto, False, "cpu") == 0.0
-    assert resolve_num_gpus(RunConfig(output="/tmp/out", num_gpus=1), True, "fast") == 1.0
-    assert resolve_num_gpus(RunConfig(output="/tmp/out", num_gpus=0.5), False, "paper") == 0.5
+    assert auto.resolve_num_gpus(True, "fast") == 0.25
+    assert auto.resolve_num_gpus(True, "cpu") == 0.25
+    assert auto.resolve_num_gpus(True, "paper") == 1.0  # uncapped working image: a GPU of its own
+    assert auto.resolve_num_gpus(False, "cpu") == 0.0
+    assert RunConfig(output="/tmp/out", num_gpus=1).resolve_num_gpus(True, "fast") == 1.0
+    assert RunConfig(output="/tmp/out", num_gpus=0.5).resolve_num_gpus(False, "paper") == 0.5
 
 
 def test_auto_bundles_are_one_image_on_cpus_and_eight_on_gpus_each_bundle_a_whole_gpu() -> None:
     import pydantic
 
-    from pipeline.driver import _bundle_size, resolve_bundle_size, resolve_num_gpus
+    from pipeline.driver import _bundle_size
 
     auto = RunConfig(output="/tmp/out")
-    assert resolve_bundle_size(auto, gpus_expected=False) == 1
-    assert resolve_bundle_size(auto, gpus_expected=True) == 8
-    assert resolve_bundle_size(RunConfig(output="/tmp/out", bundle_size=3), gpus_expected=True) == 3
-    assert resolve_num_gpus(auto, True, "fast", bundle_size=8) == 1.0  # a bundle takes the GPU
-    assert resolve_num_gpus(auto, True, "fast", bundle_size=1) == 0.25
-    assert resolve_num_gpus(RunConfig(output="/tmp/out", num_gpus=0.5), True, "fast", bundle_size=4) == 0.5
+    assert auto.resolve_bundle_size(gpus_expected=False) == 1
+    assert auto.resolve_bundle_size(gpus_expected=True) == 8
+    assert RunConfig(output="/tmp/out", bundle_size=3).resolve_bundle_size(gpus_expected=True) == 3
+    assert auto.resolve_num_gpus(True, "fast", bundle_size=8) == 1.0  # a bundle takes the GPU
+    assert auto.resolve_num_gpus(True, "fast", bundle_size=1) == 0.25
+    assert RunConfig(output="/tmp/out", num_gpus=0.5).resolve_num_gpus(True, "fast", bundle_size=4) == 0.5
     assert _bundle_size("auto") == "auto" and _bundle_size("16") == 16
     for bad in (0, 257, "many"):
         with pytest.raises(pydantic.ValidationError):

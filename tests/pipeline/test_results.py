@@ -17,7 +17,7 @@ from support import record as _record
 
 from pipeline import layout
 from pipeline.records import RESULT_SCHEMA_BASE
-from pipeline.results import PARTS_DIR, RUNS_KEY, ResultStream
+from pipeline.results import RUNS_KEY, ResultStream
 from pipeline.storage import Folder, StorageError
 
 
@@ -65,7 +65,7 @@ def test_rows_reach_storage_while_the_run_goes_on_and_end_in_manifest_order(tmp_
     assert table.column("label").to_pylist() == [f"L{i}" for i in range(95)]
     assert table.schema.equals(pa.schema([*RESULT_SCHEMA_BASE, *CARRIED]))
     assert not (tmp_path / "out" / stream.parts_dir).exists()
-    assert stream.parts_dir == f"{PARTS_DIR}/{stream.run_id}"
+    assert stream.parts_dir == f"{layout.PARTS_DIR}/{stream.run_id}"
     assert _segments(done.uri) == [(stream.run_id, 95)]
     # Only the first records in manifest order are kept for the report, and the counts of all.
     assert [r["id"] for r in stream.first_records()] == [f"img-{i:04d}" for i in range(5)]
@@ -101,7 +101,7 @@ class _FlakyFolder(Folder):
     down = False
 
     def write_bytes(self, rel: str, data: bytes) -> str:
-        if self.down and rel.startswith(PARTS_DIR):
+        if self.down and rel.startswith(layout.PARTS_DIR):
             raise StorageError(f"write {rel}: injected")
         return super().write_bytes(rel, data)
 
@@ -186,7 +186,7 @@ def test_two_streams_in_one_folder_keep_each_others_parts_and_rows(tmp_path: Pat
     assert table.column("label").to_pylist() == [f"L{i}" for i in [*range(6), *range(100, 106)]]
     assert table.schema.equals(pa.schema([*RESULT_SCHEMA_BASE, *CARRIED]))  # no column of our own
     assert _segments(second.uri) == [("run-a", 6), ("run-b", 6)]
-    assert not (tmp_path / PARTS_DIR).exists() or not any((tmp_path / PARTS_DIR).iterdir())
+    assert not (tmp_path / layout.PARTS_DIR).exists() or not any((tmp_path / layout.PARTS_DIR).iterdir())
 
 
 def test_the_same_manifest_twice_lists_every_row_once(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ training, and the mapping from exceptions to ``error_kind``."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from ingan.fit import DivergedError
 from pipeline.config import RunConfig
 from pipeline.storage import StorageError, UnsupportedURIError
 from pipeline.targets import TargetError
-from pipeline.task import Item, ItemError, Job, classify, process
+from pipeline.task import Item, ItemError, Job, bundle_limit_s, classify, process
 
 
 def _job(out: Path, **settings: Any) -> Job:
@@ -135,14 +136,15 @@ def test_a_damaged_or_foreign_training_state_is_retrained_from_scratch(tmp_path:
     state_path = tmp_path / "out" / layout.training_state_path("img", job.tag)
     state_path.parent.mkdir(parents=True)
     if state == "other-image":  # a real state, of another picture under the same settings
+        from ingan.fit import saved_state
         from ingan.images import to_model_input
         from ingan.train import Trainer
 
         model_cfg, train_cfg = job.cfg.model_settings("tiny")
         train_cfg = dataclasses.replace(train_cfg, seed=records.item_seed(job.cfg.seed, "img"))  # as the task seeds it
-        other = Trainer(to_model_input(torch.rand(3, 40, 48)), model_cfg, train_cfg, "cpu")
+        other = Trainer([to_model_input(torch.rand(3, 40, 48))], model_cfg, train_cfg, "cpu")
         other.step()
-        state_path.write_bytes(checkpoint.save_training_state(other))
+        state_path.write_bytes(saved_state(other, 0))
     else:
         state_path.write_bytes(state)
     rec = process(Item(0, "img", str(src), {}), job)
@@ -173,3 +175,19 @@ def test_a_diverged_training_is_its_rows_failure_and_its_saved_state_goes(
     assert "non-finite loss" in rec["error"]
     assert not state_path.exists()
     assert not (tmp_path / "out" / layout.model_path("the-id", job.tag)).exists()
+
+
+def test_a_bundle_is_cancelled_past_the_limit_its_own_deadline_has(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import executor
+
+    assert bundle_limit_s(None, 3) is None
+    assert bundle_limit_s(10.0, 3) == 30.0  # its images train at once
+    cancelled, recs = [], []
+    monkeypatch.setattr(executor.ray, "cancel", lambda ref, force: cancelled.append(ref))
+    items = [Item(i, f"id{i}", None, {}) for i in range(3)]
+    overdue = time.monotonic() - 30.0 - executor._GRACE_S
+    pending = {"late": executor._Pending(items, 1, overdue - 5), "in time": executor._Pending(items, 1, overdue + 60)}
+    res = executor.Resources(num_cpus=1, num_gpus=0, max_in_flight=6, retries=0, timeout_s=10.0, bundle_size=3)
+    executor._cancel_overdue(pending, res, lambda item, rec: recs.append(rec))
+    assert cancelled == ["late"] and list(pending) == ["in time"]
+    assert [r["error_kind"] for r in recs] == ["timeout"] * 3 and "no result within 30 s" in recs[0]["error"]
