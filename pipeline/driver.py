@@ -35,6 +35,7 @@ from .manifest import ManifestError, load_manifest
 from .records import RESULT_SCHEMA_BASE, Item, Record
 from .results import Finished, ResultStream
 from .storage import Folder, StorageError, scheme_of
+from .summary import write_summary
 from .task import Job
 
 _BASE_COLUMNS = set(RESULT_SCHEMA_BASE.names)
@@ -285,7 +286,7 @@ def _finish(cfg: RunConfig, out: Folder, stream: ResultStream, overlapped: froze
 
     def beside() -> None:
         try:
-            report.write_summary(out, summary)
+            write_summary(out, summary)
             out.write_text(layout.REPORT_NAME, html)
         except StorageError as exc:
             unwritten.append(str(exc))

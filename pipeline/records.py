@@ -3,7 +3,7 @@ Arrow schema it is stored with (derived from the fields), so a field is added in
 
 A record is a plain dict (typed here as a ``TypedDict``): it crosses Ray, is filled in by the
 task, gets its ``attempts`` from the executor, and is read by the results stream, the summary and
-the report. ``rel`` and ``source_rel`` are layout details of the output folder for the report;
+the report; ``results_table`` turns records into the stored table. ``rel`` and ``source_rel`` are layout details of the output folder for the report;
 they are not stored in the table.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import UnionType
 from typing import Any, TypedDict, get_args, get_type_hints
@@ -135,3 +136,39 @@ def skipped(item: Item, started: float, *, outputs: list[Output], source_rel: st
 def failed(item: Item, kind: str, message: str, started: float | None = None) -> Record:
     """The image failed: ``kind`` is the machine-readable ``error_kind``, ``message`` for people."""
     return _record(item, "failed", started, error_kind=kind, error=message)
+
+
+def results_table(
+    records: Sequence[Mapping[str, Any]], carried_schema: pa.Schema | None
+) -> pa.Table:
+    """One row per record, in order: the fixed columns, then the carried manifest columns.
+
+    ``rel`` and ``source_rel`` are layout details of the output folder and are not stored.
+    """
+    carried_fields = list(carried_schema) if carried_schema is not None else []
+    clash = {f.name for f in carried_fields} & set(RESULT_SCHEMA_BASE.names)
+    if clash:
+        # Two columns with one name would make the table ambiguous to every reader.
+        raise ValueError(f"carried columns clash with result columns: {sorted(clash)}")
+    schema = pa.schema([*RESULT_SCHEMA_BASE, *carried_fields])
+    arrays = [_base_column(records, field) for field in RESULT_SCHEMA_BASE]
+    arrays += [_carried_column(records, field) for field in carried_fields]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _base_column(records: Sequence[Mapping[str, Any]], field: pa.Field) -> pa.Array:
+    if field.name == "outputs":
+        values = [[_output_row(o) for o in r.get("outputs") or []] for r in records]
+    else:
+        values = [r.get(field.name) for r in records]
+    return pa.array(values, type=field.type)
+
+
+def _output_row(output: Mapping[str, Any]) -> dict[str, Any]:
+    # Only the struct's fields: "rel" and anything else in the dict stay out of the table.
+    return {name: output.get(name) for name in OUTPUT_TYPE.names}
+
+
+def _carried_column(records: Sequence[Mapping[str, Any]], field: pa.Field) -> pa.Array:
+    values = [(r.get("carried") or {}).get(field.name) for r in records]
+    return pa.array(values, type=field.type)

@@ -1,14 +1,7 @@
-"""What a run leaves behind besides the images: ``results.parquet``, ``summary.json``, ``report.html``.
-
-Every manifest row ends as one result record (a plain dict, see ``results_table``). This module
-turns the list of records into
-
-* a Parquet table with a fixed schema plus the manifest's extra columns in their original types,
-  so results can be joined back to the manifest without casts;
-* a JSON summary (counts, latency percentiles, throughput, config with secrets masked);
-* a self-contained HTML contact sheet: thumbnails are embedded as base64 JPEGs (PNGs for shaped
-  outputs, shown over a checkerboard where they are transparent) so the file opens straight from
-  a bucket or a download, with no other files and no network.
+"""``report.html``: a run's records as a self-contained HTML contact sheet (the stored table is
+``records.results_table``, the counts ``summary.Tally``). Thumbnails are embedded as base64 JPEGs
+(PNGs for shaped outputs, shown over a checkerboard where they are transparent) so the file opens
+straight from a bucket or a download, with no other files and no network.
 
 All IO goes through ``Folder`` so the writes are atomic and retried like every other output.
 """
@@ -18,28 +11,17 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
-import re
-from array import array
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import pyarrow as pa
 from PIL import Image
 
 from ingan import images
 from ingan.retarget import retarget_mask
-from pipeline.layout import REPORT_NAME, RESULTS_NAME, SUMMARY_NAME
-from pipeline.records import OUTPUT_TYPE, RESULT_SCHEMA_BASE, STATUSES
+from pipeline.layout import REPORT_NAME, RESULTS_NAME
 from pipeline.storage import Folder
-
-REDACTED = "***"
-
-# Substrings of config keys whose values must never reach summary.json. Deliberately broad
-# ("key" also hits e.g. "sort_key"): masking a harmless value costs little, leaking one a lot.
-_SECRET_KEY_RE = re.compile(r"secret|key|token|passw|credential", re.IGNORECASE)
+from pipeline.summary import Tally, tally
 
 # Thumbnails are read concurrently: on object storage each read is a round trip, and a report
 # of a few hundred rows with several outputs each would otherwise take minutes.
@@ -47,150 +29,6 @@ _THUMB_READERS = 8
 _THUMB_QUALITY = 80
 
 _METRICS = ("completeness", "coherence", "swd")
-
-
-# --------------------------------------------------------------------------- results.parquet
-
-
-def results_table(
-    records: Sequence[Mapping[str, Any]], carried_schema: pa.Schema | None
-) -> pa.Table:
-    """One row per record, in order: the fixed columns, then the carried manifest columns.
-
-    ``rel`` and ``source_rel`` are layout details of the output folder and are not stored.
-    """
-    carried_fields = list(carried_schema) if carried_schema is not None else []
-    clash = {f.name for f in carried_fields} & set(RESULT_SCHEMA_BASE.names)
-    if clash:
-        # Two columns with one name would make the table ambiguous to every reader.
-        raise ValueError(f"carried columns clash with result columns: {sorted(clash)}")
-    schema = pa.schema([*RESULT_SCHEMA_BASE, *carried_fields])
-    arrays = [_base_column(records, field) for field in RESULT_SCHEMA_BASE]
-    arrays += [_carried_column(records, field) for field in carried_fields]
-    return pa.Table.from_arrays(arrays, schema=schema)
-
-
-def _base_column(records: Sequence[Mapping[str, Any]], field: pa.Field) -> pa.Array:
-    if field.name == "outputs":
-        values = [[_output_row(o) for o in r.get("outputs") or []] for r in records]
-    else:
-        values = [r.get(field.name) for r in records]
-    return pa.array(values, type=field.type)
-
-
-def _output_row(output: Mapping[str, Any]) -> dict[str, Any]:
-    # Only the struct's fields: "rel" and anything else in the dict stay out of the table.
-    return {name: output.get(name) for name in OUTPUT_TYPE.names}
-
-
-def _carried_column(records: Sequence[Mapping[str, Any]], field: pa.Field) -> pa.Array:
-    values = [(r.get("carried") or {}).get(field.name) for r in records]
-    return pa.array(values, type=field.type)
-
-
-# --------------------------------------------------------------------------- summary.json
-
-
-class Tally:
-    """What ``summary.json`` and the report's header say about a run, gathered one record at a
-    time: counts and the two duration columns, not the records, so a driver streaming a
-    manifest of any length keeps only this."""
-
-    def __init__(self) -> None:
-        self.total = 0
-        self.statuses: Counter[str] = Counter()
-        self.error_kinds: Counter[str] = Counter()
-        self.outputs_written = 0
-        self.shaped_outputs = 0  # non-rectangular (top corners shifted)
-        self.variant_outputs = 0  # augmentation draws
-        self.verdicts = {"beats_resize": 0, "loses_to_resize": 0, "unscored": 0}
-        self.total_seconds = array("d")
-        self.train_seconds = array("d")
-
-    def add(self, r: Mapping[str, Any]) -> None:
-        self.total += 1
-        self.statuses[r.get("status")] += 1
-        if r.get("error_kind"):
-            self.error_kinds[r["error_kind"]] += 1
-        outputs = r.get("outputs") or []
-        self.outputs_written += len(outputs)
-        for o in outputs:
-            self.shaped_outputs += bool(o.get("shift_left") or o.get("shift_right"))
-            self.variant_outputs += o.get("variant") is not None
-            verdict = o.get("beats_resize")
-            self.verdicts["unscored" if verdict is None else "beats_resize" if verdict else "loses_to_resize"] += 1
-        for name in ("total_seconds", "train_seconds"):
-            if r.get(name) is not None:
-                getattr(self, name).append(r[name])
-
-    def status_counts(self) -> dict[str, int]:
-        """Records per status; the three known statuses are always present, even at zero."""
-        counts = Counter(self.statuses)
-        known = {s: counts.pop(s, 0) for s in STATUSES}
-        return {**known, **{str(s): n for s, n in counts.items()}}
-
-    def summary(self, *, config: Mapping[str, Any], started: float, finished: float,
-                versions: Mapping[str, str]) -> dict[str, Any]:
-        counts = self.status_counts()
-        wall = finished - started
-        return {
-            "total": self.total,
-            "status_counts": counts,
-            "error_kinds": dict(sorted(self.error_kinds.items())),
-            "outputs_written": self.outputs_written,
-            "shaped_outputs": self.shaped_outputs,
-            "variant_outputs": self.variant_outputs,
-            "verdicts": dict(self.verdicts),
-            "durations": {
-                "total_seconds": _percentiles(self.total_seconds),
-                "train_seconds": _percentiles(self.train_seconds),
-            },
-            "wall_seconds": wall,
-            # Throughput of finished work: skipped rows were done by an earlier run and failed
-            # rows produced nothing, so counting them would flatter the number.
-            "images_per_hour": counts["ok"] * 3600.0 / wall if wall > 0 else None,
-            "config": redact(config),
-            "versions": dict(versions),
-        }
-
-
-def tally(records: Iterable[Mapping[str, Any]]) -> Tally:
-    t = Tally()
-    for r in records:
-        t.add(r)
-    return t
-
-
-def _percentiles(values: Iterable[float | None]) -> dict[str, float | None]:
-    present = sorted(v for v in values if v is not None)
-    return {"p50": _quantile(present, 0.5), "p95": _quantile(present, 0.95)}
-
-
-def _quantile(ordered: Sequence[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default), None when empty."""
-    if not ordered:
-        return None
-    pos = q * (len(ordered) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def redact(value: Any) -> Any:
-    """A copy of ``value`` with every secret-looking key, at any depth, masked."""
-    if isinstance(value, Mapping):
-        return {
-            k: REDACTED if isinstance(k, str) and _SECRET_KEY_RE.search(k) else redact(v)
-            for k, v in value.items()
-        }
-    if isinstance(value, (list, tuple)):
-        return [redact(v) for v in value]
-    return value
-
-
-def write_summary(folder: Folder, summary: Mapping[str, Any]) -> str:
-    """Write ``summary.json`` and return its URI."""
-    return folder.write_json(SUMMARY_NAME, summary)
 
 
 # --------------------------------------------------------------------------- report.html

@@ -32,8 +32,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import layout, report, runs
+from . import layout, runs
+from .records import results_table
 from .storage import Folder, StorageError
+from .summary import Tally
 
 RUNS_KEY = b"ingan_batch.runs"  # key-value metadata of a results table: its runs' segments
 _MERGE_ROWS = 1024  # rows per row group of the final table
@@ -77,7 +79,7 @@ class ResultStream:
         self.started = time.time() if started is None else started
         self.parts_dir = layout.run_parts_dir(self.run_id)
         self.keep, self.flush_rows, self.flush_s = keep, flush_rows, flush_s
-        self.tally = report.Tally()
+        self.tally = Tally()
         self.failures: list[Mapping[str, Any]] = []  # the first few, for the log
         self._buffer: list[tuple[int, Mapping[str, Any]]] = []
         self._first: list[tuple[int, int, Mapping[str, Any]]] = []  # heap of (-index, seq, record)
@@ -156,7 +158,7 @@ class ResultStream:
         if self._buffer:
             raise StorageError(f"cannot write result parts under {self.folder.uri(self.parts_dir)}")
         names = self.folder.list(self.parts_dir)
-        schema = pa.schema([*report.results_table([], self.carried_schema).schema])
+        schema = pa.schema([*results_table([], self.carried_schema).schema])
         open_parts: OrderedDict[int, pa.Table] = OrderedDict()
 
         def part(k: int, columns: list[str] | None = None) -> pa.Table:
@@ -206,7 +208,7 @@ class ResultStream:
 
     def _part_bytes(self) -> bytes:
         rows = sorted(self._buffer, key=lambda e: e[0])  # sorted parts: finish merges them
-        table = report.results_table([rec for _, rec in rows], self.carried_schema)
+        table = results_table([rec for _, rec in rows], self.carried_schema)
         table = table.append_column(INDEX_COLUMN, pa.array([i for i, _ in rows], pa.int64()))
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)

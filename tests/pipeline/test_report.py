@@ -16,16 +16,11 @@ from PIL import Image
 from support import output as _output
 from support import record as _record
 
-from pipeline.records import RESULT_SCHEMA_BASE
-from pipeline.report import (
-    render_report,
-    results_table,
-    tally,
-    write_report,
-    write_summary,
-)
+from pipeline.records import RESULT_SCHEMA_BASE, results_table
+from pipeline.report import render_report, write_report
 from pipeline.results import ResultStream
 from pipeline.storage import Folder
+from pipeline.summary import tally, write_summary
 
 EVIL = "<script>alert(1)</script>"
 
