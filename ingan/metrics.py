@@ -12,6 +12,11 @@ Three numbers, all "lower is better" and exactly 0 for an output identical to it
   7x7 patches of the two Laplacian pyramids. Penalises a different patch *distribution*
   (e.g. one source patch repeated everywhere scores well on coherence but badly here).
 
+And a fourth, for what retargeting is for: **stretch**, 0 where the output keeps the source's
+objects at their own size and 1 where it pulls them as a resize to its shape does. All three
+patch metrics reward a clean stretch; stretch sees it, and is in turn fooled by a crop or by
+copies side by side, so it is read beside them.
+
 The two images may have different sizes; comparing an output of another size to its source is
 the point. Everything is pure torch, runs on the device the inputs live on, and keeps memory
 bounded: the exact nearest-neighbour search is tiled and the query patches are subsampled
@@ -39,6 +44,7 @@ __all__ = [
     "score_outputs",
     "score_against_resize",
     "sliced_wasserstein",
+    "stretch",
 ]
 
 PATCH_SIZE = 7
@@ -457,6 +463,81 @@ def _sliced_distance(s: torch.Tensor, o: torch.Tensor, dirs: torch.Tensor) -> fl
 
 
 # --------------------------------------------------------------------------------------------
+# Stretch: objects at their own size, or pulled as a resize pulls them
+# --------------------------------------------------------------------------------------------
+
+# The coarse scale of the stretch measure: the source brought to this height, where a 7x7 patch
+# spans an object's shape (a coin, a penguin's body) rather than its texture.
+STRETCH_HEIGHT = 96
+# Horizontal stretches tried, from 1 (the source as it is) to the output's aspect change.
+STRETCH_STEPS = 5
+# Aspect changes closer to 1 than this say nothing about stretching: the candidates coincide.
+_MIN_ASPECT_CHANGE = 1.05
+
+
+def _resized(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(img.shape[-2:]) == size:
+        return img
+    return F.interpolate(img, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+@torch.no_grad()
+def stretch(
+    source: torch.Tensor,
+    output: torch.Tensor,
+    *,
+    steps: int = STRETCH_STEPS,
+    height: int = STRETCH_HEIGHT,
+    patch_size: int = PATCH_SIZE,
+    max_patches: int | None = DEFAULT_MAX_PATCHES,
+    seed: int = 0,
+    mask: torch.Tensor | None = None,
+) -> float | None:
+    """How far ``output`` stretches its source's objects: 0 = they keep their own size (a
+    retargeting: more of them, or fewer), 1 = pulled as a resize to the output's shape pulls them.
+
+    The output's aspect differs from the source's by a factor r (width / height over the
+    source's). The source, brought to ``height`` px (where a patch spans an object), is stretched
+    horizontally by s_k = r ** (k / (steps - 1)), k = 0 .. steps - 1: s_0 = 1 is the source
+    as it is, the last is the resize. Each patch of the output, brought to the same height, finds
+    its nearest patch in each stretched source; the k whose source explains it best is its local
+    stretch. A patch every k explains about as well (flat sky, an isotropic texture) says
+    nothing, so each patch counts by how decisive it is: its worst k's distance minus its best.
+    Returns the weighted mean of k / (steps - 1), or None where the aspect barely changes (r
+    within 5% of 1) or no patch tells the stretches apart.
+
+    Stretch alone is fooled by a crop or by copies of the source side by side (both score 0):
+    it belongs beside the patch metrics, never instead of them. Inputs as in :func:`score`;
+    ``mask`` (H, W) at the output's size: only patches inside the frame count.
+    """
+    src, out = _prepare(source, output, patch_size)
+    mask = _check_mask(mask, out)
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2, got {steps}")
+    (sh, sw), (oh, ow) = src.shape[-2:], out.shape[-2:]
+    r = (ow / oh) / (sw / sh)
+    if abs(math.log(r)) < math.log(_MIN_ASPECT_CHANGE):
+        return None
+    h = min(sh, height)
+    w = max(patch_size, round(sw * h / sh))
+    small_out = _resized(out, (h, max(patch_size, round(ow * h / oh))))
+    queries = _output_patches(small_out, mask, patch_size, 0, finest=True)
+    if max_patches is not None:
+        queries = _subsample(queries, max_patches, _generator(seed, 0))
+    # Each candidate straight from the source, as the output was made from it: a resize to the
+    # output's shape, brought down to this height, is then the last candidate but for rounding.
+    costs = torch.stack([
+        nearest_sq_distances(queries, extract_patches(_resized(src, (h, max(patch_size, round(w * r ** (k / (steps - 1)))))), patch_size))
+        for k in range(steps)
+    ])  # (steps, N)
+    weight = costs.amax(0) - costs.amin(0)
+    if float(weight.sum()) <= 0:
+        return None
+    local = costs.argmin(0).to(weight.dtype) / (steps - 1)
+    return float((weight * local).sum() / weight.sum())
+
+
+# --------------------------------------------------------------------------------------------
 # All together
 # --------------------------------------------------------------------------------------------
 
@@ -469,16 +550,23 @@ def score(
     seed: int = 0,
     max_patches: int | None = DEFAULT_MAX_PATCHES,
     mask: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """``{"completeness", "coherence", "swd"}`` of ``output`` against ``source``; lower is better.
+    with_stretch: bool = True,
+) -> dict[str, float | None]:
+    """``{"completeness", "coherence", "swd", "stretch"}`` of ``output`` against ``source``;
+    lower is better.
 
-    See :func:`bidirectional_similarity` (mean squared difference per patch element) and
-    :func:`sliced_wasserstein` (in source-std units) for the units. Deterministic for a given
-    ``seed``; ``max_patches`` bounds the patches sampled per scale / pyramid level. ``mask``: the
-    frame of a shaped output, (H, W) bool; only what lies inside it is scored.
+    See :func:`bidirectional_similarity` (mean squared difference per patch element),
+    :func:`sliced_wasserstein` (in source-std units) and :func:`stretch` (0 = objects at their own
+    size, 1 = pulled as the resize pulls them; None where the aspect barely changes) for the
+    units. Deterministic for a given ``seed``; ``max_patches`` bounds the patches sampled per
+    scale / pyramid level. ``mask``: the frame of a shaped output, (H, W) bool; only what lies
+    inside it is scored. ``with_stretch=False`` leaves stretch out (a resize's is 1 by
+    construction).
     """
-    result = bidirectional_similarity(source, output, max_patches=max_patches, seed=seed, mask=mask)
+    result: dict[str, float | None] = dict(bidirectional_similarity(source, output, max_patches=max_patches, seed=seed, mask=mask))
     result["swd"] = sliced_wasserstein(source, output, max_patches=max_patches, seed=seed, mask=mask)
+    if with_stretch:
+        result["stretch"] = stretch(source, output, max_patches=max_patches, seed=seed, mask=mask)
     return result
 
 
@@ -503,8 +591,8 @@ def _shifts_of(key: OutputKey) -> tuple[float, float] | None:
 
 
 def score_outputs(
-    source: torch.Tensor, outs: dict[OutputKey, torch.Tensor], max_side: int = 192
-) -> dict[OutputKey, dict[str, float]]:
+    source: torch.Tensor, outs: dict[OutputKey, torch.Tensor], max_side: int = 192, *, with_stretch: bool = True
+) -> dict[OutputKey, dict[str, float | None]]:
     """Metrics of each uint8 output against its uint8 source, both scaled by the one factor that
     brings the source's longer side to at most ``max_side``: the patches compare like with like
     and the cost stays bounded. A shaped output is scored inside its frame only; one whose frame
@@ -523,7 +611,7 @@ def score_outputs(
             size = tuple(small.shape[-2:])
             mask = valid_mask(size, homography(shifts), small.device)  # type: ignore[arg-type]
         try:
-            result[key] = {k: float(v) for k, v in score(src, small, mask=mask).items()}
+            result[key] = {k: None if v is None else float(v) for k, v in score(src, small, mask=mask, with_stretch=with_stretch).items()}
         except FrameTooSmall:
             continue
     return result
@@ -542,11 +630,12 @@ def score_against_resize(
     """:func:`score_outputs`, plus for each output the same metrics of a bicubic resize of the
     source to the same (W, H), computed the same way (``resize_completeness``, ``resize_coherence``,
     ``resize_swd``), and ``beats_resize``: whether the output earns its place over that resize.
-    A shaped output's resize is put through the same homography (:func:`images.shaped_resize`)."""
+    A shaped output's resize is put through the same homography (:func:`images.shaped_resize`).
+    The resize's stretch is not computed: it is 1 by construction, the measure's own end point."""
     from .images import shaped_resize
 
     resized = {key: shaped_resize(source, (key[1], key[0]), _shifts_of(key)) for key in outs}
     ours = score_outputs(source, outs, max_side)
-    theirs = score_outputs(source, resized, max_side)
+    theirs = score_outputs(source, resized, max_side, with_stretch=False)
     return {key: {**ours[key], **{f"resize_{k}": v for k, v in theirs[key].items()},
                   "beats_resize": beats(ours[key], theirs[key])} for key in outs if key in ours and key in theirs}

@@ -21,7 +21,7 @@ import pyarrow as pa
 STATUSES = ("ok", "skipped", "failed")
 
 # An output's quality fields when metrics are off.
-UNSCORED: dict[str, None] = dict.fromkeys(("completeness", "coherence", "swd", "resize_completeness",
+UNSCORED: dict[str, None] = dict.fromkeys(("completeness", "coherence", "swd", "stretch", "resize_completeness",
                                            "resize_coherence", "resize_swd", "beats_resize"))
 
 
@@ -61,6 +61,10 @@ class Output(TypedDict, total=False):
     completeness: float | None
     coherence: float | None
     swd: float | None
+    # 0: the source's objects kept at their own size; 1: pulled as a resize to this shape pulls
+    # them (a resize's own stretch is 1 by construction, so it has no column); null where the
+    # aspect barely changes or the output was not scored (ingan.metrics.stretch).
+    stretch: float | None
     # The same metrics for a bicubic resize of the source to the same size, and whether the
     # output beats it on both completeness + coherence and patch SWD (null: not scored).
     resize_completeness: float | None

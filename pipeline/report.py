@@ -28,7 +28,7 @@ from pipeline.summary import Tally, tally
 _THUMB_READERS = 8
 _THUMB_QUALITY = 80
 
-_METRICS = ("completeness", "coherence", "swd")
+_METRICS = ("completeness", "coherence", "swd", "stretch")
 
 
 # --------------------------------------------------------------------------- report.html

@@ -38,6 +38,7 @@ class Tally:
         self.verdicts = {"beats_resize": 0, "loses_to_resize": 0, "unscored": 0}
         self.total_seconds = array("d")
         self.train_seconds = array("d")
+        self.stretches = array("d")  # each scored output's (ingan.metrics.stretch), where it has one
 
     def add(self, r: Mapping[str, Any]) -> None:
         self.total += 1
@@ -49,6 +50,8 @@ class Tally:
         for o in outputs:
             self.shaped_outputs += bool(o.get("shift_left") or o.get("shift_right"))
             self.variant_outputs += o.get("variant") is not None
+            if o.get("stretch") is not None:
+                self.stretches.append(o["stretch"])
             verdict = o.get("beats_resize")
             self.verdicts["unscored" if verdict is None else "beats_resize" if verdict else "loses_to_resize"] += 1
         for name in ("total_seconds", "train_seconds"):
@@ -73,6 +76,10 @@ class Tally:
             "shaped_outputs": self.shaped_outputs,
             "variant_outputs": self.variant_outputs,
             "verdicts": dict(self.verdicts),
+            # 0: objects kept at their own size, 1: stretched as a resize stretches them.
+            "stretch": {"outputs": len(self.stretches),
+                        "mean": sum(self.stretches) / len(self.stretches) if self.stretches else None,
+                        **_percentiles(self.stretches)},
             "durations": {
                 "total_seconds": _percentiles(self.total_seconds),
                 "train_seconds": _percentiles(self.train_seconds),

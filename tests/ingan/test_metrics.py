@@ -17,6 +17,7 @@ from ingan.metrics import (
     score,
     score_against_resize,
     sliced_wasserstein,
+    stretch,
 )
 
 IMAGES = Path(__file__).resolve().parents[1] / "data" / "images"
@@ -49,7 +50,8 @@ def brick() -> torch.Tensor:
 
 def test_identical_images_score_zero(cat: torch.Tensor) -> None:
     result = score(cat, cat.clone())
-    assert set(result) == set(KEYS)
+    assert set(result) == {*KEYS, "stretch"}
+    assert result["stretch"] is None  # the same aspect: no stretch to tell
     for key in KEYS:
         assert isinstance(result[key], float)
         assert abs(result[key]) < 1e-6, (key, result[key])
@@ -269,3 +271,55 @@ def test_the_resize_itself_does_not_beat_the_resize(cat: torch.Tensor) -> None:
     assert result["beats_resize"] is False  # equal scores: not better
     for key in ("completeness", "coherence", "swd"):
         assert result[key] == pytest.approx(result["resize_" + key])
+
+
+# ---------------------------------------------------------------------------------------------
+# Stretch: a resize is 1, objects at their own size 0
+# ---------------------------------------------------------------------------------------------
+
+PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg", "astronaut.png")
+
+
+def _photo(name: str, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A committed photo as float (3, H, W) in [0, 1], at its own size or resized by PIL's
+    bicubic filter to ``size`` (width, height): a resize from another library than the metric's."""
+    with Image.open(IMAGES / name) as img:
+        img = img.convert("RGB")
+        if size is not None:
+            img = img.resize(size, Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.asarray(img, dtype=np.float32).copy() / 255).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_a_resize_stretches_fully_and_copies_or_a_crop_not_at_all(name: str) -> None:
+    src = _photo(name)
+    h, w = src.shape[-2:]
+    assert stretch(src, _photo(name, (2 * w, h))) >= 0.95  # width x2: the resize
+    assert stretch(src, _photo(name, (w // 2, h))) >= 0.95  # width x0.5
+    assert stretch(src, _photo(name, (w, 2 * h))) >= 0.95  # twice the height
+    assert stretch(src, torch.cat([src, src], -1)) <= 0.1  # width x2: the source twice, side by side
+    assert stretch(src, src[..., w // 4: w // 4 + w // 2]) <= 0.1  # width x0.5: a centre crop
+
+
+def test_half_the_way_is_half_a_stretch() -> None:
+    """Width x4 as two copies, each resized to twice the width: every object is stretched by 2,
+    which is 4 ** (1/2), the middle of the way from its own size to the resize's."""
+    src = _photo("chelsea.png")
+    h, w = src.shape[-2:]
+    half = _photo("chelsea.png", (2 * w, h))
+    assert stretch(src, torch.cat([half, half], -1)) == pytest.approx(0.5, abs=0.1)
+    assert stretch(src, _photo("chelsea.png", (4 * w, h))) >= 0.95
+
+
+def test_stretch_needs_an_aspect_change_and_reads_only_inside_a_frame(cat: torch.Tensor) -> None:
+    assert stretch(cat, cat) is None
+    assert stretch(cat, _uint8(cat).float().div(255)[..., :-2]) is None  # within 5% of the aspect
+    flat = torch.full((3, 64, 96), 0.5)
+    assert stretch(flat, cat.repeat(1, 1, 2)) is None  # a flat source: nothing tells the stretches apart
+    # A frame holding only the left copy of two: still the source at its own size.
+    twice = torch.cat([cat, F.interpolate(cat[None], size=(64, 96), mode="nearest")[0].flip(-2)], -1)
+    mask = torch.zeros(64, 192, dtype=torch.bool)
+    mask[:, :96] = True
+    assert stretch(cat, twice, mask=mask) <= 0.1
+    with pytest.raises(ValueError, match="steps"):
+        stretch(cat, twice, steps=1)

@@ -148,7 +148,7 @@ def test_the_stored_schema_is_pinned() -> None:
     assert [f"{f.name}: {f.type}" for f in outputs] == [
         "width: int32", "height: int32", "ratio: double", "uri: string", "target: string",
         "shift_left: double", "shift_right: double", "mask_uri: string", "variant: int32", "scale: double",
-        "completeness: double", "coherence: double", "swd: double", "resize_completeness: double",
+        "completeness: double", "coherence: double", "swd: double", "stretch: double", "resize_completeness: double",
         "resize_coherence: double", "resize_swd: double", "beats_resize: bool"]  # fmt: skip
     assert RESULT_SCHEMA_BASE.names[5] == "outputs"
 
