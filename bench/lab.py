@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ingan import losses
@@ -39,6 +40,13 @@ class LabConfig:
     # (a plain resize), so D learns that a stretch is not a retargeting (0 = off). Skipped for
     # unshifted outputs within STRETCH_FREE of the crop's size on both axes.
     stretch_negative: float = 0.0
+    # Weight of a bidirectional patch distance between G's output and its input crop, both
+    # brought down by ``patch_scale`` (where a 7x7 patch spans an object): each output patch to
+    # its nearest crop patch (coherence) and each crop patch to its nearest output patch
+    # (completeness). A stretch has patches the crop does not hold, so G is told so directly
+    # rather than through what D learns (0 = off).
+    patch_weight: float = 0.0
+    patch_scale: float = 4.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -60,6 +68,24 @@ def tone_loss(output: Tensor, source: Tensor, k: int = 1) -> Tensor:
     return per_image_mean(gap[..., None, None], k)
 
 
+def patch_distance(output: Tensor, source: Tensor, n: int, scale: float, patch: int = 7) -> Tensor:
+    """(n,): per image, the mean squared difference per element from each patch of ``output`` to
+    its nearest patch of ``source`` plus the same from each source patch to its nearest output
+    patch, both images (1, 3n, H, W) brought down by ``scale`` first. Differentiable in
+    ``output`` through each nearest pair."""
+    values = []
+    for k in range(n):
+        pair = []
+        for img in (output[:, 3 * k:3 * k + 3], source[:, 3 * k:3 * k + 3]):
+            img = img.float()
+            size = (max(patch, round(img.shape[-2] / scale)), max(patch, round(img.shape[-1] / scale)))
+            pair.append(F.unfold(F.interpolate(img, size=size, mode="area"), patch)[0].T)  # (N, 3 * patch**2)
+        q, p = pair
+        d = torch.cdist(q, p).square() / q.shape[1]
+        values.append(d.amin(1).mean() + d.amin(0).mean())
+    return torch.stack(values)
+
+
 def _near_the_crop(views: Views) -> bool:
     """An unshifted output within STRETCH_FREE of the crop's size on both axes."""
     near = all(abs(math.log(o / c)) < math.log(STRETCH_FREE) for o, c in zip(views.out_hw, views.real.shape[-2:], strict=True))
@@ -67,8 +93,8 @@ def _near_the_crop(views: Views) -> bool:
 
 
 def lab_terms(lab: LabConfig | dict[str, Any] | None = None) -> list[Term]:
-    """The extra loss terms of ``lab`` (none for the plain configuration): G's tone term and D's
-    stretched fakes, each per image as ``ingan.losses.Term`` requires."""
+    """The extra loss terms of ``lab`` (none for the plain configuration): G's tone and patch
+    terms and D's stretched fakes, each per image as ``ingan.losses.Term`` requires."""
     lab = LabConfig(**lab) if isinstance(lab, dict) else (lab or LabConfig())
     terms = []
     if lab.tone_weight > 0:
@@ -79,4 +105,6 @@ def lab_terms(lab: LabConfig | dict[str, Any] | None = None) -> list[Term]:
                 return v.real.new_zeros(v.n, dtype=torch.float32)
             return lab.stretch_negative * losses.d_fake_half(v.discriminate(warp(v.real, v.out_hw, v.matrix)), v.n)
         terms.append(Term("stretch", "d", stretched))
+    if lab.patch_weight > 0:
+        terms.append(Term("patch", "g", lambda v: lab.patch_weight * patch_distance(v.fake, v.real, v.n, lab.patch_scale)))
     return terms

@@ -48,7 +48,7 @@ from .common import (
     train_one,
 )
 
-METRICS = ("completeness", "coherence", "swd")
+METRICS = ("completeness", "coherence", "swd", "stretch")
 TARGETS = ("width x2", "width x0.5", "square")
 BASELINES = ("bicubic", "centre crop", "seam carving")
 OUTPUTS = RESULTS / "quality_outputs"
@@ -245,7 +245,8 @@ def main() -> None:
     for t in TARGETS:
         for method in methods:
             sel = [r for r in rows if r["target"] == t and r["method"] == method]
-            m = {k: statistics.mean(r[k] for r in sel) for k in METRICS}
+            # Stretch is None where a target keeps the source's aspect (a square source's square).
+            m = {k: statistics.mean(vals) if (vals := [r[k] for r in sel if r[k] is not None]) else None for k in METRICS}
             mean.append({"target": t, "method": method, **m, "bds": m["completeness"] + m["coherence"]})
     label = quality_label([names[p] for p in presets], args.image_set)
     for t in TARGETS:
@@ -269,7 +270,8 @@ def main() -> None:
             summary["machine"] = json.loads(old.read_text()).get("machine", summary["machine"])
     save(f"quality_{label}", summary)
     for r in mean:
-        print(f"{r['target']:>10} {r['method']:>13}  C+C {r['bds'] * 1e3:6.2f}  SWD {r['swd']:.3f}")
+        stretch = "-" if r["stretch"] is None else f"{r['stretch']:.2f}"
+        print(f"{r['target']:>10} {r['method']:>13}  C+C {r['bds'] * 1e3:6.2f}  SWD {r['swd']:.3f}  stretch {stretch}")
 
 
 if __name__ == "__main__":

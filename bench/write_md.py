@@ -209,15 +209,29 @@ def _quality(data: dict[str, Any]) -> list[str]:
            "", *_provenance(data), "",
            "Means over the images; lower is better for every column. C+C = completeness + coherence (x1000). "
            "Square = source height x source height (for square sources bicubic and crop return the source itself).", ""]
-    out += _table(["target", "method", "completeness x1000", "coherence x1000", "C+C x1000", "patch SWD"],
+    stretched = any("stretch" in r for r in data["mean"])  # runs scored since stretch was measured
+    out += _table(["target", "method", "completeness x1000", "coherence x1000", "C+C x1000", "patch SWD",
+                   *(["stretch"] if stretched else [])],
                   [[r["target"], f"**InGAN `{r['method']}`**" if r["method"] in presets else r["method"],
                     f"{r['completeness'] * 1e3:.2f}", f"{r['coherence'] * 1e3:.2f}", f"{r['bds'] * 1e3:.2f}",
-                    f"{r['swd']:.3f}"] for r in data["mean"]])
+                    f"{r['swd']:.3f}", *([_stretch(r.get("stretch"))] if stretched else [])] for r in data["mean"]])
+    if stretched:
+        out += ["", "Stretch per image (0: objects at their own size, 1: stretched as the resize; "
+                "- where the target keeps the source's aspect):", ""]
+        methods = list(dict.fromkeys(r["method"] for r in data["rows"]))
+        cells = {(r["image"], r["target"], r["method"]): r.get("stretch") for r in data["rows"]}
+        out += _table(["image", "target", *methods],
+                      [[image, t, *(_stretch(cells.get((image, t, m))) for m in methods)]
+                       for image in data["images"] for t in TARGETS])
     for preset in presets:
         wins = [f"{t} {_wins(data, preset, t)}" for t in TARGETS]
         out += ["", f"`{preset}` outputs that beat the bicubic resize on both C+C and SWD, per image: {'; '.join(wins)}."]
         out += _timing(data, preset, f"`{preset}`")
     return out + _sheets(data) + [""]
+
+
+def _stretch(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _pair(r: dict[str, Any], best: dict[str, float]) -> str:

@@ -617,11 +617,30 @@ def score_outputs(
     return result
 
 
-def beats(output: dict[str, float], baseline: dict[str, float]) -> bool:
-    """True when ``output`` scores better (lower) than ``baseline`` on both counts: completeness +
-    coherence together, and patch SWD."""
-    return (output["completeness"] + output["coherence"] < baseline["completeness"] + baseline["coherence"]
-            and output["swd"] < baseline["swd"])
+# The verdict's thresholds (``beats``), set on outputs looked at (BENCHMARKS.md, "The verdict").
+# An output keeps objects at their own size when its stretch is at most STRETCH_KEPT: at least
+# half the way from the resize's stretch to none.
+STRETCH_KEPT = 0.5
+# It is broken when its patches are far worse than the resize's: completeness + coherence more
+# than this factor above the resize's, or patch SWD more than BROKEN_SWD times the resize's.
+# A retargeting pays some C+C for drawing what the source does not hold exactly (a new coin, a
+# seam), which these allow; noise, blur and lost content go past them.
+BROKEN_CC = 1.25
+BROKEN_SWD = 1.5
+
+
+def beats(output: dict[str, float | None], baseline: dict[str, float | None]) -> bool:
+    """Whether ``output`` earns its place over ``baseline``, the resize to its shape: it keeps
+    the source's objects at their own size (stretch at most ``STRETCH_KEPT``, or an unchanged
+    aspect, where there is nothing to keep) and is not broken (completeness + coherence within
+    ``BROKEN_CC`` times the resize's, patch SWD within ``BROKEN_SWD`` times). A stretch, however
+    sharp, and a broken output both lose."""
+    stretch = output.get("stretch")
+    cc = output["completeness"] + output["coherence"]  # type: ignore[operator]
+    resize_cc = baseline["completeness"] + baseline["coherence"]  # type: ignore[operator]
+    kept = stretch is None or stretch <= STRETCH_KEPT
+    whole = cc <= BROKEN_CC * resize_cc and output["swd"] <= BROKEN_SWD * baseline["swd"]  # type: ignore[operator]
+    return kept and whole
 
 
 def score_against_resize(

@@ -323,3 +323,20 @@ def test_stretch_needs_an_aspect_change_and_reads_only_inside_a_frame(cat: torch
     assert stretch(cat, twice, mask=mask) <= 0.1
     with pytest.raises(ValueError, match="steps"):
         stretch(cat, twice, steps=1)
+
+
+@pytest.mark.parametrize("name", ["chelsea.png", "rocket.jpg"])
+def test_the_verdict_keeps_objects_at_their_own_size_and_drops_stretches_and_breakage(name: str) -> None:
+    """Width x2 of a committed photo: two copies side by side keep every object at its own size
+    (kept); the same with strong noise or a blur (broken) and PIL's bicubic resize (a stretch,
+    however sharp) are dropped."""
+    src = (_photo(name) * 255).round().to(torch.uint8)
+    h, w = src.shape[-2:]
+    twice = torch.cat([src, src], -1)
+    noisy = (twice.float() + 60 * torch.randn(twice.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 255)
+    blurred = F.avg_pool2d(twice[None].float(), 9, 1, 4, count_include_pad=False)[0]
+    resized = (_photo(name, (2 * w, h)) * 255).round()
+    outs = {(2 * w, h): twice, (2 * w + 2, h): noisy.to(torch.uint8), (2 * w + 4, h): blurred.to(torch.uint8),
+            (2 * w + 6, h): resized.to(torch.uint8)}
+    verdicts = {size[0] - 2 * w: r["beats_resize"] for size, r in score_against_resize(src, outs).items()}
+    assert verdicts == {0: True, 2: False, 4: False, 6: False}

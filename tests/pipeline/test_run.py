@@ -35,6 +35,7 @@ from support import parquet_bytes as _parquet_bytes
 from support import run_main as _run_main
 from support import run_refused, shrunk_photo
 
+from ingan import metrics
 from pipeline import layout
 
 REPO = Path(__file__).resolve().parents[2]
@@ -261,9 +262,11 @@ def test_s3_manifest_to_s3_outputs(run: S3Run) -> None:
             for metric in ("completeness", "coherence", "swd"):
                 assert out[metric] is not None and out[metric] >= 0
                 assert out["resize_" + metric] is not None and out["resize_" + metric] >= 0
-            # The verdict is the comparison of the two sets of scores, as stored.
-            wins = (out["completeness"] + out["coherence"] < out["resize_completeness"] + out["resize_coherence"]
-                    and out["swd"] < out["resize_swd"])
+            # The verdict follows from the scores as stored: objects kept at their own size
+            # (stretch), and patches not far worse than the resize's.
+            cc, resize_cc = out["completeness"] + out["coherence"], out["resize_completeness"] + out["resize_coherence"]
+            wins = ((out["stretch"] is None or out["stretch"] <= metrics.STRETCH_KEPT)
+                    and cc <= metrics.BROKEN_CC * resize_cc and out["swd"] <= metrics.BROKEN_SWD * out["resize_swd"])
             assert out["beats_resize"] is wins
             # Two training iterations cannot beat a resize: the verdict says so.
             assert out["beats_resize"] is False
