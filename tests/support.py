@@ -6,7 +6,8 @@ import contextlib
 import io
 import os
 import socket
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,17 @@ def processes() -> Iterator[tuple[int, int, str]]:
         fields = stat.rsplit(")", 1)[1].split()
         if fields[0] != "Z":
             yield int(entry), int(fields[3]), cmd.strip()
+
+
+def wait_for(ready: Callable[[], Any], what: str, timeout: float = 180, every: float = 0.05) -> Any:
+    """Poll ``ready()`` until it returns something true, and return that. ``timeout`` only guards
+    against a hang (the test fails naming ``what``); nothing is timed by it. ``ready`` may raise
+    to fail at once (a process it waits on has ended)."""
+    deadline = time.monotonic() + timeout
+    while not (got := ready()):
+        assert time.monotonic() < deadline, f"no {what} within {timeout:g} s"
+        time.sleep(every)
+    return got
 
 
 def session_members(sid: int) -> list[tuple[int, str]]:
