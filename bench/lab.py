@@ -33,20 +33,23 @@ STRETCH_FREE = 1.2
 
 @dataclass(frozen=True)
 class LabConfig:
-    # Weight of an L1 loss between the per-channel mean and standard deviation of G's output and
-    # of its input crop: a retargeted crop keeps its colours (0 = off).
+    """The lab's options, each a weight that is off at 0.
+
+    ``tone_weight``: an L1 loss between the per-channel mean and standard deviation of G's output
+    and of its input crop: a retargeted crop keeps its colours.
+    ``stretch_negative``: a second fake for D, the real crop put through the iteration's geometric
+    transform (a plain resize), so D learns that a stretch is not a retargeting; skipped for
+    unshifted outputs within STRETCH_FREE of the crop's size on both axes.
+    ``patch_weight``: a bidirectional patch distance between G's output and its input crop, both
+    brought down by ``patch_scale`` (where a 7x7 patch spans an object): each output patch to its
+    nearest crop patch (coherence) and each crop patch to its nearest output patch
+    (completeness). A stretch has patches the crop does not hold, so G is told so directly rather
+    than through what D learns."""
+
     tone_weight: float = 0.0
-    # Weight of a second fake for D: the real crop put through the iteration's geometric transform
-    # (a plain resize), so D learns that a stretch is not a retargeting (0 = off). Skipped for
-    # unshifted outputs within STRETCH_FREE of the crop's size on both axes.
     stretch_negative: float = 0.0
-    # Weight of a bidirectional patch distance between G's output and its input crop, both
-    # brought down by ``patch_scale`` (where a 7x7 patch spans an object): each output patch to
-    # its nearest crop patch (coherence) and each crop patch to its nearest output patch
-    # (completeness). A stretch has patches the crop does not hold, so G is told so directly
-    # rather than through what D learns (0 = off).
     patch_weight: float = 0.0
-    patch_scale: float = 4.0
+    patch_scale: float = 4.0  # a downscale factor, not a weight
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
