@@ -8,6 +8,7 @@ credentials: they are excluded from every dump that is logged or written.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -19,6 +20,7 @@ from ingan.geometry import MAX_SHIFT
 from ingan.images import DEFAULT_FORMAT, FORMAT_NAMES
 from ingan.retarget import parse_shape, parse_size, shape_name
 
+from .layout import night_name
 from .storage import RetryPolicy, Storage
 
 # GPU defaults: what preset auto, bundle_size auto and num_gpus None come to on a cluster with
@@ -77,6 +79,20 @@ class RunConfig(BaseModel):
     augment_scales: tuple[float, float] = Field((0.75, 1.25), description="variants' size range against the ratio's size")
     augment_shift: float = Field(0.0, ge=0, le=MAX_SHIFT, description="variants' top-corner shift range, +-; 0: rectangles")
     image_format: Literal[FORMAT_NAMES] = DEFAULT_FORMAT  # type: ignore[valid-type]
+    # Outputs as dataset shards a training job reads (pipeline.shards), beside the per-output files
+    # or instead of them. Files stay the default: the report, `ingan retarget` users and anyone
+    # browsing one image's outputs read them, and a run without shards writes what it always did.
+    shards: Literal["none", "webdataset", "parquet"] = Field(
+        "none", description="write the outputs as shards too: WebDataset tars, or Parquet with the image bytes")
+    files: bool = Field(True, description="each output as its own file under items/; false: in the shards only")
+    keep: Literal["all", "verdict"] = Field(
+        "all", description="outputs put in the shards: all, or only those whose verdict (beats_resize) is true")
+    night: str | None = Field(
+        None, min_length=1, max_length=200,
+        description="the shards' night (their folder and index); default: the augment salt, else the run's UTC date")
+    shard_max_samples: int = Field(1000, ge=1, le=1_000_000, description="samples per shard at most")
+    shard_max_bytes: int = Field(256 * 2**20, ge=2**16, le=4 * 2**30,
+                                 description="bytes per shard at most (one sample larger than this is a shard alone)")
     metrics: bool = Field(True, description="score every output against its source")
     metrics_max_side: int = Field(192, ge=16, description="images are scored at most this large")
     num_gpus: float | None = Field(None, ge=0, le=8, description=f"GPUs per task; fractions pack trainings; None: {AUTO_NUM_GPUS_TEXT}")
@@ -163,6 +179,17 @@ class RunConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _shard_options(self) -> RunConfig:
+        wrong = [why for why, bad in (
+            ("files: false writes the outputs nowhere without shards: set shards too",
+             not self.files and self.shards == "none"),
+            ("keep: verdict chooses the outputs put in shards by their verdict: it needs shards and metrics",
+             self.keep == "verdict" and (self.shards == "none" or not self.metrics))) if bad]
+        if wrong:
+            raise ValueError("; ".join(wrong))
+        return self
+
+    @model_validator(mode="after")
     def _heartbeat_within_stale(self) -> RunConfig:
         # A live run whose beats are further apart than this would look dead between two of them.
         if self.stale_after_s < 2 * self.heartbeat_s:
@@ -174,6 +201,12 @@ class RunConfig(BaseModel):
         """How every read and write reaches storage (its options hold credentials: never log them)."""
         policy = RetryPolicy(self.storage_attempts, self.storage_connect_timeout_s, self.storage_read_timeout_s)
         return Storage.of(self.storage_options, self.endpoint_url, policy)
+
+    def resolve_night(self, started: float) -> str:
+        """The night this run's shards belong to: ``night``, else the augment salt (which already
+        makes a night's variants its own), else the UTC date the run started."""
+        text = self.night or self.augment_salt or time.strftime("%Y-%m-%d", time.gmtime(started))
+        return night_name(text)
 
     def public_dict(self) -> dict[str, Any]:
         """The resolved config as saved beside the results: no storage options."""

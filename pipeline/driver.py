@@ -17,12 +17,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ingan.config import BF16_DEFAULT_TEXT
 from ingan.images import FORMAT_NAMES
 from ingan.progress import hms
 
-from . import cluster, executor, layout, report, runs
+from . import cluster, executor, layout, report, runs, shards
 from .config import (
     AUTO_BUNDLE_TEXT,
     AUTO_NUM_GPUS_TEXT,
@@ -33,7 +34,7 @@ from .config import (
 )
 from .manifest import ManifestError, load_manifest
 from .records import RESULT_SCHEMA_BASE, Item, Record
-from .results import Finished, ResultStream
+from .results import Finished, ResultStream, describe
 from .storage import Folder, StorageError, scheme_of
 from .summary import write_summary
 from .task import Job
@@ -69,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="override the preset's training iterations")
     p.add_argument("--seed", type=int)
     p.add_argument("--format", dest="image_format", choices=list(FORMAT_NAMES))
+    p.add_argument("--shards", choices=["none", "webdataset", "parquet"],
+                   help="write the outputs as dataset shards too, a night at a time (default none)")
+    p.add_argument("--no-files", dest="files", action="store_false", default=None,
+                   help="outputs in the shards only, not as files under items/")
+    p.add_argument("--keep", choices=["all", "verdict"],
+                   help="outputs put in the shards: all, or those that beat the resize (default all)")
+    p.add_argument("--night", help="the shards' night (default: --augment-salt, else the UTC date)")
     p.add_argument("--num-gpus", type=float,
                    help=f"GPUs per task; fractions pack several trainings per GPU (default: {AUTO_NUM_GPUS_TEXT})")
     p.add_argument("--num-cpus", type=float, help="CPUs per task")
@@ -109,7 +117,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     overrides = {k: getattr(args, k) for k in (
         "output", "preset", "ratio_policy", "iterations", "seed", "image_format", "num_gpus", "num_cpus",
         "max_in_flight", "bundle_size", "timeout_s", "retries", "checkpoint_every_s", "resume", "retarget_only", "metrics", "endpoint_url",
-        "shapes", "max_shift", "bf16", "augment", "augment_salt", "augment_shift")}
+        "shapes", "max_shift", "bf16", "augment", "augment_salt", "augment_shift", "shards", "files", "keep",
+        "night")}
     overrides["ratios"] = _split(args.ratios, float)
     overrides["sizes"] = _split(args.sizes, str)
     return load_config(args.config, overrides)
@@ -207,21 +216,45 @@ def run(cfg: RunConfig, manifest_uri: str, dry_run: bool = False) -> int:
     heartbeat = runs.Heartbeat(out, run_id, manifest_uri, cfg.heartbeat_s, cfg.stale_after_s, started)
     live = heartbeat.start()
     try:
-        job, res, resolved = _plan(cfg, manifest_uri, run_id, out, table.num_rows)
+        night = cfg.resolve_night(started) if cfg.shards != "none" else None
+        job, res, resolved = _plan(cfg, manifest_uri, run_id, out, table.num_rows, night)
         out.write_json(layout.CONFIG_NAME, resolved)
         _tidy(out, run_id, cfg.stale_after_s, live)
         carried_schema = pa.schema([f for _, _, f in carried])
-        stream = ResultStream(out, carried_schema, run_id=run_id, started=started, keep=cfg.report_max_items)
+        writer = _shard_writer(cfg, out, night, run_id, carried_schema)
+        stream = ResultStream(out, carried_schema, run_id=run_id, started=started)
         progress = ProgressLine(table.num_rows)
 
         def on_record(item: Item, rec: Record) -> None:
+            samples = rec.pop("samples", None) or []
+            if writer is not None:
+                writer.add(samples)
             stream.add(item.index, rec)
             progress.update(rec["status"])
 
-        executor.run_items(_items(table, carried, manifest_uri), job, res, on_record)
-        return _finish(cfg, out, stream, heartbeat.overlapped(), resolved, manifest_uri)
+        items = _items(table, carried, manifest_uri)
+        if writer is not None:
+            items = (writer.shard_done(i, job.tag, [t.name for t in job.targets_for(i.id)]) for i in items)
+        executor.run_items(items, job, res, on_record)
+        return _finish(cfg, out, stream, heartbeat.overlapped(), resolved, manifest_uri, writer)
     finally:
         heartbeat.stop()
+
+
+def _shard_writer(cfg: RunConfig, out: Folder, night: str | None, run_id: str,
+                  carried: pa.Schema) -> shards.ShardWriter | None:
+    """This run's way into its night's shards (None with shards off); what dead runs of the night
+    left outside its index is removed first."""
+    if night is None:
+        return None
+    writer = shards.ShardWriter(out, night, cfg.shards, run_id, max_samples=cfg.shard_max_samples,
+                                max_bytes=cfg.shard_max_bytes, lock_wait_s=cfg.lock_wait_s,
+                                stale_after_s=cfg.stale_after_s, carried=carried)
+    _log(f"shards: night {night} ({cfg.shards}, keep {cfg.keep}; files {'on' if cfg.files else 'off'}): "
+         f"{writer.stats.night_samples} samples in {writer.stats.night_shards} shards so far, index {writer.stats.index}")
+    if writer.removed:
+        _log(f"removed shards dead runs left outside the night's index: {', '.join(writer.removed)}")
+    return writer
 
 
 def _dry_run(cfg: RunConfig, manifest_uri: str, out: Folder, n: int, carried: list[tuple[str, str, pa.Field]]) -> int:
@@ -237,7 +270,8 @@ def _dry_run(cfg: RunConfig, manifest_uri: str, out: Folder, n: int, carried: li
     return 0
 
 
-def _plan(cfg: RunConfig, manifest_uri: str, run_id: str, out: Folder, n: int) -> tuple[Job, executor.Resources, dict[str, Any]]:
+def _plan(cfg: RunConfig, manifest_uri: str, run_id: str, out: Folder, n: int,
+          night: str | None) -> tuple[Job, executor.Resources, dict[str, Any]]:
     """Join or start Ray, and size the run to it: the job, its resources and the resolved config."""
     _log(f"connecting to Ray: {cluster.connect(timeout_s=cfg.connect_timeout_s)}")
     gpus_now = cluster.cluster_gpus()
@@ -251,10 +285,10 @@ def _plan(cfg: RunConfig, manifest_uri: str, run_id: str, out: Folder, n: int) -
     slots = gpus_planned / num_gpus if num_gpus else cluster.cluster_cpus() / cfg.num_cpus
     in_flight = cfg.max_in_flight or max(4, int(2 * slots)) * bundle  # images: two bundles per slot
     res = executor.Resources(cfg.num_cpus, num_gpus, in_flight, cfg.retries, cfg.timeout_s, bundle)
-    job = Job.of(cfg, preset)
+    job = Job.of(cfg, preset, night)
     resolved = {**cfg.public_dict(), "preset_resolved": preset, "model_tag": job.tag, "num_gpus_resolved": num_gpus,
                 "max_in_flight_resolved": in_flight, "bundle_size_resolved": bundle, "manifest": manifest_uri,
-                "run_id": run_id}
+                "run_id": run_id, "night_resolved": night}
     _log(f"{n} images -> {out.uri('')} | preset {preset} | {num_gpus:g} GPU + {cfg.num_cpus:g} CPU per task "
          f"of {bundle} image{'s' if bundle > 1 else ''} | {in_flight} images in flight "
          f"| cluster GPUs now: {gpus_now:g}, at most: {gpus_planned:g}")
@@ -274,20 +308,25 @@ def _tidy(out: Folder, run_id: str, stale_after_s: float, live: set[str]) -> Non
 
 
 def _finish(cfg: RunConfig, out: Folder, stream: ResultStream, overlapped: frozenset[str], resolved: dict[str, Any],
-            manifest_uri: str) -> int:
-    """Write the results, summary and report; log what happened; the exit code."""
-    started, finished = stream.started, time.time()
-    summary = stream.tally.summary(config=resolved, started=started, finished=finished, versions=_versions())
-    # Rendered before results.lock is taken (its thumbnails are many reads): the lock is held
-    # only for the writes, so the results table, summary and report are one run's.
-    html = report.render_report(out, stream.first_records(), title=f"InGAN retargeting: {manifest_uri}",
-                                max_items=cfg.report_max_items, counts=stream.tally)
+            manifest_uri: str, writer: shards.ShardWriter | None) -> int:
+    """Commit the last shard, write the results, summary and report; log what happened; the exit code."""
+    shard_stats = None
+    if writer is not None:
+        writer.flush()
+        shard_stats = writer.stats.as_dict()
     unwritten: list[str] = []
 
-    def beside() -> None:
+    def beside(table: pq.ParquetFile) -> None:
+        # The summary and report describe the table written with them, every run's rows in it.
+        told = describe(table, cfg.report_max_items)
+        begun = min([stream.started, *(r["started"] for r in told.runs if r["started"])])
+        summary = told.tally.summary(config=resolved, started=begun, finished=time.time(), versions=_versions(),
+                                     runs=told.runs, shards=shard_stats)
         try:
             write_summary(out, summary)
-            out.write_text(layout.REPORT_NAME, html)
+            out.write_text(layout.REPORT_NAME, report.render_report(
+                out, report.stored_records(out, told.first), title=f"InGAN retargeting: {manifest_uri}",
+                max_items=cfg.report_max_items, counts=told.tally, runs=told.runs))
         except StorageError as exc:
             unwritten.append(str(exc))
 
@@ -295,21 +334,33 @@ def _finish(cfg: RunConfig, out: Folder, stream: ResultStream, overlapped: froze
         done = stream.finish(overlapped, cfg.lock_wait_s, cfg.stale_after_s, beside)
     except StorageError as exc:
         # The per-image outputs are safe under their markers; keep the rows not yet written too.
-        results_uri = Folder(os.path.abspath(".")).write_bytes(f"ingan-results-{int(finished)}.parquet",
+        results_uri = Folder(os.path.abspath(".")).write_bytes(f"ingan-results-{int(time.time())}.parquet",
                                                                 stream.unwritten_bytes())
         _log(f"error: cannot write results to {out.uri('')}: {exc}\nrows written so far: "
              f"{out.uri(stream.parts_dir)}; the others kept locally: {results_uri}")
         return 1
     counts = stream.tally.status_counts()
-    _log(f"done in {hms(finished - started)}: ok={counts['ok']} skipped={counts['skipped']} failed={counts['failed']}")
+    _log(f"done in {hms(time.time() - stream.started)}: ok={counts['ok']} skipped={counts['skipped']} "
+         f"failed={counts['failed']}")
     _log_results(done, stream, cfg, out)
+    if writer is not None:
+        _log_shards(writer.stats)
     for problem in unwritten:
         _log(f"error: cannot write the summary or report: {problem}")
     for rec in stream.failures:
         _log(f"  failed {rec['id']}: [{rec['error_kind']}] {rec['error']}")
     if counts["failed"] > len(stream.failures):
         _log(f"  ... and {counts['failed'] - len(stream.failures)} more failures in {layout.RESULTS_NAME}")
-    return 0 if counts["failed"] == 0 and not done.aside and not done.missing and not unwritten else 1
+    troubles = done.aside or done.missing or unwritten or (writer is not None and writer.stats.errors)
+    return 0 if counts["failed"] == 0 and not troubles else 1
+
+
+def _log_shards(stats: shards.ShardStats) -> None:
+    _log(f"shards: {stats.samples} samples in {stats.shards} new shards of night {stats.night} "
+         f"({stats.duplicates} the night held already); the night: {stats.night_samples} samples in "
+         f"{stats.night_shards} shards, index {stats.index}")
+    for problem in stats.errors:
+        _log(f"error: shards not committed: {problem}; rerun the same night to add their samples")
 
 
 def _log_results(done: Finished, stream: ResultStream, cfg: RunConfig, out: Folder) -> None:
@@ -331,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         return run(cfg, args.manifest, args.dry_run)
-    except (ConfigError, ManifestError) as exc:
+    except (ConfigError, ManifestError, shards.ShardError) as exc:
         _log(f"error: {exc}")
         return 2
     except (StorageError, FileNotFoundError, PermissionError) as exc:

@@ -31,6 +31,9 @@ class Item:
     id: str
     uri: str | None
     carried: dict[str, Any]
+    # The keys of this image's samples already in the night's shard index (pipeline.shards): a
+    # rerun of the night remakes the samples a killed run made but never got into a shard.
+    shard_done: frozenset[str] = frozenset()
 
 
 def item_seed(run_seed: int, item_id: str, *more: object) -> int:
@@ -71,6 +74,11 @@ class Output(TypedDict, total=False):
     resize_coherence: float | None
     resize_swd: float | None
     beats_resize: bool | None
+    # The output's sample in the shards (its WebDataset key) and the night whose shards it went
+    # to: null where it is in none (shards off, or left out by keep: verdict; the night is still
+    # set then, for the night the output was made in).
+    shard_key: str | None
+    shard_night: str | None
 
 
 class Record(TypedDict):
@@ -88,6 +96,7 @@ class Record(TypedDict):
     source_height: int | None
     source_rel: str | None  # not stored
     carried: dict[str, Any]  # stored as the manifest's own columns, beside these
+    samples: list[Any]  # not stored: the outputs as shard samples (pipeline.shards.Sample), for the driver
 
 
 _ARROW_TYPES: dict[Any, pa.DataType] = {int: pa.int32(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
@@ -107,7 +116,8 @@ def _stored_fields(typed: type, unstored: set[str], nested: dict[Any, pa.DataTyp
 
 # The table's schema follows the TypedDicts above: a stored field is declared there alone.
 OUTPUT_TYPE = pa.struct(_stored_fields(Output, {"rel", "mask_rel"}))
-RESULT_SCHEMA_BASE = pa.schema(_stored_fields(Record, {"source_rel", "carried"}, {list[Output]: pa.list_(OUTPUT_TYPE)}))
+RESULT_SCHEMA_BASE = pa.schema(_stored_fields(Record, {"source_rel", "carried", "samples"},
+                                              {list[Output]: pa.list_(OUTPUT_TYPE)}))
 
 
 def _record(item: Item, status: str, started: float | None, **fields: Any) -> Record:
@@ -115,7 +125,7 @@ def _record(item: Item, status: str, started: float | None, **fields: Any) -> Re
         "id": item.id, "uri": item.uri, "status": status, "error": None, "error_kind": None,
         "outputs": [], "source_rel": None, "source_width": None, "source_height": None,
         "model_uri": None, "train_seconds": None, "total_seconds": None, "attempts": 1,
-        "carried": item.carried,
+        "carried": item.carried, "samples": [],
     }
     rec.update(fields)  # type: ignore[typeddict-item]
     if started is not None:
@@ -124,10 +134,10 @@ def _record(item: Item, status: str, started: float | None, **fields: Any) -> Re
 
 
 def ok(item: Item, started: float, *, outputs: list[Output], source_rel: str, source_width: int,
-       source_height: int, model_uri: str, train_seconds: float | None) -> Record:
+       source_height: int, model_uri: str, train_seconds: float | None, samples: list[Any]) -> Record:
     """The image is done in this run (``train_seconds`` None: its saved model was reused)."""
     return _record(item, "ok", started, outputs=outputs, source_rel=source_rel, source_width=source_width,
-                   source_height=source_height, model_uri=model_uri, train_seconds=train_seconds)
+                   source_height=source_height, model_uri=model_uri, train_seconds=train_seconds, samples=samples)
 
 
 def skipped(item: Item, started: float, *, outputs: list[Output], source_rel: str | None,
@@ -171,6 +181,18 @@ def _base_column(records: Sequence[Mapping[str, Any]], field: pa.Field) -> pa.Ar
 def _output_row(output: Mapping[str, Any]) -> dict[str, Any]:
     # Only the struct's fields: "rel" and anything else in the dict stay out of the table.
     return {name: output.get(name) for name in OUTPUT_TYPE.names}
+
+
+def records_of(table: pa.Table | pa.RecordBatch) -> list[dict[str, Any]]:
+    """The rows of a stored results table as records again (the manifest's columns under
+    ``carried``), for what describes a table: the summary's tally and the report."""
+    base = set(RESULT_SCHEMA_BASE.names)
+    out = []
+    for row in table.to_pylist():
+        rec = {k: v for k, v in row.items() if k in base}
+        rec["carried"] = {k: v for k, v in row.items() if k not in base}
+        out.append(rec)
+    return out
 
 
 def _carried_column(records: Sequence[Mapping[str, Any]], field: pa.Field) -> pa.Array:

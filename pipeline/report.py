@@ -19,7 +19,7 @@ from PIL import Image
 
 from ingan import images
 from ingan.retarget import retarget_mask
-from pipeline.layout import REPORT_NAME, RESULTS_NAME
+from pipeline.layout import REPORT_NAME, RESULTS_NAME, source_preview_beside
 from pipeline.storage import Folder
 from pipeline.summary import Tally, tally
 
@@ -70,6 +70,7 @@ figcaption { font-size: 11px; color: #59636e; text-align: center; max-width: 200
 .placeholder { display: flex; align-items: center; justify-content: center; text-align: center;
                background: #eaeef2; color: #59636e; font-size: 11px; padding: 4px; }
 .more { color: #59636e; font-style: italic; }
+.runs { margin: 8px 0 0; padding-left: 18px; font-size: 12px; color: #59636e; }
 .pair { display: flex; gap: 4px; align-items: flex-end; padding: 4px; border-radius: 6px; }
 .pair.wins { background: #dafbe1; } .pair.loses { background: #eaeef2; }
 .verdict { font-weight: 600; font-size: 11px; }
@@ -85,9 +86,11 @@ def render_report(
     max_items: int = 200,
     thumb_px: int = 160,
     counts: Tally | None = None,
+    runs: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     """A self-contained HTML contact sheet of the first ``max_items`` records, in manifest order.
-    ``counts``: the whole run's, when ``records`` holds only the first ones."""
+    ``counts``: the whole table's, when ``records`` holds only the first ones; ``runs``: the runs
+    whose rows the table holds (``results.describe``), each with its rows' statuses."""
     shown = records[:max_items]
     counts = counts or tally(records)
     thumbs = _thumbnails(folder, _image_rels(shown), thumb_px)
@@ -103,7 +106,7 @@ def render_report(
         '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-        f"<header><h1>{_esc(title)}</h1>{_summary_bar(counts, len(shown))}</header>\n"
+        f"<header><h1>{_esc(title)}</h1>{_summary_bar(counts, len(shown))}{_runs_html(runs)}</header>\n"
         "<main>\n" + "\n".join(rows) + "\n</main>\n</body>\n</html>\n"
     )
 
@@ -140,6 +143,31 @@ def _summary_bar(counts: Tally, shown: int) -> str:
     if shown < counts.total:
         pills.append(f'<span class="pill">showing first {shown}</span>')
     return f'<div class="bar">{"".join(pills)}</div>'
+
+
+def _runs_html(runs: Sequence[Mapping[str, Any]]) -> str:
+    """Which run wrote which rows, where the table holds more than one run's."""
+    if len(runs) < 2:
+        return ""
+    lines = "".join(
+        f"<li><code>{_esc(r['run'])}</code>: {r['rows']} rows ("
+        + ", ".join(f"{_esc(s)} {n}" for s, n in r["status_counts"].items() if n) + ")"
+        + (f", {_esc(r['started_utc'])} to {_esc(r['finished_utc'])}" if r.get("started_utc") else "") + "</li>"
+        for r in runs)
+    return f'<ul class="runs">{lines}</ul>'
+
+
+def stored_records(folder: Folder, records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Records read back from a results table, with the paths the contact sheet reads its images
+    from (the table keeps URIs, not paths): each output's and mask's from its URI, the source
+    preview's from beside the row's model."""
+    out = []
+    for r in records:
+        model_rel = folder.rel_of(r.get("model_uri"))
+        outputs = [{**o, "rel": folder.rel_of(o.get("uri")), "mask_rel": folder.rel_of(o.get("mask_uri"))}
+                   for o in r.get("outputs") or []]
+        out.append({**r, "outputs": outputs, "source_rel": source_preview_beside(model_rel) if model_rel else None})
+    return out
 
 
 def _image_rels(records: Iterable[Mapping[str, Any]]) -> dict[str, str | None]:
@@ -294,7 +322,8 @@ def _output_figure(
     caption += [f"{m} {_fmt_metric(output[m])}" for m in _METRICS if output.get(m) is not None]
     shaped = " shaped" if shifts is not None else ""
     figure = _figure(
-        output.get("rel"), thumbs, thumb_px, " · ".join(caption), "output" + shaped, output.get("uri")
+        output.get("rel"), thumbs, thumb_px, " · ".join(caption), "output" + shaped, output.get("uri"),
+        missing="in the shards only" if output.get("shard_key") else "no image",
     )
     verdict = output.get("beats_resize")
     if verdict is None or not source_rel:
@@ -315,12 +344,13 @@ def _figure(
     caption: str,
     css_class: str,
     tooltip: str | None = None,
+    missing: str = "no image",
 ) -> str:
     src = thumbs.get(rel) if rel else None
     if src:
         picture = f'<img src="{src}" alt="{_esc(caption)}">'
     else:
-        reason = "image unavailable" if rel else "no image"
+        reason = "image unavailable" if rel else missing
         picture = (
             f'<div class="placeholder" style="width:{thumb_px}px;height:{thumb_px // 2}px">'
             f"{reason}</div>"

@@ -4,11 +4,12 @@ manifest's length, and beside the rows of other runs writing into the same outpu
 Records arrive in completion order. Each goes into a small buffer that is written as one Parquet
 part under ``results.parts/{run_id}/`` every ``flush_rows`` records or ``flush_s`` seconds, so a
 killed driver leaves its finished rows on storage (``pyarrow.parquet.read_table`` opens the folder
-as one table). Beside the buffer only the run's ``Tally`` and the first ``keep`` records in
-manifest order (the report's contact sheet) stay in memory. ``finish`` puts this run's parts
-together in manifest order and, under ``results.lock``, writes them as ``results.parquet`` with
-the rows the current one holds of runs that overlapped this one (shards of one batch, written
-into one output at once), then removes this run's parts, and only these.
+as one table). Beside the buffer only the run's ``Tally`` stays in memory. ``finish`` puts this
+run's parts together in manifest order and, under ``results.lock``, writes them as
+``results.parquet`` with the rows the current one holds of runs that overlapped this one (shards
+of one batch, written into one output at once), hands that table to what describes it (summary,
+report: ``describe`` reads it back a batch at a time), then removes this run's parts, and only
+these.
 
 Which run wrote which rows is in the table's key-value metadata (``RUNS_KEY``), not in a column:
 a list of segments, one per run in row order, with its row count, start and finish. A run's own
@@ -33,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import layout, runs
-from .records import results_table
+from .records import records_of, results_table
 from .storage import Folder, StorageError
 from .summary import Tally
 
@@ -70,19 +71,17 @@ class MergeError(Exception):
 
 class ResultStream:
     def __init__(self, folder: Folder, carried_schema: pa.Schema | None, *, run_id: str | None = None,
-                 started: float | None = None, keep: int = 200, flush_rows: int = 256,
-                 flush_s: float = 10.0) -> None:
+                 started: float | None = None, flush_rows: int = 256, flush_s: float = 10.0) -> None:
         self.folder, self.carried_schema = folder, carried_schema
         # Parts under the run's own id: another run in the same output never lists, merges or
         # removes them (a dead run's are removed by the next run to start: runs.remove_dead).
         self.run_id = run_id or runs.new_run_id()
         self.started = time.time() if started is None else started
         self.parts_dir = layout.run_parts_dir(self.run_id)
-        self.keep, self.flush_rows, self.flush_s = keep, flush_rows, flush_s
+        self.flush_rows, self.flush_s = flush_rows, flush_s
         self.tally = Tally()
         self.failures: list[Mapping[str, Any]] = []  # the first few, for the log
         self._buffer: list[tuple[int, Mapping[str, Any]]] = []
-        self._first: list[tuple[int, int, Mapping[str, Any]]] = []  # heap of (-index, seq, record)
         self._parts = 0
         self._last_flush = time.monotonic()
 
@@ -90,12 +89,6 @@ class ResultStream:
         self.tally.add(rec)
         if rec.get("status") == "failed" and len(self.failures) < 20:
             self.failures.append(rec)
-        if self.keep > 0:
-            entry = (-index, self.tally.total, rec)
-            if len(self._first) < self.keep:
-                heapq.heappush(self._first, entry)
-            elif index < -self._first[0][0]:
-                heapq.heapreplace(self._first, entry)
         self._buffer.append((index, rec))
         if len(self._buffer) >= self.flush_rows or time.monotonic() - self._last_flush >= self.flush_s:
             self.flush()
@@ -111,16 +104,13 @@ class ResultStream:
             self._parts += 1
             self._buffer.clear()
 
-    def first_records(self) -> list[Mapping[str, Any]]:
-        """The first ``keep`` records in manifest order."""
-        return [rec for _, _, rec in sorted(self._first, key=lambda e: -e[0])]
-
     def finish(self, overlapped: Collection[str] = (), lock_wait_s: float = 60.0, stale_after_s: float = 600.0,
-               beside: Callable[[], object] | None = None) -> Finished:
+               beside: Callable[[pq.ParquetFile], object] | None = None) -> Finished:
         """Write this run's rows (manifest order) into ``results.parquet``, with the rows it holds
         of runs that overlapped this one (``overlapped``: the runs seen live; and any that
-        finished after this one started), then call ``beside`` (summary, report) under the same
-        lock, and remove this run's parts. Raises ``StorageError`` when storage fails, leaving
+        finished after this one started), then call ``beside`` with that table (summary, report)
+        under the same lock, so what describes the table is the table's, and remove this run's
+        parts. Raises ``StorageError`` when storage fails, leaving
         the parts in place. Where the lock stays taken for ``lock_wait_s``, or the current table
         cannot take these rows, they go to ``results.{run_id}.parquet`` and the rest is left as
         it is (``Finished.aside`` says why)."""
@@ -135,7 +125,7 @@ class ResultStream:
                 return self._aside(own, mine, missing, f"{layout.RESULTS_NAME} cannot take them: {exc}")
             uri = self.folder.write_bytes(layout.RESULTS_NAME, data)
             if beside is not None:
-                beside()
+                beside(pq.ParquetFile(pa.BufferReader(data)))
         self._remove_parts()
         return Finished(uri, mine.rows, kept, missing)
 
@@ -229,6 +219,37 @@ def segments(f: pq.ParquetFile) -> list[Segment]:
         return []
     ok = all(s.rows >= 0 for s in found) and sum(s.rows for s in found) == f.metadata.num_rows
     return found if ok else []
+
+
+@dataclass(frozen=True)
+class Described:
+    """A results table as its summary and report tell it: every row's tally, each run's rows."""
+
+    tally: Tally
+    runs: list[dict[str, Any]]  # per run, in row order: its id, rows, start, finish and status counts
+    first: list[dict[str, Any]]  # the first rows, as records (the report's contact sheet)
+
+
+def describe(f: pq.ParquetFile, first: int) -> Described:
+    """Tally every row of a results table, a batch at a time, and each of its runs' rows apart."""
+    found = segments(f) or [Segment("unknown", f.metadata.num_rows, 0.0, 0.0)]
+    tally, per_run, head = Tally(), [Tally() for _ in found], []
+    ends = [sum(s.rows for s in found[:k + 1]) for k in range(len(found))]
+    row, k = 0, 0
+    for batch in f.iter_batches(batch_size=_MERGE_ROWS):
+        for rec in records_of(batch):
+            while k < len(ends) - 1 and row >= ends[k]:
+                k += 1
+            tally.add(rec)
+            per_run[k].add(rec)
+            if len(head) < first:
+                head.append(rec)
+            row += 1
+    told = [{"run": s.run, "rows": s.rows, "started": s.started, "finished": s.finished,
+             "started_utc": runs.utc_text(s.started) if s.started else None,
+             "finished_utc": runs.utc_text(s.finished) if s.finished else None,
+             "status_counts": t.status_counts()} for s, t in zip(found, per_run, strict=True)]
+    return Described(tally, told, head)
 
 
 def overlapping(found: list[Segment], mine: Segment, seen: Collection[str]) -> set[int]:

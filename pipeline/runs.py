@@ -1,4 +1,4 @@
-"""Runs that share an output folder: run ids, heartbeats, dead runs' leftovers and the results lock.
+"""Runs that share an output folder: run ids, heartbeats, dead runs' leftovers and locks.
 
 Two runs may write into one output at once (shards of a manifest, or the same command started
 twice). Each has an id and keeps its rows under ``results.parts/{run_id}/``; while it lives it
@@ -38,7 +38,7 @@ def new_run_id(started: float | None = None) -> str:
     return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(started))}-{host}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _utc(t: float) -> str:
+def utc_text(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
 
 
@@ -87,7 +87,7 @@ class Heartbeat:
                  started: float) -> None:
         self.folder, self.run_id, self.every_s, self.stale_after_s = folder, run_id, every_s, stale_after_s
         self._fields = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "started": started,
-                        "started_utc": _utc(started), "manifest": manifest}
+                        "started_utc": utc_text(started), "manifest": manifest}
         self._seen: set[str] = set()
         self._guard = threading.Lock()
         self._stop = threading.Event()
@@ -117,7 +117,7 @@ class Heartbeat:
     def _beat(self) -> None:
         now = time.time()
         self.folder.write_json(layout.heartbeat_path(self.run_id),
-                               {**self._fields, "heartbeat": now, "heartbeat_utc": _utc(now)})
+                               {**self._fields, "heartbeat": now, "heartbeat_utc": utc_text(now)})
 
     def _look(self) -> set[str]:
         live = set(live_runs(self.folder, self.stale_after_s)) - {self.run_id}
@@ -135,41 +135,47 @@ class Heartbeat:
 
 
 @contextlib.contextmanager
-def results_lock(folder: Folder, run_id: str, wait_s: float, stale_after_s: float,
-                 poll_s: float = 0.5) -> Iterator[bool]:
-    """Hold ``results.lock`` while the body runs: yields True, or False (holding nothing) when
-    another run held it for all of ``wait_s``. A lock older than ``stale_after_s`` is a crashed
-    holder's and is broken. The lock's age is the storage's own modification time: a local lock
-    can be caught between its create and its write, with nothing to read in it yet."""
-    mine = _take(folder, run_id, wait_s, stale_after_s, poll_s)
+def held(folder: Folder, rel: str, run_id: str, wait_s: float, stale_after_s: float,
+         poll_s: float = 0.5) -> Iterator[bool]:
+    """Hold the lock object ``rel`` while the body runs: yields True, or False (holding nothing)
+    when another run held it for all of ``wait_s``. A lock older than ``stale_after_s`` is a
+    crashed holder's and is broken: replaced by this run's only if it is still the version judged
+    stale (``Folder.replace_if``), so of two runs breaking it at once one takes it. The lock's age
+    is the storage's own modification time: a local lock can be caught between its create and its
+    write, with nothing to read in it yet."""
+    mine = _take(folder, rel, run_id, wait_s, stale_after_s, poll_s)
     try:
         yield mine is not None
     finally:
         # Only while it is still this run's: one held past stale_after_s may have been broken
         # and taken by another run since.
-        if mine is not None and folder.read_if_there(layout.RESULTS_LOCK) == mine:
+        if mine is not None and folder.read_if_there(rel) == mine:
             with contextlib.suppress(StorageError, OSError):
-                folder.remove(layout.RESULTS_LOCK)
+                folder.remove(rel)
 
 
-def _take(folder: Folder, run_id: str, wait_s: float, stale_after_s: float, poll_s: float) -> bytes | None:
+def results_lock(folder: Folder, run_id: str, wait_s: float, stale_after_s: float,
+                 poll_s: float = 0.5) -> contextlib.AbstractContextManager[bool]:
+    """``results.lock``: one finishing run at a time reads and replaces ``results.parquet``."""
+    return held(folder, layout.RESULTS_LOCK, run_id, wait_s, stale_after_s, poll_s)
+
+
+def _take(folder: Folder, rel: str, run_id: str, wait_s: float, stale_after_s: float,
+          poll_s: float) -> bytes | None:
     deadline = time.monotonic() + wait_s
     while True:
         now = time.time()
         mine = json.dumps({"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "taken": now,
-                           "taken_utc": _utc(now)}).encode()
-        if folder.create_exclusive(layout.RESULTS_LOCK, mine):
+                           "taken_utc": utc_text(now)}).encode()
+        if folder.create_exclusive(rel, mine):
             return mine
-        held = folder.read_if_there(layout.RESULTS_LOCK)
-        changed = folder.modified(layout.RESULTS_LOCK)
-        if held is None or changed is None:
+        seen = folder.stamp(rel)
+        if seen is None:
             continue  # released meanwhile: try again at once
-        if time.time() - changed > stale_after_s:
-            # Broken only if it is still the lock judged stale, not one taken since.
-            if folder.read_if_there(layout.RESULTS_LOCK) == held:
-                folder.remove(layout.RESULTS_LOCK)
-            continue
+        if time.time() - seen.modified > stale_after_s:
+            if folder.replace_if(rel, mine, seen):
+                return mine
+            continue  # another run broke it first, or it changed since: look again
         if time.monotonic() >= deadline:
             return None
         time.sleep(poll_s)
-

@@ -2,12 +2,14 @@
 
 Local paths, ``file://``, ``s3://`` (AWS or any S3-compatible endpoint) and ``memory://`` behave
 the same through it. How storage is reached (fsspec options, credentials included, and the retry
-policy) is one ``Storage`` value that every reader and writer takes. Two promises the rest of the
-pipeline builds on:
+policy) is one ``Storage`` value that every reader and writer takes. Three promises the rest of
+the pipeline builds on:
 
-* a write is whole or absent: bytes are buffered and sent in one put (S3) or written to a
-  temporary name and renamed (local), so a failure mid-write never leaves a partial object under
-  the final name;
+* a write is whole or absent: bytes are buffered and sent in one put (S3; over 100 MB, s3fs's
+  multipart upload, which no reader sees before it completes) or written to a temporary name and
+  renamed (local), so a failure mid-write never leaves a partial object under the final name;
+* a conditional write is one step: created only where nothing is (``create_exclusive``), or
+  replaced only if it is still the version seen (``replace_if``), so of racing callers one wins;
 * transient faults (connection resets, 5xx, throttling, time-outs) are retried with exponential
   backoff by one loop only (``with_retries``, under a ``RetryPolicy``): botocore and s3fs are set
   to a single attempt each, so a dead endpoint costs at most ``RetryPolicy.bound_s()`` per call
@@ -239,6 +241,11 @@ class Folder:
         protocol = scheme_of(self.base)
         return f"{protocol}://{path}"
 
+    def rel_of(self, uri: str | None) -> str | None:
+        """The path under this folder of a URI ``uri`` gave; None for anything else."""
+        root = self.uri("") + "/"
+        return uri[len(root):] if isinstance(uri, str) and uri.startswith(root) else None
+
     def sub(self, rel: str) -> Folder:
         return Folder(self.uri(rel), self.storage)
 
@@ -297,19 +304,29 @@ class Folder:
         it is still this caller's when it holds the same bytes."""
         path = self.path(rel)
 
-        def _create() -> bool:
+        def _create() -> None:
+            if not self.is_local:
+                self.fs.pipe_file(path, data, mode="create")
+                return
+            self.fs.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             try:
-                if self.is_local:
-                    self.fs.makedirs(os.path.dirname(path), exist_ok=True)
-                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                    try:
-                        with os.fdopen(fd, "wb") as f:
-                            f.write(data)
-                    except BaseException:
-                        os.unlink(path)  # created but not written (a full disk): nobody's
-                        raise
-                else:
-                    self.fs.pipe_file(path, data, mode="create")
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            except BaseException:
+                os.unlink(path)  # created but not written (a full disk): nobody's
+                raise
+
+        return self._put_if(rel, data, _create, "create")
+
+    def _put_if(self, rel: str, data: bytes, put: Callable[[], None], what: str) -> bool:
+        """``put``, a conditional write of ``data`` under ``rel``, under the retry policy: True when
+        it applied, False when its condition refused it (``FileExistsError``, or S3's 412 or 409).
+        A try whose answer was lost applied all the same: the object then holds ``data``."""
+
+        def _try() -> bool:
+            try:
+                put()
             except FileExistsError:
                 return False
             except OSError as exc:
@@ -318,26 +335,66 @@ class Folder:
                 raise
             return True
 
-        if self._retry(_create, "create", rel):
+        if self._retry(_try, what, rel):
             return True
         try:
             return self.read_bytes(rel) == data
         except FileNotFoundError:  # removed since: the caller may try again
             return False
 
-    def modified(self, rel: str) -> float | None:
-        """When ``rel`` was last written, in seconds since the epoch by the storage's clock (the
-        object's LastModified on S3, the file's mtime locally); None when there is nothing."""
+    def stamp(self, rel: str) -> Stamp | None:
+        """When ``rel`` was last written (by the storage's clock: the object's LastModified on S3,
+        the file's mtime locally) and which version of it that is; None when there is nothing."""
         path = self.path(rel)
 
-        def _mtime() -> float | None:
+        def _stat() -> Stamp | None:
             self.fs.invalidate_cache(path)  # a cached listing would answer for an object long gone
             try:
-                return self.fs.modified(path).timestamp()
+                if self.is_local:
+                    st = os.stat(path)
+                    return Stamp(st.st_mtime, f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}")
+                info = self.fs.info(path)
             except FileNotFoundError:
                 return None
+            return Stamp(info["LastModified"].timestamp(), str(info.get("ETag") or ""))
 
-        return self._retry(_mtime, "stat", rel)
+        return self._retry(_stat, "stat", rel)
+
+    def modified(self, rel: str) -> float | None:
+        """When ``rel`` was last written, in seconds since the epoch; None when there is nothing."""
+        found = self.stamp(rel)
+        return None if found is None else found.modified
+
+    def replace_if(self, rel: str, data: bytes, seen: Stamp) -> bool:
+        """Write ``data`` under ``rel`` only if what is there is still the version ``seen``: True
+        when this call replaced it, False when it had changed or gone. Of callers racing to replace
+        one version, one at most gets True (breaking a stale lock). On S3 one put with
+        ``If-Match`` on the version's ETag; locally, under an advisory lock on the folder that
+        every caller of this method takes, the version is moved away by an atomic rename, checked,
+        and ``data`` created in its place with ``O_EXCL``."""
+        path = self.path(rel)
+
+        def _replace() -> None:
+            if self.is_local:
+                _replace_local(path, data, seen.version)
+                return
+            try:
+                self.fs.pipe_file(path, data, IfMatch=seen.version)
+            except FileNotFoundError as exc:  # gone: not the version seen either
+                raise FileExistsError(path) from exc
+
+        return self._put_if(rel, data, _replace, "replace")
+
+    def read_columns(self, rel: str, columns: list[str]) -> Any:
+        """Some columns of a Parquet object, reading only their byte ranges (a shard's keys
+        without its images): a ``pyarrow.Table``."""
+        import pyarrow.parquet as pq
+
+        def _read() -> Any:
+            with self.fs.open(self.path(rel), "rb") as f:
+                return pq.read_table(f, columns=columns)
+
+        return self._retry(_read, "read", rel)
 
     def write_text(self, rel: str, text: str) -> str:
         return self.write_bytes(rel, text.encode("utf-8"))
@@ -367,6 +424,47 @@ class Folder:
             return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
         return self._retry(_ls, "list", rel)
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """An object's last write: when (seconds since the epoch, the storage's clock) and which
+    version (the ETag on S3; inode, mtime and size locally)."""
+
+    modified: float
+    version: str
+
+
+def _replace_local(path: str, data: bytes, version: str) -> None:
+    """``Folder.replace_if`` on a local folder; ``FileExistsError`` where the version is no longer
+    there. The advisory lock (``flock`` on the folder, released
+    by the kernel if the process dies) makes the callers take turns, so two of them never both find
+    the version they saw still there. The version leaves under a name of this call's own (an atomic
+    rename) before its identity is checked: were it another by then (its holder released it and
+    another run created its own, which takes no turn), that one is linked back, never replaced."""
+    import fcntl
+
+    folder = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        aside = f"{path}.broken-{os.getpid()}-{random.getrandbits(32):08x}"
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError as exc:
+            raise FileExistsError(path) from exc
+        st = os.stat(aside)
+        if f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}" != version:
+            with contextlib.suppress(FileExistsError):  # a third run's, created in the instant: it stays
+                os.link(aside, path)
+            os.unlink(aside)
+            raise FileExistsError(path)
+        os.unlink(aside)
+        # Created meanwhile by a run that found no lock: FileExistsError, and that run holds it.
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    finally:
+        os.close(folder)  # releases the flock
 
 
 def _already_exists(exc: OSError) -> bool:

@@ -36,6 +36,9 @@ class Tally:
         self.shaped_outputs = 0  # non-rectangular (top corners shifted)
         self.variant_outputs = 0  # augmentation draws
         self.verdicts = {"beats_resize": 0, "loses_to_resize": 0, "unscored": 0}
+        # Outputs in the shards, and those made for a night's shards but left out (keep: verdict).
+        self.in_shards = 0
+        self.left_out_of_shards = 0
         self.total_seconds = array("d")
         self.train_seconds = array("d")
         self.stretches = array("d")  # each scored output's (ingan.metrics.stretch), where it has one
@@ -52,6 +55,8 @@ class Tally:
             self.variant_outputs += o.get("variant") is not None
             if o.get("stretch") is not None:
                 self.stretches.append(o["stretch"])
+            self.in_shards += o.get("shard_key") is not None
+            self.left_out_of_shards += o.get("shard_key") is None and o.get("shard_night") is not None
             verdict = o.get("beats_resize")
             self.verdicts["unscored" if verdict is None else "beats_resize" if verdict else "loses_to_resize"] += 1
         for name in ("total_seconds", "train_seconds"):
@@ -65,17 +70,23 @@ class Tally:
         return {**known, **{str(s): n for s, n in counts.items()}}
 
     def summary(self, *, config: Mapping[str, Any], started: float, finished: float,
-                versions: Mapping[str, str]) -> dict[str, Any]:
+                versions: Mapping[str, str], runs: Sequence[Mapping[str, Any]] = (),
+                shards: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """``runs``: the runs whose rows these are (each its rows and their statuses), when the
+        tally is a merged table's; ``shards``: what this run did to its night's shards."""
         counts = self.status_counts()
         wall = finished - started
         return {
             "total": self.total,
+            "runs": [dict(r) for r in runs],
             "status_counts": counts,
             "error_kinds": dict(sorted(self.error_kinds.items())),
             "outputs_written": self.outputs_written,
             "shaped_outputs": self.shaped_outputs,
             "variant_outputs": self.variant_outputs,
             "verdicts": dict(self.verdicts),
+            "shards": None if shards is None else {"outputs_in_shards": self.in_shards,
+                                                   "outputs_left_out": self.left_out_of_shards, **shards},
             # 0: objects kept at their own size, 1: stretched as a resize stretches them.
             "stretch": {"outputs": len(self.stretches),
                         "mean": sum(self.stretches) / len(self.stretches) if self.stretches else None,

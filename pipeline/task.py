@@ -27,7 +27,7 @@ from ingan.progress import Progress
 from ingan.retarget import EncodedOutput, Shifts, encode_output, retarget_image
 from ingan.train import pick_device
 
-from . import layout, records
+from . import layout, records, shards
 from .config import RunConfig
 from .records import Item, Record
 from .storage import Folder, StorageError, UnsupportedURIError, check_uri, read_uri
@@ -47,11 +47,16 @@ class Job:
     model: ModelConfig
     train: TrainConfig  # the run's settings; each image trains with its own seed
     targets: tuple[Target, ...]  # the configured targets, the same for every image
+    night: str | None = None  # the night whose shards this run's outputs go to; None: shards off
 
     @classmethod
-    def of(cls, cfg: RunConfig, preset: str) -> Job:
+    def of(cls, cfg: RunConfig, preset: str, night: str | None = None) -> Job:
         model, train = cfg.model_settings(preset)
-        return cls(cfg, preset, cfg.model_tag(preset), model, train, tuple(targets_of(cfg)))
+        return cls(cfg, preset, cfg.model_tag(preset), model, train, tuple(targets_of(cfg)), night)
+
+    def targets_for(self, item_id: str) -> list[Target]:
+        """The image's targets: the configured ones, then its augmentation variants."""
+        return [*self.targets, *(variants(self.cfg, item_id) if self.cfg.augment else [])]
 
 
 class ItemError(Exception):
@@ -158,10 +163,14 @@ class _Prepared:
 def _prepare(item: Item, job: Job, folder: Folder, started: float) -> _Prepared | Record:
     """The first stage: what the image needs from storage; a record where it was done before."""
     cfg = job.cfg
-    targets = [*job.targets, *(variants(cfg, item.id) if cfg.augment else [])]
+    targets = job.targets_for(item.id)
+    names = {t.name for t in targets}
     marker_rel = layout.marker_path(item.id, job.tag)
     done = _read_marker(folder, marker_rel) if cfg.resume == "incremental" else None
-    if done is not None and {t.name for t in targets} <= set(done["targets"]):
+    # Done before, unless a run of this night made samples of it that never reached a shard: the
+    # image is retargeted again (its saved model reused) to make them.
+    if done is not None and names <= set(done["targets"]) \
+            and not shards.pending(done["outputs"], names, job.night, item.shard_done):
         return _skipped(item, folder, done, targets, started)
 
     data = read_uri(check_uri(item.uri, cfg.allowed_schemes), folder.storage, max_bytes=cfg.max_image_bytes)
@@ -233,21 +242,26 @@ def _finish(prep: _Prepared, job: Job, fitted: Fit | None, deadline: Deadline, s
     written = {key: _write_output(folder, item, job, key, enc) for key, enc in made.encoded.items()}
     outputs = [{**written[shapes[t.name]], **made.scores.get(shapes[t.name], records.UNSCORED), "ratio": t.ratio,
                 "target": t.name, "variant": t.variant, "scale": t.scale} for t in targets]
+    # What earlier runs made with this same saved model (a model trained now makes it stale), by target.
+    before = {o["target"]: o for o in (done or {}).get("outputs", []) if train_seconds is None and isinstance(o, dict)
+              and isinstance(o.get("target"), str)}
+    added = shards.mark(outputs, before, item, job.tag, job.night, job.cfg.keep)
+    samples = [shards.sample(item, job.tag, outputs[k], made.encoded[shapes[targets[k].name]]) for k in added]
     preview_rel = layout.source_preview_path(item.id, job.tag)
     folder.write_bytes(preview_rel, made.preview)
     folder.write_json(layout.metrics_path(item.id, job.tag), {"id": item.id, "outputs": outputs})
     # Outputs that earlier runs made with this same saved model stay listed (their files are
     # still there), so a rerun of any earlier night's targets is skipped, not retargeted again.
     # A model trained now (none saved, or a damaged one) makes them stale: they are dropped.
-    earlier = [o for o in (done or {}).get("outputs", []) if train_seconds is None and isinstance(o, dict)
-               and isinstance(o.get("target"), str) and o["target"] not in shapes]
+    earlier = [o for target, o in before.items() if target not in shapes]
     marker = {"version": MARKER_VERSION, "id": item.id, "uri": item.uri,
               "targets": sorted({*shapes, *(o["target"] for o in earlier)}),
               "outputs": outputs + earlier, "source_width": src_w, "source_height": src_h,
               "model_rel": model_rel, "source_rel": preview_rel}
     folder.write_json(marker_rel, marker)  # last: its presence means everything above exists
     return records.ok(item, started, outputs=outputs, source_rel=preview_rel, source_width=src_w,
-                      source_height=src_h, model_uri=folder.uri(model_rel), train_seconds=train_seconds)
+                      source_height=src_h, model_uri=folder.uri(model_rel), train_seconds=train_seconds,
+                      samples=samples)
 
 
 def _read_if_there(folder: Folder, rel: str, missing_ok: bool = False) -> bytes | None:
@@ -298,13 +312,17 @@ def _outputs(ckpt: checkpoint.Checkpoint, source: torch.Tensor, keys: list[Outpu
 
 
 def _write_output(folder: Folder, item: Item, job: Job, key: OutputKey, enc: EncodedOutput) -> dict[str, Any]:
-    """Store one encoded output (and a JPEG's frame mask) and return its record fields."""
+    """Store one encoded output (and a JPEG's frame mask) and return its record fields; with files
+    off, only the fields (the output is in the shards alone)."""
     w, h, shifts = key
-    rel = layout.output_path(item.id, job.tag, w, h, enc.ext, shifts)
-    fields: dict[str, Any] = {"width": w, "height": h, "rel": rel, "uri": folder.write_bytes(rel, enc.data),
+    fields: dict[str, Any] = {"width": w, "height": h, "rel": None, "uri": None,
                               "shift_left": 0.0 if shifts is None else shifts[0],
                               "shift_right": 0.0 if shifts is None else shifts[1],
                               "mask_uri": None, "mask_rel": None}
+    if not job.cfg.files:
+        return fields
+    rel = layout.output_path(item.id, job.tag, w, h, enc.ext, shifts)
+    fields.update(rel=rel, uri=folder.write_bytes(rel, enc.data))
     if enc.mask is not None:
         mask_rel = layout.mask_path(item.id, job.tag, w, h, shifts)  # type: ignore[arg-type]
         fields.update(mask_rel=mask_rel, mask_uri=folder.write_bytes(mask_rel, enc.mask))

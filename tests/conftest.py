@@ -180,6 +180,18 @@ def s3_bucket(s3_client: Any) -> str:
     return name
 
 
+@pytest.fixture(params=["local", "s3"])
+def folder(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """An output folder (``pipeline.storage.Folder``) on local disk, or in a fresh bucket on the
+    moto server (modules with other backends define their own)."""
+    from pipeline.storage import Folder
+
+    if request.param == "local":
+        return Folder(str(tmp_path / "out"))
+    bucket = request.getfixturevalue("s3_bucket")
+    return Folder(f"s3://{bucket}/out", request.getfixturevalue("s3_storage"))
+
+
 @pytest.fixture
 def example_images(tmp_path: Path) -> list[Path]:
     """A few real RGB photos shrunk to ``EXAMPLE_SIZE`` px on the short side, in their own formats.

@@ -102,7 +102,7 @@ def output(rel: str, width: int, height: int, **fields: Any) -> dict[str, Any]:
 
     return {"width": width, "height": height, "ratio": width / height, "uri": f"/out/{rel}", "rel": rel,
             "target": f"size:{width}x{height}", "shift_left": 0.0, "shift_right": 0.0, "mask_uri": None,
-            "variant": None, "scale": None, **UNSCORED, **fields}
+            "variant": None, "scale": None, "shard_key": None, "shard_night": None, **UNSCORED, **fields}
 
 
 def record(id_: str, status: str = "ok", **overrides: object) -> dict[str, Any]:
@@ -201,3 +201,29 @@ def wait_for(ready: Callable[[], Any], what: str, timeout: float = 180, every: f
 
 def session_members(sid: int) -> list[tuple[int, str]]:
     return [(pid, cmd) for pid, session, cmd in processes() if session == sid]
+
+
+def released_together(commands: list[list[str]], ready: Path, go: Path, what: str, timeout: float = 300) -> list[Any]:
+    """Start ``python COMMAND`` for each command, from the repository root; once each has created
+    its file in the folder ``ready``, create the file ``go`` (each waits for it, so they race from
+    one moment), and wait for them all to end. Returns the ended processes (their stderr piped);
+    any still running when something fails is killed."""
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, *c], cwd=REPO, stderr=subprocess.PIPE) for c in commands]
+    try:
+        def all_ready() -> bool:
+            assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs if p.poll() is not None]
+            return len(list(ready.iterdir())) == len(procs)
+
+        wait_for(all_ready, what)
+        go.touch()
+        for p in procs:
+            p.wait(timeout=timeout)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return procs

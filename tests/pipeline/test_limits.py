@@ -195,16 +195,16 @@ def test_timeout_gives_a_timeout_record_quickly(tmp_path: Path, single_thread: N
 def _fake_train(monkeypatch: pytest.MonkeyPatch, failures: int, exc: BaseException) -> list[Any]:
     """Patch the training under ``ingan.fit.fit`` to raise ``exc`` on its first ``failures`` calls
     and train for real after that; returns the list of train configs it was called with."""
-    real = fit_module._fit
+    real = fit_module._fit_groups
     calls: list[Any] = []
 
-    def fake(images: Any, train_cfgs: Any, *args: Any) -> Any:
-        calls.extend(train_cfgs)
+    def fake(members: Any, job: Any) -> Any:
+        calls.extend(m.cfg for m in members)
         if len(calls) <= failures:
             raise exc
-        return real(images, train_cfgs, *args)
+        return real(members, job)
 
-    monkeypatch.setattr(fit_module, "_fit", fake)
+    monkeypatch.setattr(fit_module, "_fit_groups", fake)
     return calls
 
 

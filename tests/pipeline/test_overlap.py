@@ -41,7 +41,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from support import Source, parquet_bytes, photo_sources, run_main, session_members, wait_for
+from support import (
+    Source,
+    parquet_bytes,
+    photo_sources,
+    released_together,
+    run_main,
+    session_members,
+    wait_for,
+)
 
 from ingan import checkpoint
 from ingan.retarget import retarget_image
@@ -426,23 +434,10 @@ def test_the_lock_admits_one_process_at_a_time(where: str, tmp_path: Path, reque
     log.touch()
     ready.mkdir()
     names = [f"p{i}" for i in range(CONTENDERS)]
-    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "lock_contender.py"), base, json.dumps(options),
-                               str(log), str(ready), str(go), name, str(ROUNDS)],
-                              cwd=REPO, stderr=subprocess.PIPE) for name in names]
-    try:
-        def all_ready() -> bool:
-            assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs if p.poll() is not None]
-            return len(list(ready.iterdir())) == CONTENDERS
-
-        wait_for(all_ready, "every contender ready")
-        go.touch()
-        codes = [p.wait(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert codes == [0] * CONTENDERS, [p.stderr.read() for p in procs]
+    procs = released_together([[str(REPO / "tests" / "lock_contender.py"), base, json.dumps(options), str(log),
+                                 str(ready), str(go), name, str(ROUNDS)] for name in names], ready, go,
+                              "every contender ready")
+    assert [p.returncode for p in procs] == [0] * CONTENDERS, [p.stderr.read() for p in procs]
 
     lines = log.read_text().splitlines()
     held = [line for line in lines if not line.startswith("wait ")]

@@ -4,6 +4,7 @@ leave, and the results lock, on local folders and on the S3 server (moto on loop
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -11,19 +12,11 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+from support import REPO, released_together, wait_for
 
 from pipeline import layout, runs
 from pipeline.config import ConfigError, load_config
 from pipeline.storage import Folder
-
-
-@pytest.fixture(params=["local", "s3"])
-def folder(request: pytest.FixtureRequest, tmp_path: Path) -> Folder:
-    """An output folder on local disk, or in a fresh bucket on the moto server."""
-    if request.param == "local":
-        return Folder(str(tmp_path / "out"))
-    bucket = request.getfixturevalue("s3_bucket")
-    return Folder(f"s3://{bucket}/out", request.getfixturevalue("s3_storage"))
 
 
 def _beat(folder: Folder, run_id: str, age_s: float) -> None:
@@ -168,3 +161,30 @@ def test_a_lock_taken_from_this_run_is_not_removed_by_it(tmp_path: Path) -> None
         assert folder.create_exclusive(layout.RESULTS_LOCK, b"theirs")
     assert folder.read_bytes(layout.RESULTS_LOCK) == b"theirs"
 
+
+
+def test_two_processes_breaking_one_stale_lock_leave_one_holder(folder: Folder, tmp_path: Path) -> None:
+    """Two processes (``tests/stale_lock_breaker.py``) find the same crashed holder's lock stale and
+    break it at the same instant: each, having judged it stale and about to break it, waits until
+    both are. One takes the lock and holds it a second; the other is refused. (Breaking by a read
+    and a remove, as before, let two runs that had both read the stale lock both remove it, the
+    second removing the lock the first had taken meanwhile.)"""
+    from stale_lock_breaker import STALE_AFTER_S
+
+    folder.write_bytes(layout.RESULTS_LOCK, b'{"run_id": "crashed"}')
+    if folder.is_local:
+        past = time.time() - 60
+        os.utime(folder.path(layout.RESULTS_LOCK), (past, past))
+    wait_for(lambda: time.time() - folder.modified(layout.RESULTS_LOCK) > STALE_AFTER_S + 0.5, "a stale lock")
+    log, ready, go = tmp_path / "holders.log", tmp_path / "ready", tmp_path / "go"
+    ready.mkdir()
+    procs = released_together([[str(REPO / "tests" / "stale_lock_breaker.py"), folder.base,
+                                 json.dumps(folder.storage.options), str(log),
+                                 str(ready), str(go), name] for name in ("a", "b")], ready, go,
+                              "both processes about to break the stale lock", timeout=120)
+    assert [p.returncode for p in procs] == [0, 0], [p.stderr.read() for p in procs]
+    lines = log.read_text().splitlines()
+    (winner,) = [line.split()[1] for line in lines if line.startswith("enter ")]
+    loser = "b" if winner == "a" else "a"
+    assert sorted(lines) == sorted([f"enter {winner}", f"exit {winner}", f"refused {loser}"]), lines
+    assert not folder.exists(layout.RESULTS_LOCK)
