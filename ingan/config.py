@@ -34,8 +34,15 @@ class ModelConfig:
     # gradient passed straight through: a hard clamp gives none to pixels past either end, so a
     # dark region pushed below -1 (a night sky one step from black) could never be trained back.
     image_skip: bool = False
+    # What the image skip adds G's output to: "warp", the input through the geometric transform
+    # (a resize: objects stretched as the output's aspect changes), or "extend", the input at its
+    # own scale, mirrored outwards on an axis that grows and centre-cropped on one that shrinks
+    # (objects at their own size), then through the transform's homography alone.
+    skip_base: str = "warp"
 
     def __post_init__(self) -> None:
+        if self.skip_base not in ("warp", "extend"):
+            raise ValueError(f"model.skip_base must be 'warp' or 'extend', got {self.skip_base!r}")
         # Bounds that keep a network buildable in memory: a config read from a file (a checkpoint
         # from anywhere) must not be able to ask for a billion-parameter generator.
         ints = {"g_channels": (1, 512), "g_downsamples": (1, 6), "g_res_blocks": (0, 64), "g_res_squeeze": (1, 64),
@@ -172,6 +179,8 @@ def model_tag(preset: str, model: ModelConfig, train: TrainConfig, run_seed: int
     the clamp passing gradients, which names image-skip generators only), and options added after the first tags that were
     then removed (crops per step, tone, stretched fakes, D's BatchNorm switch) are left out."""
     net = dataclasses.asdict(model) | {"spectral_norm": True}
+    if model.skip_base == "warp":  # added after the first tags: left out at the value they were trained with
+        del net["skip_base"]
     if model.image_skip:
         net["skip_clamp_grad"] = True
     learn = {k: v for k, v in dataclasses.asdict(train).items() if k not in ("log_every", "seed")}

@@ -617,16 +617,19 @@ def score_outputs(
     return result
 
 
-# The verdict's thresholds (``beats``), set on outputs looked at (BENCHMARKS.md, "The verdict").
-# An output keeps objects at their own size when its stretch is at most STRETCH_KEPT: at least
-# half the way from the resize's stretch to none.
-STRETCH_KEPT = 0.5
+# The verdict's thresholds (``beats``), set on outputs looked at (docs/experiments.md, "Retargeting,
+# not stretching"). An output keeps objects at their own size when its stretch is at most
+# STRETCH_KEPT: at 0.43 the coins of a width x0.5 output were still plainly squeezed, and seam
+# carving's coins, pulled where it found no seam, measure 0.52-0.55.
+STRETCH_KEPT = 0.35
 # It is broken when its patches are far worse than the resize's: completeness + coherence more
-# than this factor above the resize's, or patch SWD more than BROKEN_SWD times the resize's.
-# A retargeting pays some C+C for drawing what the source does not hold exactly (a new coin, a
-# seam), which these allow; noise, blur and lost content go past them.
+# than BROKEN_CC times the resize's, or patch SWD more than BROKEN_SWD times. A retargeting pays
+# some of both for drawing what the source does not hold exactly (the configuration that drew
+# round coins at their own size: 1.08 and 1.20); the blurred and grainy outputs of networks
+# without the image skip (SWD 1.22-2.4 times) and a centre crop's lost content (1.6-2 times) go
+# past them.
 BROKEN_CC = 1.25
-BROKEN_SWD = 1.5
+BROKEN_SWD = 1.2
 
 
 def beats(output: dict[str, float | None], baseline: dict[str, float | None]) -> bool:
