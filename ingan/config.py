@@ -34,15 +34,8 @@ class ModelConfig:
     # gradient passed straight through: a hard clamp gives none to pixels past either end, so a
     # dark region pushed below -1 (a night sky one step from black) could never be trained back.
     image_skip: bool = False
-    # What the image skip adds G's output to: "warp", the input through the geometric transform
-    # (a resize: objects stretched as the output's aspect changes), or "extend", the input at its
-    # own scale, mirrored outwards on an axis that grows and centre-cropped on one that shrinks
-    # (objects at their own size), then through the transform's homography alone.
-    skip_base: str = "warp"
 
     def __post_init__(self) -> None:
-        if self.skip_base not in ("warp", "extend"):
-            raise ValueError(f"model.skip_base must be 'warp' or 'extend', got {self.skip_base!r}")
         # Bounds that keep a network buildable in memory: a config read from a file (a checkpoint
         # from anywhere) must not be able to ask for a billion-parameter generator.
         ints = {"g_channels": (1, 512), "g_downsamples": (1, 6), "g_res_blocks": (0, 64), "g_res_squeeze": (1, 64),
@@ -148,7 +141,7 @@ PRESETS: dict[str, Preset] = {
 # Options that were tried and removed, each with the one value every model of this version is
 # trained with (the experiment log, docs/experiments.md, has what the others did).
 REMOVED_OPTIONS: dict[str, dict[str, object]] = {
-    "ModelConfig": {"spectral_norm": True, "d_batch_norm": True, "skip_clamp_grad": True},
+    "ModelConfig": {"spectral_norm": True, "d_batch_norm": True, "skip_clamp_grad": True, "skip_base": "warp"},
     "TrainConfig": {"crops_per_step": 1, "second_g_step": True, "tone_weight": 0.0, "stretch_negative": 0.0, "ema": 0.0,
                     # Implementation choices, no longer switches: a seed always gives the same
                     # weights on one device, and tensors are always NHWC (faster on oneDNN and cuDNN).
@@ -179,8 +172,6 @@ def model_tag(preset: str, model: ModelConfig, train: TrainConfig, run_seed: int
     the clamp passing gradients, which names image-skip generators only), and options added after the first tags that were
     then removed (crops per step, tone, stretched fakes, D's BatchNorm switch) are left out."""
     net = dataclasses.asdict(model) | {"spectral_norm": True}
-    if model.skip_base == "warp":  # added after the first tags: left out at the value they were trained with
-        del net["skip_base"]
     if model.image_skip:
         net["skip_clamp_grad"] = True
     learn = {k: v for k, v in dataclasses.asdict(train).items() if k not in ("log_every", "seed")}

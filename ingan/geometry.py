@@ -66,18 +66,6 @@ def warp(x: Tensor, out_hw: tuple[int, int], matrix: Tensor | None = None) -> Te
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def extend(x: Tensor, out_hw: tuple[int, int]) -> Tensor:
-    """``x`` (B, C, H, W) at its own scale on an ``out_hw`` frame: on an axis that grows, mirrored
-    outwards from the centre (each edge pixel repeated once, so the image continues without a
-    jump); on one that shrinks, its centre cropped."""
-    for dim, out in ((-2, out_hw[0]), (-1, out_hw[1])):
-        n = x.shape[dim]
-        idx = torch.arange(out, device=x.device) + (n - out) // 2  # centred: negative when growing
-        idx = idx.remainder(2 * n)
-        x = x.index_select(dim, torch.where(idx < n, idx, 2 * n - 1 - idx))
-    return x
-
-
 def valid_mask(out_hw: tuple[int, int], matrix: Tensor | None, device: torch.device) -> Tensor:
     """(H, W) bool: output pixels whose source point lies inside the source frame. All true for
     rectangular outputs; for shifted corners the area outside the warped frame is False."""

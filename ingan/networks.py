@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .geometry import extend, warp
+from .geometry import warp
 from .spectral import group_spectral_norms, spectral_norm
 
 
@@ -77,7 +77,7 @@ class Generator(nn.Module):
         self.bottleneck = nn.Sequential(*(ResBlock(widths[-1], cfg.g_res_squeeze, b) for _ in range(cfg.g_res_blocks)))
         self.up = nn.ModuleList(_conv_bn_act(widths[i + 1], widths[i], 3, b) for i in reversed(range(cfg.g_downsamples)))
         self.exit = _conv(c, 3, 7, sn=False, bundle=b)
-        self.image_skip, self.skip_base = cfg.image_skip, cfg.skip_base
+        self.image_skip = cfg.image_skip
         group_spectral_norms(self)  # the residual blocks' layers share shapes
 
     def features(self, x: Tensor) -> Tensor:
@@ -109,10 +109,7 @@ class Generator(nn.Module):
         if self.image_skip:
             if image is None:
                 raise ValueError("this generator adds its output to the warped input: pass image=")
-            base = warp(image, out_hw, matrix) if self.skip_base == "warp" else extend(image, out_hw)
-            if self.skip_base == "extend" and matrix is not None:
-                base = warp(base, out_hw, matrix)
-            y = base + self.exit(x)[..., :h, :w]
+            y = warp(image, out_hw, matrix) + self.exit(x)[..., :h, :w]
             # Clamped values with the identity's gradient: pixels pushed past black or white can
             # still be pulled back (ModelConfig.image_skip).
             return y + (y.clamp(-1, 1) - y).detach()

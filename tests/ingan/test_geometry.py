@@ -119,24 +119,3 @@ def test_valid_mask_cuts_the_top_corners_when_they_move_in() -> None:
     assert (~mask).sum() > 10
     # Symmetric shifts give a left-right symmetric mask.
     assert torch.equal(mask, mask.flip(-1))
-
-
-@pytest.mark.parametrize(("out_h", "out_w"), [(9, 23), (9, 4), (3, 11), (20, 40), (9, 11)])
-def test_extend_mirrors_outwards_and_crops_the_centre_as_numpy_does(out_h: int, out_w: int) -> None:
-    """Against numpy's symmetric padding (each edge pixel repeated once) and plain slicing."""
-    import numpy as np
-
-    from ingan.geometry import extend
-
-    x = torch.arange(2 * 9 * 11, dtype=torch.float32).view(1, 2, 9, 11)
-    want = x.numpy()
-    for axis, (n, out) in ((2, (9, out_h)), (3, (11, out_w))):
-        if out > n:
-            before = (out - n + 1) // 2
-            pad = [(0, 0)] * 4
-            pad[axis] = (before, out - n - before)
-            want = np.pad(want, pad, mode="symmetric")
-        else:
-            start = (n - out) // 2
-            want = np.take(want, range(start, start + out), axis=axis)
-    assert torch.equal(extend(x, (out_h, out_w)), torch.from_numpy(want))
