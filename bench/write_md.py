@@ -535,9 +535,10 @@ def benchmarks() -> list[str]:
                  ("Orchestration", (_orchestration(runs) if runs else []) + _notes("orchestration"))]
     lines = ["# Benchmarks", "",
              "How the shipped presets retarget images, beside a plain bicubic resize, centre crop and seam carving, and "
-             "what they cost. Quality tables: completeness + coherence (C+C, x1000) / patch SWD, means over the images, "
-             "lower is better for both, the best of each row in bold; the last column names the images whose output beats "
-             "the bicubic resize on both. Written by `python -m bench.write_md` from the JSON files the benchmark commands "
+             "what they cost. Quality tables: completeness + coherence (C+C, x1000) / patch SWD / stretch where measured, "
+             "means over the images, lower is better for each, the best C+C and SWD of each row in bold; the last column "
+             "names the images whose output the verdict keeps (in runs made before stretch: beats the bicubic resize on "
+             "both C+C and SWD). Written by `python -m bench.write_md` from the JSON files the benchmark commands "
              "leave in `bench/results/`; every table names its command, machine, date and commit. Everything tried on "
              "the way, kept or not: [docs/experiments.md](docs/experiments.md).", "",
              "Contents:", ""]
