@@ -330,8 +330,9 @@ def test_two_overlapping_runs_of_one_night_on_s3(local_ray: None, tmp_path: Path
     assert len(summary["runs"]) == 2 and sum(r["rows"] for r in summary["runs"]) == 4
     report = folder.read_text(layout.REPORT_NAME)
     assert all(r["run"] in report for r in summary["runs"])
-    assert report.count('class="row ok"') == 4
-    assert report.count("in the shards only") == 12  # no output files: the sheet says where they are
+    assert report.count('class="row ok"') == counts["ok"] and report.count('class="row skipped"') == counts["skipped"]
+    # No output files: the sheet says where each output is.
+    assert report.count("in the shards only") == sum(len(r["outputs"]) for r in rows) == 12
 
 
 @pytest.mark.slow
